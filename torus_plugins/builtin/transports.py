@@ -1,0 +1,176 @@
+"""Built-in transports: CUDA copy stream, CPU copy worker, and CPU zero-copy.
+
+The CUDA and CPU-copy transports share every rule the engine enforces (slot ring, fences,
+"copy after the readers finished", "compute after the copy landed"); they differ only in the
+copy primitive and in what a fence is. That is what lets CPU tests exercise the CUDA ordering.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import torch
+
+from ..errors import ConfigError, TransferError
+from ..hookspecs import hookimpl
+from ..transfer import Fence, PendingStall, TransportOptions
+
+
+class CpuCopyWorker:
+    """Copies on one background thread, in submission order (FIFO like a CUDA stream).
+
+    Compute on the CPU is synchronous, so by the time the engine asks for a compute fence every
+    reader of the slot has finished: `compute_fence` is `None`, and a copy may start at once.
+    """
+
+    name = "copy"
+    zero_copy = False
+
+    def __init__(self, opts: TransportOptions) -> None:
+        self.device = opts.device
+        self.timeout_s = opts.timeout_s
+        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="torus-copy")
+
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def _copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Fence) -> Fence:
+        # `after` is always None here (see class docstring); FIFO order keeps copies into the
+        # same slot from overtaking each other.
+        return self._pool.submit(self._copy_now, dst, src)
+
+    def compute_fence(self) -> Fence:
+        return None
+
+    def wait(self, fence: Fence) -> float:
+        if fence is None:
+            return 0.0
+        if fence.done():
+            fence.result()  # re-raises a worker failure
+            return 0.0
+        t0 = time.perf_counter()
+        try:
+            fence.result(timeout=self.timeout_s)
+        except cf.TimeoutError:
+            raise TransferError(
+                f"a host→device copy did not finish within {self.timeout_s:g} s "
+                f"(transfer_timeout_s); the copy worker is stuck or overloaded"
+            ) from None
+        return time.perf_counter() - t0
+
+    def done(self, fence: Fence) -> bool:
+        return fence is None or fence.done()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _CudaStall:
+    """Two timing events around a device-side wait; read lazily, never on the hot path."""
+
+    __slots__ = ("start", "end")
+
+    def __init__(self, start: torch.cuda.Event, end: torch.cuda.Event) -> None:
+        self.start, self.end = start, end
+
+    def seconds(self) -> float:
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1000.0
+
+
+class CudaCopyStream:
+    """Copies on a dedicated CUDA stream from pinned host memory, ordered with CUDA events.
+
+    No host-side synchronisation in the steady state: the copy stream waits on the event that
+    marks the end of the slot's previous readers, and the compute stream waits on the event that
+    marks the copy's end.
+    """
+
+    name = "cuda"
+    zero_copy = False
+
+    def __init__(self, opts: TransportOptions) -> None:
+        if opts.device.type != "cuda":
+            raise ConfigError(f"transport 'cuda' needs a CUDA device, got {opts.device}")
+        self.device = opts.device
+        self.stream = torch.cuda.Stream(device=self.device)
+
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Fence) -> Fence:
+        with torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            dst.copy_(src, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        return ready
+
+    def compute_fence(self) -> Fence:
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    def wait(self, fence: Fence) -> float | PendingStall:
+        if fence is None:
+            return 0.0
+        compute = torch.cuda.current_stream(self.device)
+        if fence.query():
+            compute.wait_event(fence)  # free: already complete, keeps the ordering explicit
+            return 0.0
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(compute)
+        compute.wait_event(fence)
+        end.record(compute)
+        return _CudaStall(start, end)
+
+    def done(self, fence: Fence) -> bool:
+        return fence is None or fence.query()
+
+    def close(self) -> None:
+        self.stream.synchronize()
+
+
+class ZeroCopy:
+    """CPU only: compute reads the packed host store in place; nothing is ever copied."""
+
+    name = "zero-copy"
+    zero_copy = True
+
+    def __init__(self, opts: TransportOptions) -> None:
+        if opts.device.type != "cpu":
+            raise ConfigError(
+                f"transport 'zero-copy' computes from host memory and needs device 'cpu', got {opts.device}; "
+                f"use 'cuda' (or 'auto') on a GPU"
+            )
+        self.device = opts.device
+
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Fence) -> Fence:
+        raise TransferError("the zero-copy transport never copies; this is an engine bug")
+
+    def compute_fence(self) -> Fence:
+        return None
+
+    def wait(self, fence: Fence) -> float:
+        return 0.0
+
+    def done(self, fence: Fence) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+@hookimpl
+def torus_register_transports(register) -> None:
+    register("copy", CpuCopyWorker)
+    register("cuda", CudaCopyStream)
+    register("zero-copy", ZeroCopy)

@@ -1,0 +1,115 @@
+"""`TorusConfig`: every knob of the engine, validated once when the config is built."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+SIZE_FORMS = "an integer number of bytes, or a string such as '6GB', '6GiB', '512MiB', '1.5 GB', '2000000000'"
+
+
+def parse_bytes(value: int | float | str, what: str = "size") -> int:
+    """Parse a byte count: 6_000_000_000, "6GB" (10**9), "6GiB" (2**30), "512 MiB", "1.5GB".
+
+    Raises `ConfigError` showing the accepted forms when the value cannot be read.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: {value!r} is not a size; use {SIZE_FORMS}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{what}: {value!r} is negative; use {SIZE_FORMS}")
+        return int(value)
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ConfigError(f"{what}: cannot read {value!r}; use {SIZE_FORMS}")
+
+
+def format_bytes(n: int | float) -> str:
+    """Human-readable binary size, e.g. 1536 -> '1.5 KiB'."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class TorusConfig:
+    """How a model is split between device and host, and how streamed weights move.
+
+    Attributes:
+        vram_budget: device memory the model may use ("6GB", "6GiB", or bytes). Non-FFN weights,
+            the slot ring and the KV-cache reserve come first; what remains holds FFN layers
+            permanently. `None`: on CUDA, 90% of the free device memory; on the CPU, no limit.
+        lookahead: how many FFN layers ahead are copied while the current one computes (>= 1).
+            The ring holds `lookahead + 1` slots.
+        resident_layers: overrides the budget's choice of how many FFN layers stay on the device.
+        device: compute device ("cuda", "cuda:1", "cpu"). `None`: CUDA when available, else CPU.
+        transport: how streamed weights move: "auto" (CUDA copy stream on a GPU, zero-copy on the
+            CPU), "cuda", "copy" (a background copy worker; the CPU twin of the CUDA path),
+            "zero-copy" (CPU only: compute reads the host store directly), or a plugin's name.
+        prefetch: prefetch policy name ("sequential" is built in; plugins add others).
+        kv_reserve_tokens: tokens of KV cache the budget keeps free for generation.
+        pin_memory: pin the host store (page-locked) when the device is CUDA. `None`: automatic.
+        transfer_timeout_s: a transfer that does not finish in this time raises `TransferError`
+            instead of hanging the caller.
+        options: free-form settings for plugins, read by name.
+    """
+
+    vram_budget: int | str | None = None
+    lookahead: int = 2
+    resident_layers: int | None = None
+    device: str | None = None
+    transport: str = "auto"
+    prefetch: str = "sequential"
+    kv_reserve_tokens: int = 4096
+    pin_memory: bool | None = None
+    transfer_timeout_s: float = 30.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.vram_budget is not None:
+            # Normalise once so every reader sees bytes.
+            object.__setattr__(self, "vram_budget", parse_bytes(self.vram_budget, "vram_budget"))
+        if not isinstance(self.lookahead, int) or isinstance(self.lookahead, bool) or self.lookahead < 1:
+            raise ConfigError(f"lookahead must be an integer >= 1, got {self.lookahead!r}")
+        if self.resident_layers is not None and (
+            not isinstance(self.resident_layers, int) or self.resident_layers < 0
+        ):
+            raise ConfigError(f"resident_layers must be an integer >= 0 or None, got {self.resident_layers!r}")
+        if not isinstance(self.kv_reserve_tokens, int) or self.kv_reserve_tokens < 0:
+            raise ConfigError(f"kv_reserve_tokens must be an integer >= 0, got {self.kv_reserve_tokens!r}")
+        if not (isinstance(self.transfer_timeout_s, (int, float)) and self.transfer_timeout_s > 0):
+            raise ConfigError(f"transfer_timeout_s must be a positive number, got {self.transfer_timeout_s!r}")
+        if not isinstance(self.transport, str) or not self.transport:
+            raise ConfigError(f"transport must be a name such as 'auto', 'copy', 'zero-copy', got {self.transport!r}")
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """`vram_budget` in bytes (already normalised by `__post_init__`)."""
+        return self.vram_budget  # type: ignore[return-value]
+
+    def replace(self, **changes: Any) -> "TorusConfig":
+        """A copy with some fields changed (validated like a new config)."""
+        values = asdict(self)
+        values.update(changes)
+        return TorusConfig(**values)

@@ -1,0 +1,358 @@
+"""The streaming engine for one attached model: places weights, runs the slot ring, keeps stats.
+
+Hot path, per streamed FFN layer and forward pass: the entry module's pre-hook makes sure the
+layer is in a slot (a prefetch hit, or a synchronous load counted as a miss), waits for its copy
+and points the parameters at the slot; the exit module's post-hook points them back at a
+memory-free placeholder, fences the slot and asks the prefetch policy what to copy next.
+No pluggy call, no allocation and no host synchronisation happens there.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .architecture import Architecture, FFNSite
+from .budget import ResidencyPlan, plan_residency
+from .config import TorusConfig
+from .errors import ConfigError, TransferError
+from .host_store import HostStore, LayerLayout
+from .plugins import Registry
+from .prefetch import PrefetchContext
+from .slots import Slot, SlotRing
+from .stats import EngineStats, LayerCounters, LayerStats, StatsEvent
+from .transfer import Transport, TransportOptions
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a torch device (try 'cpu', 'cuda', 'cuda:1')") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for CUDA but torch sees no GPU; use device='cpu'")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _placeholder(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor with `t`'s shape and dtype that owns one element: what an unbound parameter shows."""
+    return torch.zeros((), dtype=t.dtype, device=device).expand(t.shape)
+
+
+@dataclass
+class _Origin:
+    """Where a tensor was before attach, so detach can put it back."""
+
+    owner: nn.Module
+    attr: str
+    is_param: bool
+    device: torch.device
+
+
+class Engine:
+    """Owns the host store, the device buffers, the hooks and the counters of one model."""
+
+    def __init__(self, model: nn.Module, arch: Architecture, config: TorusConfig, registry: Registry) -> None:
+        self.model = model
+        self.arch = arch
+        self.config = config
+        self._registry = registry
+        self.device = resolve_device(config.device)
+        self.transport = self._make_transport()
+        try:
+            self._prepare()
+        except BaseException:
+            self.transport.close()
+            raise
+
+    # ------------------------------------------------------------------ set-up
+    def _make_transport(self) -> Transport:
+        name = self.config.transport
+        if name == "auto":
+            name = "cuda" if self.device.type == "cuda" else "zero-copy"
+        factory = self._registry.transports.get(name)
+        if factory is None:
+            raise ConfigError(
+                f"unknown transport {name!r}; available: {', '.join(sorted(self._registry.transports))} "
+                f"(plugins add more through the torus_register_transports hook)"
+            )
+        return factory(TransportOptions(self.device, self.config.transfer_timeout_s, dict(self.config.options)))
+
+    def _prepare(self) -> None:
+        """Measure and plan without touching the model, so a planning error leaves it unchanged."""
+        sites = self.arch.ffn_sites(self.model)
+        if not sites:
+            raise ConfigError(f"architecture {self.arch.name!r} found no FFN layers in {type(self.model).__name__}")
+        self.sites: list[FFNSite] = sites
+        self._params: list[list[nn.Parameter]] = []
+        ffn_ids: set[int] = set()
+        layer_bytes = []
+        for site in sites:
+            ps = [getattr(owner, attr) for _, owner, attr in site.params]
+            self._params.append(ps)
+            ffn_ids.update(id(p) for p in ps)
+            layer_bytes.append(sum(p.numel() * p.element_size() for p in ps))
+        self._ffn_ids = ffn_ids
+        self.layer_bytes = layer_bytes
+        seen: set[int] = set()
+        non_ffn = 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if id(t) in ffn_ids or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            non_ffn += t.numel() * t.element_size()
+        self.non_ffn_bytes = non_ffn
+        kv = int(self.arch.kv_bytes_per_token(self.model)) * self.config.kv_reserve_tokens
+        budget = self.config.budget_bytes
+        if budget is None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * 0.9)
+        if self.transport.zero_copy:
+            # Zero-copy computes from the host store: nothing is resident and nothing streams.
+            self.plan = ResidencyPlan((), tuple(range(len(sites))), 0, 0, non_ffn, kv, budget)
+        else:
+            self.plan = plan_residency(layer_bytes, non_ffn, kv, budget, self.config.lookahead, self.config.resident_layers)
+
+    def build(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Pack FFN weights into the host store, place everything, install hooks, warm the ring.
+
+        progress(done, total) is called after each layer is packed.
+        """
+        dev = self.device
+        pin = self.config.pin_memory if self.config.pin_memory is not None else dev.type == "cuda"
+        self.store = HostStore(pin_memory=pin)
+        self._origins: dict[int, list[_Origin]] = {}
+        self._ffn_origin_device: list[torch.device] = []
+        self._placeholders: list[list[torch.Tensor]] = []
+        self._resident: dict[int, torch.Tensor] = {}
+        resident = set(self.plan.resident)
+        self.counters = [LayerCounters() for _ in self.sites]
+        total = len(self.sites)
+        for i, ps in enumerate(self._params):
+            self._ffn_origin_device.append(ps[0].device)
+            names = [name for name, _, _ in self.sites[i].params]
+            layout, buf = self.store.add_layer([(n, p.data) for n, p in zip(names, ps)])
+            self._placeholders.append([_placeholder(p, dev) for p in ps])
+            if self.transport.zero_copy:
+                self._bind(i, layout.views(buf))
+            elif i in resident:
+                dbuf = buf.to(dev)
+                self._resident[i] = dbuf
+                self.store.drop(i)
+                self._bind(i, layout.views(dbuf))
+            else:
+                self._bind(i, self._placeholders[i])
+            if progress is not None:
+                progress(i + 1, total)
+        self._move_non_ffn(dev)
+        self._build_ring()
+
+    def _bind(self, layer: int, tensors: list[torch.Tensor]) -> None:
+        for p, t in zip(self._params[layer], tensors):
+            p.data = t
+
+    def _move_non_ffn(self, dev: torch.device) -> None:
+        # One tensor at a time: the device never holds more than the non-FFN weights, and the
+        # FFN placeholders never get materialised the way `model.to()` would.
+        self._non_ffn_origins: list[_Origin] = []
+        done: set[int] = set()  # tied weights appear under several modules: move them once
+        for mod in self.model.modules():
+            for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+                if t is None or id(t) in self._ffn_ids or id(t) in done:
+                    continue
+                done.add(id(t))
+                is_param = attr in mod._parameters
+                self._non_ffn_origins.append(_Origin(mod, attr, is_param, t.device))
+                if t.device != dev:
+                    if is_param:
+                        t.data = t.data.to(dev)
+                    else:
+                        mod._buffers[attr] = t.to(dev)
+
+    def _build_ring(self) -> None:
+        plan = self.plan
+        self._hooks: list[Any] = []
+        self._active: Slot | None = None
+        self._active_layer = -1
+        self._pending_stalls: list[tuple[int, Any]] = []
+        self.forward_passes = 0
+        self.ring = SlotRing([self.transport.alloc(plan.slot_bytes) for _ in range(plan.n_slots)], self.store.layouts)
+        if not plan.streamed or self.transport.zero_copy:
+            self.policy = None
+            return
+        ctx = PrefetchContext(plan.streamed, plan.n_slots, self.config.lookahead, dict(self.config.options))
+        factory = self._registry.prefetch_policies.get(self.config.prefetch)
+        if factory is None:
+            raise ConfigError(
+                f"unknown prefetch policy {self.config.prefetch!r}; available: "
+                f"{', '.join(sorted(self._registry.prefetch_policies))} (plugins add more through "
+                f"the torus_register_prefetch_policies hook)"
+            )
+        self.policy = factory(ctx)
+        self._last_streamed = plan.streamed[-1]
+        for i in plan.streamed:
+            site = self.sites[i]
+            self._hooks.append(site.entry.register_forward_pre_hook(self._make_pre(i)))
+            self._hooks.append(site.exit.register_forward_hook(self._make_post(i)))
+        self._prefetch(tuple(self.policy.warmup()))
+
+    # ------------------------------------------------------------------ hot path
+    def _make_pre(self, layer: int) -> Callable[..., None]:
+        def pre(module: nn.Module, args: Any) -> None:
+            self.acquire(layer)
+
+        return pre
+
+    def _make_post(self, layer: int) -> Callable[..., None]:
+        def post(module: nn.Module, args: Any, output: Any) -> None:
+            self.release(layer)
+
+        return post
+
+    def acquire(self, layer: int) -> None:
+        """Make `layer`'s weights computable: a prefetch hit, or a synchronous load (a miss)."""
+        if self._active is not None:
+            # The previous layer never reached its exit hook (an exception or an interrupt
+            # inside its forward): release it now so its slot is fenced and reusable.
+            self.release(self._active_layer)
+        ring = self.ring
+        c = self.counters[layer]
+        slot = ring.find(layer)
+        if slot is None:
+            slot = ring.victim((), None)
+            assert slot is not None, "a ring with no active slot always has a victim"
+            self._issue(slot, layer)
+            c.misses += 1
+        else:
+            c.hits += 1
+        try:
+            waited = self.transport.wait(slot.ready)
+        except BaseException as exc:
+            ring.forget(slot)  # never compute from a slot whose copy did not finish
+            if isinstance(exc, TransferError) or not isinstance(exc, Exception):
+                raise
+            raise TransferError(f"copying FFN layer {layer} to {self.device} failed: {exc}") from exc
+        if type(waited) is float:
+            c.stall_s += waited
+        else:
+            self._pending_stalls.append((layer, waited))
+        self._bind(layer, ring.views(slot, layer))
+        self._active, self._active_layer = slot, layer
+
+    def release(self, layer: int) -> None:
+        """Unbind `layer`, fence its slot behind its readers, and start the next copies."""
+        slot = self._active
+        if slot is None or self._active_layer != layer:
+            return
+        self._bind(layer, self._placeholders[layer])
+        slot.free = self.transport.compute_fence()
+        self.ring.touch(slot)
+        self._active = None
+        if layer == self._last_streamed:
+            self.forward_passes += 1
+        self._prefetch(self.policy.after(layer))
+
+    def _prefetch(self, wanted: tuple[int, ...] | list[int]) -> None:
+        ring = self.ring
+        for layer in wanted:
+            if ring.find(layer) is None:
+                slot = ring.victim(wanted, self._active)
+                if slot is None:
+                    return
+                self._issue(slot, layer)
+
+    def _issue(self, slot: Slot, layer: int) -> None:
+        src = self.store.buffers[layer]
+        ready = self.transport.copy(slot.buffer[: src.numel()], src, slot.free)
+        self.ring.assign(slot, layer, ready)
+        self.counters[layer].bytes_moved += src.numel()
+
+    # ------------------------------------------------------------------ stats
+    def _settle_stalls(self) -> None:
+        for layer, pending in self._pending_stalls:
+            self.counters[layer].stall_s += pending.seconds()
+        self._pending_stalls.clear()
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the counters (settles device-side stall timings first)."""
+        self._settle_stalls()
+        resident = set(self.plan.resident)
+        placement = "zero-copy" if self.transport.zero_copy else None
+        layers = tuple(
+            LayerStats(i, placement or ("resident" if i in resident else "streamed"), c.hits, c.misses, c.bytes_moved, c.stall_s)
+            for i, c in enumerate(self.counters)
+        )
+        resident_bytes = sum(self.layer_bytes[i] for i in self.plan.resident)
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = self.plan.device_bytes(self.layer_bytes)
+        return EngineStats(
+            transport=self.transport.name,
+            device=str(self.device),
+            lookahead=self.config.lookahead,
+            hits=sum(c.hits for c in self.counters),
+            misses=sum(c.misses for c in self.counters),
+            bytes_moved=sum(c.bytes_moved for c in self.counters),
+            stall_s=sum(c.stall_s for c in self.counters),
+            forward_passes=self.forward_passes,
+            resident_layers=len(self.plan.resident),
+            streamed_layers=0 if self.transport.zero_copy else len(self.plan.streamed),
+            resident_bytes=resident_bytes,
+            streamed_bytes_per_pass=0 if self.transport.zero_copy else sum(self.layer_bytes[i] for i in self.plan.streamed),
+            non_ffn_bytes=self.non_ffn_bytes,
+            slot_bytes=self.plan.ring_bytes,
+            host_store_bytes=self.store.nbytes,
+            peak_device_bytes=peak,
+            layers=layers,
+        )
+
+    def reset_stats(self) -> None:
+        self._settle_stalls()
+        self.counters = [LayerCounters() for _ in self.sites]
+        self.forward_passes = 0
+
+    def publish(self, kind: str, **extra: Any) -> None:
+        """Tell `torus_stats_event` observers about a coarse moment (never called per token)."""
+        name = getattr(getattr(self.model, "config", None), "name_or_path", None) or type(self.model).__name__
+        self._registry.emit(StatsEvent(kind, str(name), self.stats(), extra))
+
+    # ------------------------------------------------------------------ teardown
+    def teardown(self) -> None:
+        """Remove hooks and put every tensor back where it was, bit for bit; free device buffers."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        try:
+            self.transport.close()  # lets in-flight copies finish before their buffers go away
+        except Exception:
+            log.exception("transport %s failed to close cleanly", self.transport.name)
+        self._active = None
+        for i, ps in enumerate(self._params):
+            buf = self._resident.pop(i, None)
+            if buf is None:
+                buf = self.store.buffers[i]
+            layout: LayerLayout = self.store.layouts[i]
+            origin = self._ffn_origin_device[i]
+            for p, v in zip(ps, layout.views(buf)):
+                p.data = v.clone() if v.device == origin else v.to(origin)
+            self.store.drop(i)
+        for o in self._non_ffn_origins:
+            t = (o.owner._parameters if o.is_param else o.owner._buffers)[o.attr]
+            if t.device != o.device:
+                if o.is_param:
+                    t.data = t.data.to(o.device)
+                else:
+                    o.owner._buffers[o.attr] = t.to(o.device)
+        self.ring = SlotRing([], [])

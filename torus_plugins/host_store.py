@@ -1,0 +1,100 @@
+"""The host store: each FFN layer's weights packed into one contiguous byte buffer.
+
+One buffer per layer makes a layer's transfer a single copy of contiguous bytes, and lets the
+device slots reuse the same byte layout: a view built from a layout works on the host buffer, a
+slot, or a resident device buffer alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Tensors start on this byte boundary inside a buffer, so kernels see the same alignment
+#: (and therefore take the same code paths) as they would for freshly allocated weights.
+ALIGN = 256
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """Where one weight lives inside a layer buffer."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int  # bytes from the start of the buffer
+    nbytes: int  # bytes spanned by the tensor's storage
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """The byte layout shared by a layer's host buffer and any device buffer that holds it."""
+
+    tensors: tuple[TensorLayout, ...]
+    nbytes: int
+
+    def views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """Typed views of `buffer` (uint8, at least `nbytes` long), one per tensor, in order."""
+        out = []
+        for t in self.tensors:
+            flat = buffer[t.offset : t.offset + t.nbytes].view(t.dtype)
+            out.append(flat.as_strided(t.shape, t.stride))
+        return out
+
+
+def _storage_span(t: torch.Tensor) -> int | None:
+    """Elements spanned by a dense, non-overlapping tensor, or None when it has holes/overlaps."""
+    if t.numel() == 0:
+        return 0
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return span if span == t.numel() else None
+
+
+def plan_layout(tensors: list[tuple[str, torch.Tensor]]) -> LayerLayout:
+    """Lay tensors out back to back, each aligned to `ALIGN` bytes, keeping their strides.
+
+    Keeping strides (a transposed weight stays transposed) keeps the math bit-identical to the
+    unwrapped model; a tensor with gaps or overlaps is stored contiguous instead.
+    """
+    entries = []
+    offset = 0
+    for name, t in tensors:
+        span = _storage_span(t)
+        stride = tuple(t.stride()) if span is not None else tuple(torch.empty(t.shape, device="meta").stride())
+        nbytes = t.numel() * t.element_size()
+        offset = -(-offset // ALIGN) * ALIGN
+        entries.append(TensorLayout(name, t.dtype, tuple(t.shape), stride, offset, nbytes))
+        offset += nbytes
+    return LayerLayout(tuple(entries), -(-offset // ALIGN) * ALIGN)
+
+
+class HostStore:
+    """Packed host buffers, one per FFN layer (pinned when the compute device is CUDA)."""
+
+    def __init__(self, pin_memory: bool) -> None:
+        self.pin_memory = pin_memory
+        self.layouts: list[LayerLayout] = []
+        self.buffers: list[torch.Tensor | None] = []
+
+    def add_layer(self, tensors: list[tuple[str, torch.Tensor]]) -> tuple[LayerLayout, torch.Tensor]:
+        """Pack one layer's tensors into a new buffer; the caller then drops the originals.
+
+        Only this one layer's worth of extra host memory exists between the copy and the drop.
+        """
+        layout = plan_layout(tensors)
+        buffer = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+        for view, (_, t) in zip(layout.views(buffer), tensors):
+            view.copy_(t)
+        self.layouts.append(layout)
+        self.buffers.append(buffer)
+        return layout, buffer
+
+    def drop(self, layer: int) -> None:
+        """Free a layer's host buffer (its weights now live elsewhere, e.g. resident on the device)."""
+        self.buffers[layer] = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self.buffers if b is not None)

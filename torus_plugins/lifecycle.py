@@ -1,0 +1,81 @@
+"""`attach` / `detach`: put an engine on a loaded model and take it off again, exactly.
+
+Framework-agnostic: any `torch.nn.Module` that a registered architecture recognises works.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pluggy
+from torch import nn
+
+from .config import TorusConfig
+from .engine import Engine
+from .errors import AlreadyAttachedError, NotAttachedError, UnsupportedArchitectureError
+from .plugins import resolve
+
+_ATTR = "_torus_engine"
+
+
+def get_engine(model: nn.Module) -> Engine:
+    """The engine attached to `model`; raises `NotAttachedError` if there is none."""
+    engine = model.__dict__.get(_ATTR)
+    if engine is None:
+        raise NotAttachedError(
+            f"{type(model).__name__} has no torus-sparse engine attached; call torus_plugins.attach(model) first"
+        )
+    return engine
+
+
+def is_attached(model: nn.Module) -> bool:
+    return model.__dict__.get(_ATTR) is not None
+
+
+def attach(
+    model: nn.Module,
+    config: TorusConfig | None = None,
+    *,
+    plugin_manager: pluggy.PluginManager | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    **overrides: object,
+) -> Engine:
+    """Stream `model`'s FFN weights from host memory; everything else moves to the compute device.
+
+    config: a `TorusConfig`; keyword overrides (e.g. ``lookahead=3``) are applied on top.
+    plugin_manager: use this manager instead of the process-wide one.
+    progress: ``progress(done, total)`` after each FFN layer is packed.
+
+    Errors leave the model unchanged: `AlreadyAttachedError`, `UnsupportedArchitectureError`,
+    `ConfigError`, `BudgetTooSmallError`.
+    """
+    if is_attached(model):
+        raise AlreadyAttachedError(
+            f"{type(model).__name__} already has a torus-sparse engine; call torus_plugins.detach(model) first"
+        )
+    config = (config or TorusConfig()).replace(**overrides) if overrides else (config or TorusConfig())
+    registry = resolve(plugin_manager)
+    arch = next((a for a in registry.architectures if a.matches(model)), None)
+    if arch is None:
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        names = ", ".join(sorted({a.name for a in registry.architectures})) or "none"
+        raise UnsupportedArchitectureError(
+            f"no torus-sparse architecture plugin knows {type(model).__name__}"
+            + (f" (model_type {kind!r})" if kind else "")
+            + f". Supported: {names}. Add one by implementing the torus_register_architectures hook "
+            f"(see torus_plugins.hookspecs and the README's 'Adding an architecture')."
+        )
+    engine = Engine(model, arch, config, registry)
+    engine.build(progress)
+    model.__dict__[_ATTR] = engine
+    engine.publish("attached")
+    return engine
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Undo `attach`: parameters back where they were, hooks gone, outputs equal to before."""
+    engine = get_engine(model)
+    engine.publish("detached")
+    engine.teardown()
+    del model.__dict__[_ATTR]
+    return model

@@ -1,0 +1,65 @@
+"""The transfer backend seam: the one primitive that differs between CUDA and the CPU.
+
+The slot ring (`slots.py`) and the engine decide *what* is copied *where* and *when*; a transport
+only knows how to copy bytes asynchronously and how to order that copy against compute. Fences
+are opaque to the engine: a CUDA event, a future, or `None` for "already done".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+
+Fence = Any  # transport-specific: None means "nothing to wait for"
+
+
+class PendingStall(Protocol):
+    """A stall measured on the device, read later so the hot path never synchronises."""
+
+    def seconds(self) -> float: ...
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """Moves packed layer bytes from the host store into device buffers.
+
+    Contract, which the engine relies on:
+    - `copy(dst, src, after)` starts copying `src` (host, uint8) into `dst` (device, uint8) no
+      earlier than `after` (a fence from `compute_fence`) and returns a fence that completes when
+      the bytes have landed. It must not block the caller on the copy itself.
+    - `wait(fence)` makes subsequent compute observe the copy (CUDA: the compute stream waits on
+      the event; CPU: the caller blocks). It raises `TransferError` if the copy failed or did not
+      finish within the configured timeout. It returns the seconds the host blocked, or a
+      `PendingStall` when the wait happens on the device.
+    - `compute_fence()` marks "every kernel enqueued so far has finished reading its inputs".
+    - `zero_copy` transports never copy: the engine binds weights to host memory directly.
+    """
+
+    name: str
+    zero_copy: bool
+
+    def alloc(self, nbytes: int) -> torch.Tensor: ...
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Fence) -> Fence: ...
+
+    def compute_fence(self) -> Fence: ...
+
+    def wait(self, fence: Fence) -> float | PendingStall: ...
+
+    def done(self, fence: Fence) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+#: What a plugin registers under a transport name: built for one attached model.
+TransportFactory = Callable[["TransportOptions"], Transport]
+
+
+class TransportOptions:
+    """What a transport factory may read: the compute device, timeout and free-form plugin options."""
+
+    def __init__(self, device: torch.device, timeout_s: float, options: dict[str, Any]) -> None:
+        self.device = device
+        self.timeout_s = timeout_s
+        self.options = options
