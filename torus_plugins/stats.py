@@ -76,9 +76,13 @@ class EngineStats:
 
     def summary(self) -> str:
         """One line, as printed by the console command."""
+        placement = (
+            f"zero-copy={len(self.layers)}"
+            if self.transport == "zero-copy"
+            else f"resident={self.resident_layers} streamed={self.streamed_layers}"
+        )
         return (
-            f"transport={self.transport} device={self.device} "
-            f"resident={self.resident_layers} streamed={self.streamed_layers} "
+            f"transport={self.transport} device={self.device} {placement} "
             f"hits={self.hits} misses={self.misses} hit_rate={self.hit_rate:.1%} "
             f"moved={format_bytes(self.bytes_moved)} stall={self.stall_s * 1000:.1f}ms "
             f"resident_bytes={format_bytes(self.resident_bytes)} "

@@ -1,0 +1,109 @@
+"""`torus-sparse` console command.
+
+    torus-sparse generate "What is the capital of France?"     # embedded default model
+    torus-sparse generate --model ./my-model --vram-budget 6GB --lookahead 3 "Hello"
+    torus-sparse plugins                                        # what plugins registered
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from torus_plugins import TorusConfig, TorusError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine (TorusConfig)")
+    g.add_argument("--vram-budget", help="device memory for the model, e.g. 6GB, 6GiB, 512MiB or bytes")
+    g.add_argument("--lookahead", type=int, default=2, help="FFN layers copied ahead of compute (default 2)")
+    g.add_argument("--resident-layers", type=int, help="FFN layers kept on the device (overrides the budget)")
+    g.add_argument("--transport", default="auto", help="auto, cuda, copy, zero-copy, or a plugin's name")
+    g.add_argument("--device", help="compute device (default: cuda if available, else cpu)")
+    g.add_argument("--kv-reserve-tokens", type=int, default=4096, help="KV-cache tokens the budget reserves")
+
+
+def _config_from(args: argparse.Namespace) -> TorusConfig:
+    return TorusConfig(
+        vram_budget=args.vram_budget,
+        lookahead=args.lookahead,
+        resident_layers=args.resident_layers,
+        transport=args.transport,
+        device=args.device,
+        kv_reserve_tokens=args.kv_reserve_tokens,
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from torus_plugins import TorusModel
+
+    from transformers.utils import logging as hf_logging
+
+    err = Console(stderr=True)
+    config = _config_from(args)
+    hf_logging.disable_progress_bar()  # the spinner below says what is happening
+    with err.status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}…"):
+        tm = TorusModel.from_pretrained(args.model, config, show_progress=False)
+    out = sys.stdout
+    for piece in tm.stream_generate(args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.raw):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    stats = tm.stats()
+    if args.json_stats:
+        d = stats.as_dict()
+        d.pop("layers")
+        err.print(json.dumps(d), markup=False, highlight=False, soft_wrap=True)
+    else:
+        err.print(f"[dim]stats:[/dim] {stats.summary()}", highlight=False, soft_wrap=True)
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from torus_plugins.plugins import get_plugin_manager, resolve
+
+    pm = get_plugin_manager()
+    reg = resolve(pm)
+    print("plugins:       ", ", ".join(sorted(name for name, _ in pm.list_name_plugin())))
+    print("architectures: ", ", ".join(a.name for a in reg.architectures))
+    print("transports:    ", ", ".join(sorted(reg.transports)))
+    print("prefetch:      ", ", ".join(sorted(reg.prefetch_policies)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torus-sparse", description="Stream FFN weights from host memory to run models larger than the GPU.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="stream a reply and print the engine's stats line")
+    g.add_argument("prompt", help="the user's message (a chat turn when the model has a chat template)")
+    g.add_argument("--model", help="model directory, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
+    g.add_argument("--json-stats", action="store_true", help="print the stats as one JSON line")
+    _config_args(g)
+    g.set_defaults(func=_cmd_generate)
+    p = sub.add_parser("plugins", help="list the registered plugins, architectures, transports and policies")
+    p.set_defaults(func=_cmd_plugins)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TorusError as exc:
+        print(f"torus-sparse: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The transformers adapter: `TorusModel`, and `enable()` so `pipeline()` loads streamed models.
+
+`TorusModel` is a thin convenience around a plain transformers model with an engine attached:
+`tm.model` stays an ordinary `PreTrainedModel` whose own `generate()` works unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from torus_plugins import ConfigError, ModelNotFoundError, TorusConfig, TorusError
+from torus_plugins.engine import Engine
+from torus_plugins.lifecycle import attach, detach, get_engine, is_attached
+from torus_plugins.plugins import resolve
+from torus_plugins.stats import EngineStats
+
+from .default_model import default_model_path
+
+log = logging.getLogger(__name__)
+
+Messages = Sequence[dict[str, Any]]
+Prompt = str | Messages
+
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+class PromptError(TorusError, ValueError):
+    """A prompt or chat message list is malformed."""
+
+
+def _looks_local(path: str) -> bool:
+    return (
+        path.startswith(("/", ".", "~"))
+        or path.count("/") > 1
+        or path.endswith((".gguf", ".safetensors", ".bin"))
+        or os.sep != "/" and os.sep in path
+    )
+
+
+def resolve_model_source(path_or_id: str | os.PathLike[str] | None) -> tuple[str, dict[str, Any]]:
+    """Turn the user's model argument into (`from_pretrained` first argument, extra kwargs).
+
+    None → the embedded default (converted once to safetensors); a `.gguf` file → its directory
+    plus `gguf_file`; an existing directory → itself; anything else that looks like a path →
+    `ModelNotFoundError` naming it; otherwise a Hub id, passed through.
+    """
+    if path_or_id is None:
+        return str(default_model_path()), {}
+    text = os.fspath(path_or_id)
+    p = Path(text).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return str(p.parent), {"gguf_file": p.name}
+    if p.is_dir():
+        if not (p / "config.json").is_file() and not any(p.glob("*.gguf")):
+            raise ModelNotFoundError(f"model directory {str(p)!r} has no config.json (is it a transformers model directory?)")
+        return str(p), {}
+    if p.exists() or _looks_local(text):
+        raise ModelNotFoundError(f"model path {text!r} does not exist")
+    return text, {}
+
+
+def _load_model(source: str, extra: dict[str, Any], dtype: Any, hf_kwargs: dict[str, Any]):
+    from transformers import AutoModelForCausalLM
+
+    # Always load into host memory: the engine then moves only non-FFN weights (and whatever
+    # FFN layers the budget allows) to the device, so the device never holds the whole model.
+    if hf_kwargs.pop("device_map", None) is not None:
+        log.warning("torus-sparse places weights itself; ignoring device_map")
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **hf_kwargs)
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"could not load model {source!r}: {exc}. Local paths and models already in the Hugging Face "
+            f"cache work offline; other Hub ids need network access."
+        ) from exc
+
+
+def _rich_progress(label: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """A progress callback for attach (packing FFN layers), drawn with rich on a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
+    task = bar.add_task(label, total=None)
+    bar.start()
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return update, bar.stop
+
+
+class _Cancelled:
+    """A stopping criterion that ends `generate()` when a streaming consumer goes away."""
+
+    def __init__(self, flag: threading.Event) -> None:
+        self.flag = flag
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class TorusModel:
+    """A transformers causal LM with its FFN weights streamed by a torus-sparse engine.
+
+    tm.model: the plain transformers model (its `generate()` works unchanged).
+    tm.tokenizer: its tokenizer.
+    tm.engine: the engine (stats, plan, transport).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self._lock = threading.Lock()  # one generation at a time shares the slot ring
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike[str] | None = None,
+        config: TorusConfig | None = None,
+        *,
+        dtype: Any = "auto",
+        show_progress: bool | None = None,
+        **hf_kwargs: Any,
+    ) -> "TorusModel":
+        """Load a model (default: the embedded SmolLM2-135M-Instruct) and attach an engine.
+
+        config: the engine's `TorusConfig` (default: automatic placement and transport).
+        dtype: passed to `from_pretrained` ("auto" keeps the checkpoint's dtype).
+        show_progress: draw a progress bar while FFN layers are packed; default: on a terminal.
+        hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (`device_map` is ignored).
+        """
+        from transformers import AutoTokenizer
+
+        source, extra = resolve_model_source(path_or_id)
+        token = _BYPASS.set(True)  # inside enabled(): attach once, with this config
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+            model = _load_model(source, extra, dtype, dict(hf_kwargs))
+        finally:
+            _BYPASS.reset(token)
+        model.eval()
+        if show_progress is None:
+            show_progress = os.isatty(2)
+        progress, stop = _rich_progress("packing FFN layers") if show_progress else (None, lambda: None)
+        try:
+            attach(model, config or TorusConfig(), progress=progress)
+        finally:
+            stop()
+        return cls(model, tokenizer)
+
+    @property
+    def engine(self) -> Engine:
+        return get_engine(self.model)
+
+    @property
+    def config(self) -> TorusConfig:
+        return self.engine.config
+
+    def stats(self) -> EngineStats:
+        """Hits, misses, bytes moved, stall time, resident bytes, peak device memory (total and per layer)."""
+        return self.engine.stats()
+
+    def reset_stats(self) -> None:
+        self.engine.reset_stats()
+
+    def detach(self) -> Any:
+        """Remove the engine; returns the plain model with its weights restored."""
+        return detach(self.model)
+
+    # ------------------------------------------------------------------ prompts
+    def encode(self, prompt: Prompt, chat: bool | None = None) -> dict[str, torch.Tensor]:
+        """Tokenize a prompt: a string, or a list of ``{"role", "content"}`` chat messages.
+
+        chat: apply the chat template; default: for message lists always, for a string when the
+        tokenizer has a chat template (an instruct model answers a bare string as a user turn).
+        """
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            if chat is None:
+                chat = bool(getattr(tok, "chat_template", None))
+            messages = [{"role": "user", "content": prompt}] if chat else None
+        else:
+            messages = validate_messages(prompt)
+            if not getattr(tok, "chat_template", None):
+                raise PromptError("this tokenizer has no chat template; pass the prompt as a plain string")
+        if messages is not None:
+            enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        else:
+            enc = tok(prompt, return_tensors="pt")
+        device = self.engine.device
+        return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    def _generate_kwargs(self, max_new_tokens: int, gen_kwargs: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False}
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if pad is not None:
+            kw["pad_token_id"] = pad
+        kw.update(gen_kwargs)
+        return kw
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt: Prompt, max_new_tokens: int = 128, *, chat: bool | None = None, **gen_kwargs: Any) -> str:
+        """Generate a reply and return its text (greedy unless `do_sample=True` is passed)."""
+        inputs = self.encode(prompt, chat)
+        kw = self._generate_kwargs(max_new_tokens, gen_kwargs)
+        with self._lock, torch.inference_mode():
+            out = self.model.generate(**inputs, **kw)
+        new = out[0, inputs["input_ids"].shape[1] :]
+        self.engine.publish("generation_finished", new_tokens=int(new.numel()))
+        return self.tokenizer.decode(new, skip_special_tokens=True)
+
+    def stream_generate(
+        self, prompt: Prompt, max_new_tokens: int = 128, *, chat: bool | None = None, **gen_kwargs: Any
+    ) -> Iterator[str]:
+        """Yield the reply's text piece by piece as tokens are generated.
+
+        Stopping early (break, `close()`, KeyboardInterrupt) cancels the generation at the next
+        token and leaves the model ready for the next call.
+        """
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        inputs = self.encode(prompt, chat)
+        kw = self._generate_kwargs(max_new_tokens, gen_kwargs)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.05)
+        cancel = threading.Event()
+        errors: list[BaseException] = []
+        criteria = StoppingCriteriaList(list(kw.pop("stopping_criteria", [])) + [_Cancelled(cancel)])
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**inputs, **kw, streamer=streamer, stopping_criteria=criteria)
+            except BaseException as exc:  # surfaced in the consumer's thread below
+                errors.append(exc)
+                streamer.end()
+
+        with self._lock:
+            worker = threading.Thread(target=run, name="torus-generate", daemon=True)
+            worker.start()
+            try:
+                while True:
+                    try:
+                        piece = next(streamer)
+                    except StopIteration:
+                        break
+                    except queue.Empty:
+                        if not worker.is_alive() and streamer.text_queue.empty():
+                            break
+                        continue
+                    if piece:
+                        yield piece
+            finally:
+                cancel.set()
+                worker.join()
+        if errors:
+            raise errors[0]
+        self.engine.publish("generation_finished")
+
+
+def validate_messages(messages: Any) -> list[dict[str, str]]:
+    """Check a chat message list; raise `PromptError` saying what is wrong and what to send."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise PromptError('messages must be a non-empty list of {"role": ..., "content": ...} dicts')
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise PromptError(f'messages[{i}] must be a dict with "role" and "content", got {m!r}')
+        if m["role"] not in _ROLES:
+            raise PromptError(f"messages[{i}].role {m['role']!r} is not one of {', '.join(_ROLES)}")
+        if not isinstance(m["content"], str):
+            raise PromptError(f"messages[{i}].content must be a string, got {type(m['content']).__name__}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+# ---------------------------------------------------------------------- enable() / pipeline()
+_BYPASS: contextvars.ContextVar[bool] = contextvars.ContextVar("torus_bypass", default=False)
+_enabled_stack: list[TorusConfig] = []
+_original_from_pretrained: Any = None
+
+
+def _patched_from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
+    if _BYPASS.get() or not _enabled_stack:
+        return _original_from_pretrained.__func__(cls, *args, **kwargs)
+    if kwargs.pop("device_map", None) is not None:
+        log.warning("torus-sparse is enabled and places weights itself; ignoring device_map")
+    model = _original_from_pretrained.__func__(cls, *args, **kwargs)
+    config = _enabled_stack[-1]
+    if is_attached(model):
+        return model
+    if not any(a.matches(model) for a in resolve().architectures):
+        log.warning("torus-sparse: no architecture plugin for %s; loaded without streaming", type(model).__name__)
+        return model
+    attach(model, config)
+    return model
+
+
+def enable(config: TorusConfig | None = None, **overrides: Any) -> None:
+    """From now on, every transformers `from_pretrained` (so `pipeline()` too) returns a model
+    with FFN weights streamed under `config`. Undo with `disable()`; calls nest."""
+    global _original_from_pretrained
+    from transformers import PreTrainedModel
+
+    cfg = (config or TorusConfig()).replace(**overrides) if overrides else (config or TorusConfig())
+    if _original_from_pretrained is None:
+        _original_from_pretrained = PreTrainedModel.__dict__["from_pretrained"]
+        PreTrainedModel.from_pretrained = classmethod(_patched_from_pretrained)
+    _enabled_stack.append(cfg)
+
+
+def disable() -> None:
+    """Undo the latest `enable()`; after the last one, `from_pretrained` is untouched again.
+
+    Models already loaded keep their engines (remove one with `torus_plugins.detach(model)`).
+    """
+    global _original_from_pretrained
+    from transformers import PreTrainedModel
+
+    if not _enabled_stack:
+        raise TorusError("torus_plugins.disable() called but the plugin is not enabled")
+    _enabled_stack.pop()
+    if not _enabled_stack and _original_from_pretrained is not None:
+        PreTrainedModel.from_pretrained = _original_from_pretrained
+        _original_from_pretrained = None
+
+
+@contextlib.contextmanager
+def enabled(config: TorusConfig | None = None, **overrides: Any) -> Iterator[TorusConfig]:
+    """`with torus_plugins.enabled(vram_budget="2GB"): pipe = pipeline(...)`: enable for the block."""
+    enable(config, **overrides)
+    try:
+        yield _enabled_stack[-1]
+    finally:
+        disable()
