@@ -93,6 +93,8 @@ TRANSFORMERS_ARCHITECTURES: tuple[DecoderFFN, ...] = (
     DecoderFFN("gpt2", ("gpt2",), layers=("transformer.h",)),
     DecoderFFN("gptj", ("gptj",), layers=("transformer.h",)),
     DecoderFFN("gpt_neox", ("gpt_neox",), layers=("gpt_neox.layers",)),
+    DecoderFFN("bloom", ("bloom",), layers=("transformer.h",)),
+    DecoderFFN("falcon", ("falcon",), layers=("transformer.h",)),
     DecoderFFN("opt", ("opt",), layers=("model.decoder.layers",), ffn=None, linears=("fc1", "fc2")),
 )
 

@@ -20,7 +20,7 @@ from .architecture import Architecture, FFNSite
 from .budget import ResidencyPlan, plan_residency
 from .config import TorusConfig
 from .errors import ConfigError, TransferError
-from .host_store import HostStore, LayerLayout
+from .host_store import HostStore, LayerLayout, plan_layout
 from .plugins import Registry
 from .prefetch import PrefetchContext
 from .slots import Slot, SlotRing
@@ -102,7 +102,8 @@ class Engine:
             ps = [getattr(owner, attr) for _, owner, attr in site.params]
             self._params.append(ps)
             ffn_ids.update(id(p) for p in ps)
-            layer_bytes.append(sum(p.numel() * p.element_size() for p in ps))
+            # Packed size, alignment padding included: what a slot must hold.
+            layer_bytes.append(plan_layout([(name, p) for (name, _, _), p in zip(site.params, ps)]).nbytes)
         self._ffn_ids = ffn_ids
         self.layer_bytes = layer_bytes
         seen: set[int] = set()
@@ -118,6 +119,13 @@ class Engine:
         if budget is None and self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * 0.9)
+        self._policy_factory = self._registry.prefetch_policies.get(self.config.prefetch)
+        if self._policy_factory is None:
+            raise ConfigError(
+                f"unknown prefetch policy {self.config.prefetch!r}; available: "
+                f"{', '.join(sorted(self._registry.prefetch_policies))} (plugins add more through "
+                f"the torus_register_prefetch_policies hook)"
+            )
         if self.transport.zero_copy:
             # Zero-copy computes from the host store: nothing is resident and nothing streams.
             self.plan = ResidencyPlan((), tuple(range(len(sites))), 0, 0, non_ffn, kv, budget)
@@ -127,22 +135,32 @@ class Engine:
     def build(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Pack FFN weights into the host store, place everything, install hooks, warm the ring.
 
-        progress(done, total) is called after each layer is packed.
+        progress(done, total) is called after each layer is packed. If anything fails half-way
+        (out of memory, say), everything done so far is undone and the error re-raised.
         """
-        dev = self.device
-        pin = self.config.pin_memory if self.config.pin_memory is not None else dev.type == "cuda"
-        self.store = HostStore(pin_memory=pin)
-        self._origins: dict[int, list[_Origin]] = {}
+        self._hooks: list[Any] = []
+        self._non_ffn_origins: list[_Origin] = []
         self._ffn_origin_device: list[torch.device] = []
-        self._placeholders: list[list[torch.Tensor]] = []
         self._resident: dict[int, torch.Tensor] = {}
+        pin = self.config.pin_memory if self.config.pin_memory is not None else self.device.type == "cuda"
+        self.store = HostStore(pin_memory=pin)
+        try:
+            self._build(progress)
+        except BaseException:
+            self.teardown()
+            raise
+
+    def _build(self, progress: Callable[[int, int], None] | None) -> None:
+        dev = self.device
+        self._placeholders: list[list[torch.Tensor]] = []
         resident = set(self.plan.resident)
         self.counters = [LayerCounters() for _ in self.sites]
         total = len(self.sites)
         for i, ps in enumerate(self._params):
-            self._ffn_origin_device.append(ps[0].device)
             names = [name for name, _, _ in self.sites[i].params]
+            origin = ps[0].device
             layout, buf = self.store.add_layer([(n, p.data) for n, p in zip(names, ps)])
+            self._ffn_origin_device.append(origin)
             self._placeholders.append([_placeholder(p, dev) for p in ps])
             if self.transport.zero_copy:
                 self._bind(i, layout.views(buf))
@@ -165,7 +183,6 @@ class Engine:
     def _move_non_ffn(self, dev: torch.device) -> None:
         # One tensor at a time: the device never holds more than the non-FFN weights, and the
         # FFN placeholders never get materialised the way `model.to()` would.
-        self._non_ffn_origins: list[_Origin] = []
         done: set[int] = set()  # tied weights appear under several modules: move them once
         for mod in self.model.modules():
             for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
@@ -182,7 +199,6 @@ class Engine:
 
     def _build_ring(self) -> None:
         plan = self.plan
-        self._hooks: list[Any] = []
         self._active: Slot | None = None
         self._active_layer = -1
         self._pending_stalls: list[tuple[int, Any]] = []
@@ -192,14 +208,7 @@ class Engine:
             self.policy = None
             return
         ctx = PrefetchContext(plan.streamed, plan.n_slots, self.config.lookahead, dict(self.config.options))
-        factory = self._registry.prefetch_policies.get(self.config.prefetch)
-        if factory is None:
-            raise ConfigError(
-                f"unknown prefetch policy {self.config.prefetch!r}; available: "
-                f"{', '.join(sorted(self._registry.prefetch_policies))} (plugins add more through "
-                f"the torus_register_prefetch_policies hook)"
-            )
-        self.policy = factory(ctx)
+        self.policy = self._policy_factory(ctx)
         self._last_streamed = plan.streamed[-1]
         for i in plan.streamed:
             site = self.sites[i]
@@ -339,7 +348,8 @@ class Engine:
         except Exception:
             log.exception("transport %s failed to close cleanly", self.transport.name)
         self._active = None
-        for i, ps in enumerate(self._params):
+        # Only the layers packed so far (all of them, unless build failed half-way).
+        for i, ps in zip(range(len(self._ffn_origin_device)), self._params):
             buf = self._resident.pop(i, None)
             if buf is None:
                 buf = self.store.buffers[i]

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random-init models of each architecture, and the real SmolLM2."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from typing import Callable
+
+import pytest
+import torch
+import transformers as T
+
+# One row per architecture in the matrix: (name, config class, kwargs). Every model is tiny
+# (a few thousand parameters per layer) so the whole matrix runs in seconds.
+_COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=4, num_attention_heads=4)
+TINY_CONFIGS: dict[str, Callable[[], T.PretrainedConfig]] = {
+    "llama": lambda: T.LlamaConfig(**_COMMON, intermediate_size=64, num_key_value_heads=2),
+    "mistral": lambda: T.MistralConfig(**_COMMON, intermediate_size=64, num_key_value_heads=2, sliding_window=None),
+    "qwen2": lambda: T.Qwen2Config(**_COMMON, intermediate_size=64, num_key_value_heads=2),
+    "qwen3": lambda: T.Qwen3Config(**_COMMON, intermediate_size=64, num_key_value_heads=2, head_dim=8),
+    "gemma3_text": lambda: T.Gemma3TextConfig(
+        **_COMMON, intermediate_size=64, num_key_value_heads=2, head_dim=8, sliding_window=16
+    ),
+    "gemma2": lambda: T.Gemma2Config(**_COMMON, intermediate_size=64, num_key_value_heads=2, head_dim=8),
+    "phi": lambda: T.PhiConfig(**_COMMON, intermediate_size=64),
+    "phi3": lambda: T.Phi3Config(**_COMMON, intermediate_size=64, num_key_value_heads=2, pad_token_id=0),
+    "starcoder2": lambda: T.Starcoder2Config(**_COMMON, intermediate_size=64, num_key_value_heads=2),
+    "stablelm": lambda: T.StableLmConfig(**_COMMON, intermediate_size=64, num_key_value_heads=2),
+    "olmo2": lambda: T.Olmo2Config(**_COMMON, intermediate_size=64, num_key_value_heads=2),
+    "granite": lambda: T.GraniteConfig(**_COMMON, intermediate_size=64, num_key_value_heads=2),
+    "gpt2": lambda: T.GPT2Config(vocab_size=96, n_embd=32, n_layer=4, n_head=4, n_positions=64),
+    "gptj": lambda: T.GPTJConfig(vocab_size=96, n_embd=32, n_layer=4, n_head=4, n_positions=64, rotary_dim=4),
+    "gemma": lambda: T.GemmaConfig(**_COMMON, intermediate_size=64, num_key_value_heads=2, head_dim=8),
+    "bloom": lambda: T.BloomConfig(vocab_size=96, hidden_size=32, n_layer=4, n_head=4),
+    "falcon": lambda: T.FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=4, num_attention_heads=4),
+    "gpt_neox": lambda: T.GPTNeoXConfig(**_COMMON, intermediate_size=64),
+    "opt": lambda: T.OPTConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, ffn_dim=64,
+        word_embed_proj_dim=32, max_position_embeddings=64,
+    ),
+}
+
+
+def build_tiny(name: str, seed: int = 0) -> torch.nn.Module:
+    """A random-init causal LM of the named family, deterministic for a given seed."""
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(TINY_CONFIGS[name]())
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_llama() -> torch.nn.Module:
+    return build_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The embedded default model's safetensors directory (converted from the GGUF once)."""
+    from torus_adapters.default_model import default_model_path
+
+    return str(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path: str):
+    return T.AutoTokenizer.from_pretrained(smollm2_path)
+
+
+def load_smollm2(path: str) -> torch.nn.Module:
+    return T.AutoModelForCausalLM.from_pretrained(path).eval()
