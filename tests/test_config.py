@@ -56,11 +56,6 @@ def test_config_error_is_a_value_error():
         parse_bytes("6XB")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(ValueError, OverflowError),
-    reason="library bug: parse_bytes(nan/inf) raises a bare ValueError/OverflowError, not ConfigError",
-)
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_parse_bytes_rejects_non_finite_floats_with_config_error(value):
     try:
@@ -123,11 +118,6 @@ def test_invalid_config_values_raise_config_error_naming_the_field(kwargs, fragm
         TorusConfig(**kwargs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: bool passes the int checks of resident_layers/kv_reserve_tokens/transfer_timeout_s "
-    "(lookahead rejects bool, these do not)",
-)
 @pytest.mark.parametrize("field", ["resident_layers", "kv_reserve_tokens", "transfer_timeout_s"])
 def test_bools_are_rejected_like_for_lookahead(field):
     with pytest.raises(ConfigError, match=field):

@@ -69,18 +69,20 @@ def plan_residency(
         return make(resident_layers)
     if budget_bytes is None:
         return make(n)
-    # Find the largest k whose plan fits; plans grow with k except at k == n, where the ring
-    # disappears, so test every k from the top.
+    # Cost is not monotonic in k (the ring shrinks or vanishes as layers become resident, and
+    # layer sizes may differ), so price every k and keep the largest that fits.
+    plans = [make(k) for k in range(n + 1)]
+    costs = [p.device_bytes(layer_bytes) + kv_reserve_bytes for p in plans]
     for k in range(n, -1, -1):
-        p = make(k)
-        if p.device_bytes(layer_bytes) + kv_reserve_bytes <= budget_bytes:
-            return p
-    minimum = make(0).device_bytes(layer_bytes) + kv_reserve_bytes
-    ring = make(0)
+        if costs[k] <= budget_bytes:
+            return plans[k]
+    cheapest = min(range(n + 1), key=lambda k: costs[k])
+    minimum, ring = costs[cheapest], plans[cheapest]
     raise BudgetTooSmallError(
         f"vram_budget {format_bytes(budget_bytes)} is too small: the minimum is {format_bytes(minimum)} "
         f"({minimum} bytes) = non-FFN weights {format_bytes(non_ffn_bytes)} + KV reserve "
-        f"{format_bytes(kv_reserve_bytes)} + slot ring {ring.n_slots} × {format_bytes(ring.slot_bytes)}. "
+        f"{format_bytes(kv_reserve_bytes)} + {len(ring.resident)} resident FFN layers + slot ring "
+        f"{ring.n_slots} × {format_bytes(ring.slot_bytes)}. "
         f"Raise vram_budget, lower lookahead, or lower kv_reserve_tokens.",
         minimum,
     )

