@@ -59,7 +59,7 @@ class DecoderFFN:
             params = []
             for prefix, mod in zip(names, modules):
                 for sub_name, sub in mod.named_modules():
-                    for attr, p in sub.named_parameters(recurse=False):
+                    for attr, _ in sub.named_parameters(recurse=False):
                         qual = ".".join(x for x in (f"layers.{i}", prefix, sub_name, attr) if x)
                         params.append((qual, sub, attr))
             sites.append(FFNSite(entry=modules[0], exit=modules[-1], params=tuple(params)))

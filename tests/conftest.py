@@ -38,8 +38,13 @@ TINY_CONFIGS: dict[str, Callable[[], T.PretrainedConfig]] = {
     "falcon": lambda: T.FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=4, num_attention_heads=4),
     "gpt_neox": lambda: T.GPTNeoXConfig(**_COMMON, intermediate_size=64),
     "opt": lambda: T.OPTConfig(
-        vocab_size=96, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, ffn_dim=64,
-        word_embed_proj_dim=32, max_position_embeddings=64,
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        ffn_dim=64,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
     ),
 }
 

@@ -25,7 +25,9 @@ def reference(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     model = build_tiny(name)
     with torch.no_grad():
         logits = model(PROMPT).logits
-    tokens = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    tokens = model.generate(
+        PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+    )
     return logits, tokens
 
 
@@ -39,10 +41,14 @@ def test_streamed_equals_unwrapped(arch: str, lookahead: int, residency: str) ->
     n_layers = len(tp.attach(model, tp.TorusConfig(transport="copy", resident_layers=0)).sites)
     tp.detach(model)
 
-    engine = tp.attach(model, tp.TorusConfig(transport="copy", lookahead=lookahead, resident_layers=RESIDENCY[residency](n_layers)))
+    engine = tp.attach(
+        model, tp.TorusConfig(transport="copy", lookahead=lookahead, resident_layers=RESIDENCY[residency](n_layers))
+    )
     with torch.no_grad():
         logits = model(PROMPT).logits
-    tokens = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    tokens = model.generate(
+        PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
+    )
     stats = engine.stats()
     tp.detach(model)
 

@@ -12,22 +12,37 @@ import pytest
 
 EXE = shutil.which("torus-sparse") or ""
 
+
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     cmd = [EXE, *args] if EXE else [sys.executable, "-m", "torus_adapters.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
+
 def test_generate_streams_a_reply_from_the_default_model_and_prints_stats():
-    out = run("generate", "What is the capital of France?", "--transport", "copy", "--resident-layers", "10", "--max-new-tokens", "24")
+    out = run(
+        "generate",
+        "What is the capital of France?",
+        "--transport",
+        "copy",
+        "--resident-layers",
+        "10",
+        "--max-new-tokens",
+        "24",
+    )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
     stats_line = next(line for line in out.stderr.splitlines() if line.startswith("stats:"))
     assert "transport=copy" in stats_line and "resident=10 streamed=20" in stats_line and "misses=0" in stats_line
 
+
 def test_generate_json_stats_are_machine_readable():
-    out = run("generate", "Say hi.", "--max-new-tokens", "4", "--json-stats", "--transport", "copy", "--resident-layers", "0")
+    out = run(
+        "generate", "Say hi.", "--max-new-tokens", "4", "--json-stats", "--transport", "copy", "--resident-layers", "0"
+    )
     assert out.returncode == 0, out.stderr
     stats = json.loads(out.stderr.strip().splitlines()[-1])
     assert stats["streamed_layers"] == 30 and stats["bytes_moved"] > 0 and stats["hit_rate"] == 1.0
+
 
 @pytest.mark.parametrize(
     "args, message",

@@ -39,7 +39,9 @@ def test_parse_bytes_accepted_forms(value, expected):
     assert type(result) is int
 
 
-@pytest.mark.parametrize("value", ["6XB", "abc", -1, True, False, "", "   ", "-1GB", "1.5.5GB", "GB", "6 G B", None, [6]])
+@pytest.mark.parametrize(
+    "value", ["6XB", "abc", -1, True, False, "", "   ", "-1GB", "1.5.5GB", "GB", "6 G B", None, [6]]
+)
 def test_parse_bytes_rejects_malformed_values_showing_accepted_forms(value):
     with pytest.raises(ConfigError) as info:
         parse_bytes(value, "vram_budget")
@@ -67,7 +69,14 @@ def test_parse_bytes_rejects_non_finite_floats_with_config_error(value):
 
 @pytest.mark.parametrize(
     "n, text",
-    [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (5 * 2**20, "5.0 MiB"), (6 * 2**30, "6.0 GiB"), (2**50, "1024.0 TiB")],
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1536, "1.5 KiB"),
+        (5 * 2**20, "5.0 MiB"),
+        (6 * 2**30, "6.0 GiB"),
+        (2**50, "1024.0 TiB"),
+    ],
 )
 def test_format_bytes(n, text):
     assert format_bytes(n) == text

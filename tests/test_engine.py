@@ -11,7 +11,6 @@ import time
 import pluggy
 import pytest
 import torch
-from conftest import build_tiny
 
 import torus_plugins as tp
 from torus_plugins.builtin.transports import CpuCopyWorker
@@ -110,7 +109,9 @@ class NoPrefetch:
 def test_copies_complete_before_compute(tiny_llama):
     ref_logits, ref_tokens = logits(tiny_llama), greedy(tiny_llama)
     pm = manager_with(TransportPlugin(SplitSlowCopy))
-    engine = tp.attach(tiny_llama, tp.TorusConfig(transport="split-slow", resident_layers=0, lookahead=1), plugin_manager=pm)
+    engine = tp.attach(
+        tiny_llama, tp.TorusConfig(transport="split-slow", resident_layers=0, lookahead=1), plugin_manager=pm
+    )
     assert torch.equal(logits(tiny_llama), ref_logits)
     assert torch.equal(greedy(tiny_llama), ref_tokens)
     stats = engine.stats()
@@ -122,7 +123,9 @@ def test_copies_complete_before_compute(tiny_llama):
 def test_misses_load_synchronously_and_count(tiny_llama):
     ref = greedy(tiny_llama)
     engine = tp.attach(
-        tiny_llama, tp.TorusConfig(transport="copy", prefetch="never", resident_layers=0), plugin_manager=manager_with(NoPrefetch())
+        tiny_llama,
+        tp.TorusConfig(transport="copy", prefetch="never", resident_layers=0),
+        plugin_manager=manager_with(NoPrefetch()),
     )
     assert torch.equal(greedy(tiny_llama), ref)
     s = engine.stats()
@@ -166,7 +169,9 @@ def test_stuck_transfer_times_out(tiny_llama):
     ref = greedy(tiny_llama)
     StuckCopy.release.clear()
     pm = manager_with(TransportPlugin(StuckCopy))
-    tp.attach(tiny_llama, tp.TorusConfig(transport="stuck", resident_layers=0, transfer_timeout_s=0.3), plugin_manager=pm)
+    tp.attach(
+        tiny_llama, tp.TorusConfig(transport="stuck", resident_layers=0, transfer_timeout_s=0.3), plugin_manager=pm
+    )
     with pytest.raises(tp.TransferError, match="did not finish"):
         greedy(tiny_llama)
     StuckCopy.release.set()
@@ -228,7 +233,9 @@ def test_budget_decides_residency_and_bounds_device_bytes(tiny_llama):
     tp.detach(tiny_llama)
     # Room for the ring (lookahead 1 → 2 slots) plus one resident layer, not two.
     budget = non_ffn + 3 * layer + layer // 2
-    engine = tp.attach(tiny_llama, tp.TorusConfig(transport="copy", vram_budget=budget, lookahead=1, kv_reserve_tokens=0))
+    engine = tp.attach(
+        tiny_llama, tp.TorusConfig(transport="copy", vram_budget=budget, lookahead=1, kv_reserve_tokens=0)
+    )
     s = engine.stats()
     assert s.resident_layers == 1 and s.streamed_layers == 3
     assert s.peak_device_bytes <= budget
@@ -291,7 +298,11 @@ def test_failed_attach_rolls_back_completely(tiny_llama):
     ref = logits(tiny_llama)
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     with pytest.raises(MemoryError):
-        tp.attach(tiny_llama, tp.TorusConfig(transport="no-memory", resident_layers=1), plugin_manager=manager_with(TransportPlugin(NoMemory)))
+        tp.attach(
+            tiny_llama,
+            tp.TorusConfig(transport="no-memory", resident_layers=1),
+            plugin_manager=manager_with(TransportPlugin(NoMemory)),
+        )
     assert not tp.is_attached(tiny_llama)
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in tiny_llama.modules())
     after = tiny_llama.state_dict()

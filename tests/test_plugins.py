@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -441,7 +440,9 @@ def test_an_observer_that_raises_breaks_nothing(tiny_llama, caplog):
         expected = tiny_llama(ids).logits
 
     with caplog.at_level(logging.ERROR, logger="torus_plugins.plugins"):
-        torus_plugins.attach(tiny_llama, TorusConfig(device="cpu", transport="copy", resident_layers=0), plugin_manager=pm)
+        torus_plugins.attach(
+            tiny_llama, TorusConfig(device="cpu", transport="copy", resident_layers=0), plugin_manager=pm
+        )
         with torch.no_grad():
             got = tiny_llama(ids).logits
         torus_plugins.detach(tiny_llama)

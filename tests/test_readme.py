@@ -37,7 +37,14 @@ def test_architecture_plugin_example_streams_a_new_family():
     exec(PLUGIN_BLOCKS[0], module.__dict__)
     pm = build_plugin_manager(autoload=False)
     torch.manual_seed(0)
-    cfg = T.CohereConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    cfg = T.CohereConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = T.AutoModelForCausalLM.from_config(cfg).eval()
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
     with torch.no_grad():

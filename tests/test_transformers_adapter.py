@@ -39,7 +39,9 @@ def test_64_token_chat_reply_identical(smollm2_path, config):
     ref = plain_reply_ids(smollm2_path, 64)
     tm = TorusModel.from_pretrained(smollm2_path, config)
     enc = tm.encode(STORY)
-    out = tm.model.generate(**enc, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=tm.tokenizer.eos_token_id)
+    out = tm.model.generate(
+        **enc, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=tm.tokenizer.eos_token_id
+    )
     assert torch.equal(out[0, enc["input_ids"].shape[1] :], ref)
     s = tm.stats()
     if config.transport == "copy":
@@ -137,7 +139,11 @@ def test_bad_input_gets_clear_errors(smollm2_path, tmp_path):
 
 
 def test_unknown_architecture_names_supported_and_the_hook():
-    bert = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    bert = transformers.BertForMaskedLM(
+        transformers.BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+    )
     with pytest.raises(tp.UnsupportedArchitectureError) as err:
         tp.attach(bert)
     msg = str(err.value)

@@ -99,9 +99,7 @@ class TorusConfig:
             object.__setattr__(self, "vram_budget", parse_bytes(self.vram_budget, "vram_budget"))
         if not _is_int(self.lookahead) or self.lookahead < 1:
             raise ConfigError(f"lookahead must be an integer >= 1, got {self.lookahead!r}")
-        if self.resident_layers is not None and (
-            not _is_int(self.resident_layers) or self.resident_layers < 0
-        ):
+        if self.resident_layers is not None and (not _is_int(self.resident_layers) or self.resident_layers < 0):
             raise ConfigError(f"resident_layers must be an integer >= 0 or None, got {self.resident_layers!r}")
         if not _is_int(self.kv_reserve_tokens) or self.kv_reserve_tokens < 0:
             raise ConfigError(f"kv_reserve_tokens must be an integer >= 0, got {self.kv_reserve_tokens!r}")

@@ -130,7 +130,9 @@ class Engine:
             # Zero-copy computes from the host store: nothing is resident and nothing streams.
             self.plan = ResidencyPlan((), tuple(range(len(sites))), 0, 0, non_ffn, kv, budget)
         else:
-            self.plan = plan_residency(layer_bytes, non_ffn, kv, budget, self.config.lookahead, self.config.resident_layers)
+            self.plan = plan_residency(
+                layer_bytes, non_ffn, kv, budget, self.config.lookahead, self.config.resident_layers
+            )
 
     def build(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Pack FFN weights into the host store, place everything, install hooks, warm the ring.
@@ -299,7 +301,14 @@ class Engine:
         resident = set(self.plan.resident)
         placement = "zero-copy" if self.transport.zero_copy else None
         layers = tuple(
-            LayerStats(i, placement or ("resident" if i in resident else "streamed"), c.hits, c.misses, c.bytes_moved, c.stall_s)
+            LayerStats(
+                i,
+                placement or ("resident" if i in resident else "streamed"),
+                c.hits,
+                c.misses,
+                c.bytes_moved,
+                c.stall_s,
+            )
             for i, c in enumerate(self.counters)
         )
         resident_bytes = sum(self.layer_bytes[i] for i in self.plan.resident)
@@ -319,7 +328,9 @@ class Engine:
             resident_layers=len(self.plan.resident),
             streamed_layers=0 if self.transport.zero_copy else len(self.plan.streamed),
             resident_bytes=resident_bytes,
-            streamed_bytes_per_pass=0 if self.transport.zero_copy else sum(self.layer_bytes[i] for i in self.plan.streamed),
+            streamed_bytes_per_pass=0
+            if self.transport.zero_copy
+            else sum(self.layer_bytes[i] for i in self.plan.streamed),
             non_ffn_bytes=self.non_ffn_bytes,
             slot_bytes=self.plan.ring_bytes,
             host_store_bytes=self.store.nbytes,

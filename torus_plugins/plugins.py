@@ -124,7 +124,9 @@ class Registry:
 def _named_register(kind: str, into: dict[str, Any]):
     def register(name: str, factory: Any) -> None:
         if not isinstance(name, str) or not callable(factory):
-            raise PluginError(f"register a {kind} as register(name: str, factory: callable), got ({name!r}, {factory!r})")
+            raise PluginError(
+                f"register a {kind} as register(name: str, factory: callable), got ({name!r}, {factory!r})"
+            )
         if name in into:
             raise PluginError(f"two plugins register a {kind} named {name!r}; rename one of them")
         into[name] = factory
@@ -140,9 +142,7 @@ def resolve(pm: pluggy.PluginManager | None = None) -> Registry:
     def register_arch(arch: "Architecture") -> None:
         for attr in ("name", "matches", "ffn_sites", "kv_bytes_per_token"):
             if not hasattr(arch, attr):
-                raise PluginError(
-                    f"architecture {arch!r} lacks {attr!r}; see torus_plugins.architecture.Architecture"
-                )
+                raise PluginError(f"architecture {arch!r} lacks {attr!r}; see torus_plugins.architecture.Architecture")
         reg.architectures.append(arch)
 
     pm.hook.torus_register_architectures(register=register_arch)
