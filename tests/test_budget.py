@@ -219,22 +219,6 @@ def test_spread_properties(n):
 
 
 # ---------------------------------------------------------------- end to end through attach
-@pytest.fixture
-def tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 def _expected_minimum(model, kv_tokens: int, lookahead: int) -> int:
     cfg = model.config
     ffn = {id(p) for layer in model.model.layers for p in layer.mlp.parameters()}
