@@ -145,7 +145,13 @@ class Engine:
         self._ffn_origin_device: list[torch.device] = []
         self._resident: dict[int, torch.Tensor] = {}
         pin = self.config.pin_memory if self.config.pin_memory is not None else self.device.type == "cuda"
+        if pin and not torch.cuda.is_available():
+            log.warning("pin_memory=True needs CUDA, which torch does not see; the host store stays pageable")
+            pin = False
         self.store = HostStore(pin_memory=pin)
+        if self.device.type == "cuda":
+            # So `peak_device_bytes` reads "since attach" (reset_stats resets it again).
+            torch.cuda.reset_peak_memory_stats(self.device)
         try:
             self._build(progress)
         except BaseException:
@@ -342,6 +348,8 @@ class Engine:
         self._settle_stalls()
         self.counters = [LayerCounters() for _ in self.sites]
         self.forward_passes = 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def publish(self, kind: str, **extra: Any) -> None:
         """Tell `torus_stats_event` observers about a coarse moment (never called per token)."""

@@ -42,7 +42,11 @@ class EngineStats:
     misses: streamed layers loaded synchronously because no prefetch had been issued for them.
     bytes_moved: host→device bytes copied for FFN weights since attach (or the last reset).
     stall_s: time compute waited for FFN weights.
+    forward_passes: passes through the streamed layers (0 when nothing streams).
     resident_bytes: device bytes held permanently for FFN layers.
+    peak_device_bytes: on CUDA, the peak allocated device memory since attach or the last
+        `reset_stats()` (process-wide, as `torch.cuda.max_memory_allocated` reports it); on the
+        CPU, the bytes the engine placed on the compute device (non-FFN + resident + ring).
     """
 
     transport: str
