@@ -160,6 +160,10 @@ class TorusModel:
             stop()
         return cls(model, tokenizer)
 
+    def __repr__(self) -> str:
+        name = getattr(self.model.config, "name_or_path", None) or type(self.model).__name__
+        return f"TorusModel({name!r}, {self.stats().summary()})"
+
     @property
     def engine(self) -> Engine:
         return get_engine(self.model)

@@ -264,6 +264,8 @@ class Engine:
             c.stall_s += waited
         else:
             self._pending_stalls.append((layer, waited))
+            if len(self._pending_stalls) > 4096:
+                self._settle_stalls(only_finished=True)
         self._bind(layer, ring.views(slot, layer))
         self._active, self._active_layer = slot, layer
 
@@ -296,10 +298,16 @@ class Engine:
         self.counters[layer].bytes_moved += src.numel()
 
     # ------------------------------------------------------------------ stats
-    def _settle_stalls(self) -> None:
+    def _settle_stalls(self, only_finished: bool = False) -> None:
+        """Fold device-side stall timings into the counters. `only_finished` keeps the hot path
+        free of host synchronisation: timings whose events have not completed stay pending."""
+        keep = []
         for layer, pending in self._pending_stalls:
-            self.counters[layer].stall_s += pending.seconds()
-        self._pending_stalls.clear()
+            if only_finished and not pending.finished():
+                keep.append((layer, pending))
+            else:
+                self.counters[layer].stall_s += pending.seconds()
+        self._pending_stalls = keep
 
     def stats(self) -> EngineStats:
         """A snapshot of the counters (settles device-side stall timings first)."""

@@ -17,6 +17,8 @@ Fence = Any  # transport-specific: None means "nothing to wait for"
 class PendingStall(Protocol):
     """A stall measured on the device, read later so the hot path never synchronises."""
 
+    def finished(self) -> bool: ...
+
     def seconds(self) -> float: ...
 
 

@@ -77,6 +77,9 @@ class _CudaStall:
     def __init__(self, start: torch.cuda.Event, end: torch.cuda.Event) -> None:
         self.start, self.end = start, end
 
+    def finished(self) -> bool:
+        return self.end.query()
+
     def seconds(self) -> float:
         self.end.synchronize()
         return self.start.elapsed_time(self.end) / 1000.0
