@@ -49,7 +49,7 @@ def test_generate_json_stats_are_machine_readable():
     [
         (["--vram-budget", "6XB"], "accepted forms|use an integer number of bytes"),
         (["--model", "/nope/model"], "/nope/model"),
-        (["--transport", "carrier-pigeon"], "available: copy, cuda, zero-copy"),
+        (["--transport", "carrier-pigeon"], "available: copy, cuda, simulated-link, zero-copy"),
         (["--vram-budget", "1MB", "--transport", "copy"], "minimum is"),
     ],
 )

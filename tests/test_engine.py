@@ -244,7 +244,7 @@ def test_budget_decides_residency_and_bounds_device_bytes(tiny_llama):
 
 def test_bad_config_is_rejected_before_touching_the_model(tiny_llama):
     ref = logits(tiny_llama)
-    with pytest.raises(tp.ConfigError, match="available: copy, cuda, zero-copy"):
+    with pytest.raises(tp.ConfigError, match="available: copy, cuda, simulated-link, zero-copy"):
         tp.attach(tiny_llama, tp.TorusConfig(transport="warp-drive"))
     with pytest.raises(tp.ConfigError, match="sequential"):
         tp.attach(tiny_llama, tp.TorusConfig(transport="copy", resident_layers=0, prefetch="psychic"))

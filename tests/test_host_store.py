@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torus_plugins.host_store import ALIGN, HostStore, LayerLayout, plan_layout
+from torus_plugins.host_store import ALIGN, HostStore, LayerLayout, PackedLayer, plan_layout
+
+
+def _compute(added: tuple[PackedLayer, torch.Tensor]) -> tuple[LayerLayout, torch.Tensor]:
+    """add_layer's (packed layer, buffer) as (layout, buffer); unquantized, both layouts agree."""
+    packed, buffer = added
+    assert packed.transfer is packed.compute and not packed.quantized
+    return packed.compute, buffer
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -59,7 +66,7 @@ def test_align_is_a_sane_power_of_two():
 def test_views_round_trip_bitwise_for_mixed_dtypes():
     tensors = _mixed_layer()
     store = HostStore(pin_memory=False)
-    layout, buffer = store.add_layer(tensors)
+    layout, buffer = _compute(store.add_layer(tensors))
 
     assert buffer.dtype == torch.uint8 and buffer.dim() == 1 and buffer.numel() == layout.nbytes
     views = layout.views(buffer)
@@ -76,7 +83,7 @@ def test_views_round_trip_bitwise_for_mixed_dtypes():
 
 def test_views_alias_the_buffer():
     store = HostStore(pin_memory=False)
-    layout, buffer = store.add_layer([("w", torch.ones(4, 4))])
+    layout, buffer = _compute(store.add_layer([("w", torch.ones(4, 4))]))
     (view,) = layout.views(buffer)
     buffer.zero_()
     assert torch.equal(view, torch.zeros(4, 4))
@@ -86,7 +93,7 @@ def test_transposed_weight_keeps_its_strides():
     w = torch.arange(6 * 9, dtype=torch.float32).reshape(6, 9).t()
     assert not w.is_contiguous() and w.stride() == (1, 9)
 
-    layout, buffer = HostStore(pin_memory=False).add_layer([("w", w)])
+    layout, buffer = _compute(HostStore(pin_memory=False).add_layer([("w", w)]))
     (entry,) = layout.tensors
     (view,) = layout.views(buffer)
 
@@ -104,7 +111,7 @@ def test_tensors_with_gaps_or_overlaps_are_stored_contiguous():
     overlapping = torch.randn(5).expand(3, 5)  # stride 0: elements share storage
     tensors = [("gappy", gappy), ("overlapping", overlapping)]
 
-    layout, buffer = HostStore(pin_memory=False).add_layer(tensors)
+    layout, buffer = _compute(HostStore(pin_memory=False).add_layer(tensors))
 
     for entry, view, (name, t) in zip(layout.tensors, layout.views(buffer), tensors):
         assert entry.stride == torch.empty(t.shape).stride(), name
@@ -116,7 +123,7 @@ def test_tensors_with_gaps_or_overlaps_are_stored_contiguous():
 def test_a_layout_works_on_any_buffer_at_least_nbytes_long():
     # Slots are sized for the largest layer: a smaller layer's layout must work on a bigger buffer.
     tensors = _mixed_layer()
-    layout, host = HostStore(pin_memory=False).add_layer(tensors)
+    layout, host = _compute(HostStore(pin_memory=False).add_layer(tensors))
     slot = torch.full((layout.nbytes + 3 * ALIGN,), 0xAB, dtype=torch.uint8)
     slot[: layout.nbytes].copy_(host)
     for view, (name, t) in zip(layout.views(slot), tensors):
@@ -126,7 +133,7 @@ def test_a_layout_works_on_any_buffer_at_least_nbytes_long():
 
 def test_empty_and_scalar_tensors():
     tensors = [("empty", torch.empty(0, 3)), ("scalar", torch.tensor(2.5)), ("after", torch.arange(3.0))]
-    layout, buffer = HostStore(pin_memory=False).add_layer(tensors)
+    layout, buffer = _compute(HostStore(pin_memory=False).add_layer(tensors))
     empty, scalar, after = layout.views(buffer)
     assert empty.shape == (0, 3)
     assert scalar.shape == () and scalar.item() == 2.5
@@ -137,7 +144,7 @@ def test_store_buffers_are_not_pinned_on_cpu_and_drop_frees_them():
     store = HostStore(pin_memory=False)
     sizes = []
     for i in range(3):
-        layout, buffer = store.add_layer([("w", torch.full((8, 8), float(i)))])
+        layout, buffer = _compute(store.add_layer([("w", torch.full((8, 8), float(i)))]))
         assert not buffer.is_pinned()
         sizes.append(layout.nbytes)
 
@@ -153,5 +160,5 @@ def test_store_buffers_are_not_pinned_on_cpu_and_drop_frees_them():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning needs CUDA")
 def test_store_buffers_are_pinned_when_asked_on_cuda():
-    _, buffer = HostStore(pin_memory=True).add_layer([("w", torch.ones(4))])
+    _, buffer = _compute(HostStore(pin_memory=True).add_layer([("w", torch.ones(4))]))
     assert buffer.is_pinned()

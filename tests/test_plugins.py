@@ -36,7 +36,7 @@ BROKEN_MODULE = "torus_thirdparty_broken"
 BROKEN_DIST = "torus_thirdparty_broken"
 BROKEN_PLUGIN = f"{BROKEN_DIST}:broken"
 
-BUILTIN_TRANSPORTS = {"copy", "cuda", "zero-copy"}
+BUILTIN_TRANSPORTS = {"copy", "cuda", "simulated-link", "zero-copy"}
 
 # A third-party plugin for a made-up model family: its own nn.Module, architecture and transport.
 DEMO_SOURCE = '''

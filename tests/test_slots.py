@@ -20,7 +20,7 @@ def store() -> HostStore:
 
 def _ring(store: HostStore, n: int = 3) -> SlotRing:
     size = max(layout.nbytes for layout in store.layouts)
-    return SlotRing([torch.zeros(size, dtype=torch.uint8) for _ in range(n)], store.layouts)
+    return SlotRing([torch.zeros(size, dtype=torch.uint8) for _ in range(n)], store.layers)
 
 
 def _fill(ring: SlotRing, layers: list[int]) -> None:
@@ -145,7 +145,7 @@ def test_views_use_the_layer_layout_and_are_cached(store):
     slot.buffer[: store.layouts[2].nbytes].copy_(store.buffers[2])
     ring.assign(slot, 2, ready=None)
 
-    w, b = ring.views(slot, 2)
+    w, b = ring.views(slot, 2).bind
     assert torch.equal(w, torch.full((4, 4), 2.0))
     assert torch.equal(b, torch.arange(4, dtype=torch.int8) + 2)
     assert w.data_ptr() == slot.buffer.data_ptr()  # a view of the slot, not a copy

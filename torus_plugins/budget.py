@@ -48,12 +48,17 @@ def plan_residency(
     budget_bytes: int | None,
     lookahead: int,
     resident_layers: int | None = None,
+    slot_layer_bytes: list[int] | None = None,
 ) -> ResidencyPlan:
     """Decide residency. `resident_layers` overrides the budget's choice.
+
+    slot_layer_bytes: what one slot needs to hold each layer when it streams (default: its
+    `layer_bytes`; more when quantized weights land next to their dequantized copy).
 
     Raises `BudgetTooSmallError` (naming the minimum) when the budget cannot hold the non-FFN
     weights, the KV reserve and the slot ring.
     """
+    slot_need = layer_bytes if slot_layer_bytes is None else slot_layer_bytes
     n = len(layer_bytes)
     if resident_layers is not None and resident_layers > n:
         raise ConfigError(f"resident_layers={resident_layers} but the model has only {n} FFN layers")
@@ -62,7 +67,7 @@ def plan_residency(
         resident = spread(k, n)
         streamed = tuple(i for i in range(n) if i not in set(resident))
         n_slots = min(lookahead + 1, len(streamed))
-        slot = max((layer_bytes[i] for i in streamed), default=0)
+        slot = max((slot_need[i] for i in streamed), default=0)
         return ResidencyPlan(resident, streamed, n_slots, slot, non_ffn_bytes, kv_reserve_bytes, budget_bytes)
 
     if resident_layers is not None:

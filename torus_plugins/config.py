@@ -44,6 +44,18 @@ def parse_bytes(value: int | float | str, what: str = "size") -> int:
     raise ConfigError(f"{what}: cannot read {value!r}; use {SIZE_FORMS}")
 
 
+def parse_bandwidth(value: int | float | str, what: str = "bandwidth") -> float:
+    """Bytes per second: 25e9, "25GB/s", "25 GiB/s", "25GB" (the "/s" is optional). Must be > 0."""
+    text = value.strip().removesuffix("/s").removesuffix("ps") if isinstance(value, str) else value
+    try:
+        bps = float(parse_bytes(text, what)) if isinstance(text, str) else float(text)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{what}: cannot read {value!r}; use bytes per second or e.g. '25GB/s', '12 GiB/s'") from exc
+    if not bps > 0 or bps == float("inf"):
+        raise ConfigError(f"{what}: {value!r} must be a positive, finite number of bytes per second, e.g. '25GB/s'")
+    return bps
+
+
 def format_bytes(n: int | float) -> str:
     """Human-readable binary size, e.g. 1536 -> '1.5 KiB'."""
     n = float(n)
@@ -79,6 +91,10 @@ class TorusConfig:
         pin_memory: pin the host store (page-locked) when the device is CUDA. `None`: automatic.
         transfer_timeout_s: a transfer that does not finish in this time raises `TransferError`
             instead of hanging the caller.
+        weight_quant: stream FFN weights quantized: "int8" (per-output-channel symmetric) or
+            "int4" (group-wise, two values per byte); dequantized on the device into the slot.
+            Resident layers are dequantized once. `None` (default): weights as loaded.
+        quant_group_size: columns per int4 scale (default 128).
         options: free-form settings for plugins, read by name.
     """
 
@@ -91,6 +107,8 @@ class TorusConfig:
     kv_reserve_tokens: int = 4096
     pin_memory: bool | None = None
     transfer_timeout_s: float = 30.0
+    weight_quant: str | None = None
+    quant_group_size: int = 128
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -107,6 +125,10 @@ class TorusConfig:
             isinstance(self.transfer_timeout_s, (int, float)) and 0 < self.transfer_timeout_s < float("inf")
         ):
             raise ConfigError(f"transfer_timeout_s must be a positive number, got {self.transfer_timeout_s!r}")
+        if self.weight_quant is not None and self.weight_quant not in ("int8", "int4"):
+            raise ConfigError(f"weight_quant must be None, 'int8' or 'int4', got {self.weight_quant!r}")
+        if not _is_int(self.quant_group_size) or self.quant_group_size < 2 or self.quant_group_size % 2:
+            raise ConfigError(f"quant_group_size must be an even integer >= 2, got {self.quant_group_size!r}")
         if not isinstance(self.transport, str) or not self.transport:
             raise ConfigError(f"transport must be a name such as 'auto', 'copy', 'zero-copy', got {self.transport!r}")
 

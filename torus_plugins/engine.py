@@ -20,7 +20,7 @@ from .architecture import Architecture, FFNSite
 from .budget import ResidencyPlan, plan_residency
 from .config import TorusConfig
 from .errors import ConfigError, TransferError
-from .host_store import HostStore, LayerLayout, plan_layout
+from .host_store import HostStore, materialize, plan_packed
 from .plugins import Registry
 from .prefetch import PrefetchContext
 from .slots import Slot, SlotRing
@@ -97,15 +97,26 @@ class Engine:
         self.sites: list[FFNSite] = sites
         self._params: list[list[nn.Parameter]] = []
         ffn_ids: set[int] = set()
-        layer_bytes = []
+        quant, group = self.config.weight_quant, self.config.quant_group_size
+        if quant is not None and self.transport.zero_copy:
+            raise ConfigError(
+                f"weight_quant={quant!r} needs a transport that copies (cuda, copy, simulated-link); "
+                f"zero-copy never moves bytes, so there is nothing to shrink"
+            )
+        packed = []
         for site in sites:
             ps = [getattr(owner, attr) for _, owner, attr in site.params]
             self._params.append(ps)
             ffn_ids.update(id(p) for p in ps)
-            # Packed size, alignment padding included: what a slot must hold.
-            layer_bytes.append(plan_layout([(name, p) for (name, _, _), p in zip(site.params, ps)]).nbytes)
+            # Sizes from shapes alone (alignment padding included): what buffers must hold.
+            packed.append(plan_packed([(name, p) for (name, _, _), p in zip(site.params, ps)], quant, group))
         self._ffn_ids = ffn_ids
-        self.layer_bytes = layer_bytes
+        #: device bytes of each FFN layer in its compute dtype (what a resident layer costs)
+        self.layer_bytes = layer_bytes = [pk.compute.nbytes for pk in packed]
+        #: bytes one transfer of each layer moves (quantized when weight_quant is set)
+        self.transfer_bytes = [pk.transfer.nbytes for pk in packed]
+        # A slot holds the landing bytes, plus the dequantized weights when quantized.
+        slot_need = [pk.transfer.nbytes + (pk.compute.nbytes if pk.quantized else 0) for pk in packed]
         seen: set[int] = set()
         non_ffn = 0
         for t in list(self.model.parameters()) + list(self.model.buffers()):
@@ -131,7 +142,7 @@ class Engine:
             self.plan = ResidencyPlan((), tuple(range(len(sites))), 0, 0, non_ffn, kv, budget)
         else:
             self.plan = plan_residency(
-                layer_bytes, non_ffn, kv, budget, self.config.lookahead, self.config.resident_layers
+                layer_bytes, non_ffn, kv, budget, self.config.lookahead, self.config.resident_layers, slot_need
             )
 
     def build(self, progress: Callable[[int, int], None] | None = None) -> None:
@@ -148,7 +159,7 @@ class Engine:
         if pin and not torch.cuda.is_available():
             log.warning("pin_memory=True needs CUDA, which torch does not see; the host store stays pageable")
             pin = False
-        self.store = HostStore(pin_memory=pin)
+        self.store = HostStore(pin, self.config.weight_quant, self.config.quant_group_size)
         if self.device.type == "cuda":
             # So `peak_device_bytes` reads "since attach" (reset_stats resets it again).
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -167,16 +178,21 @@ class Engine:
         for i, ps in enumerate(self._params):
             names = [name for name, _, _ in self.sites[i].params]
             origin = ps[0].device
-            layout, buf = self.store.add_layer([(n, p.data) for n, p in zip(names, ps)])
+            packed, buf = self.store.add_layer([(n, p.data) for n, p in zip(names, ps)])
             self._ffn_origin_device.append(origin)
             self._placeholders.append([_placeholder(p, dev) for p in ps])
             if self.transport.zero_copy:
-                self._bind(i, layout.views(buf))
+                self._bind(i, packed.compute.views(buf))
             elif i in resident:
-                dbuf = buf.to(dev)
+                # Resident layers live on the device in their compute dtype (dequantized once).
+                if packed.quantized:
+                    dbuf = torch.empty(packed.compute.nbytes, dtype=torch.uint8, device=dev)
+                    materialize(packed, [v.to(dev) for v in packed.transfer.views(buf)], packed.compute.views(dbuf))
+                else:
+                    dbuf = buf.to(dev)
                 self._resident[i] = dbuf
                 self.store.drop(i)
-                self._bind(i, layout.views(dbuf))
+                self._bind(i, packed.compute.views(dbuf))
             else:
                 self._bind(i, self._placeholders[i])
             if progress is not None:
@@ -211,7 +227,11 @@ class Engine:
         self._active_layer = -1
         self._pending_stalls: list[tuple[int, Any]] = []
         self.forward_passes = 0
-        self.ring = SlotRing([self.transport.alloc(plan.slot_bytes) for _ in range(plan.n_slots)], self.store.layouts)
+        self.ring = SlotRing(
+            [self.transport.alloc(plan.slot_bytes) for _ in range(plan.n_slots)],
+            self.store.layers,
+            self.transfer_bytes,
+        )
         if not plan.streamed or self.transport.zero_copy:
             self.policy = None
             return
@@ -266,7 +286,12 @@ class Engine:
             self._pending_stalls.append((layer, waited))
             if len(self._pending_stalls) > 4096:
                 self._settle_stalls(only_finished=True)
-        self._bind(layer, ring.views(slot, layer))
+        views = ring.views(slot, layer)
+        if views.dequantize:
+            # On the compute stream, after the wait above: reads the landed bytes, writes the
+            # slot's compute area. The slot's free fence (set at release) covers this read too.
+            materialize(views.packed, views.transfer, views.bind)
+        self._bind(layer, views.bind)
         self._active, self._active_layer = slot, layer
 
     def release(self, layer: int) -> None:
@@ -344,7 +369,7 @@ class Engine:
             resident_bytes=resident_bytes,
             streamed_bytes_per_pass=0
             if self.transport.zero_copy
-            else sum(self.layer_bytes[i] for i in self.plan.streamed),
+            else sum(self.transfer_bytes[i] for i in self.plan.streamed),
             non_ffn_bytes=self.non_ffn_bytes,
             slot_bytes=self.plan.ring_bytes,
             host_store_bytes=self.store.nbytes,
@@ -376,14 +401,15 @@ class Engine:
             log.exception("transport %s failed to close cleanly", self.transport.name)
         self._active = None
         # Only the layers packed so far (all of them, unless build failed half-way).
-        for i, ps in zip(range(len(self._ffn_origin_device)), self._params):
-            buf = self._resident.pop(i, None)
-            if buf is None:
-                buf = self.store.buffers[i]
-            layout: LayerLayout = self.store.layouts[i]
+        for i in range(len(self._ffn_origin_device)):
             origin = self._ffn_origin_device[i]
-            for p, v in zip(ps, layout.views(buf)):
-                p.data = v.clone() if v.device == origin else v.to(origin)
+            dbuf = self._resident.pop(i, None)
+            if dbuf is not None:  # resident: compute layout on the device
+                views = self.store.layers[i].compute.views(dbuf)
+                restored = [v.clone() if v.device == origin else v.to(origin) for v in views]
+            else:  # host store: transfer layout (dequantized when quantized)
+                restored = self.store.weights(i, self.store.buffers[i], origin)
+            self._bind(i, restored)
             self.store.drop(i)
         for o in self._non_ffn_origins:
             t = (o.owner._parameters if o.is_param else o.owner._buffers)[o.attr]

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import quant as quantization
+
 #: Tensors start on this byte boundary inside a buffer, so kernels see the same alignment
 #: (and therefore take the same code paths) as they would for freshly allocated weights.
 ALIGN = 256
@@ -85,14 +87,89 @@ def _page_unlock(ptr: int) -> None:
     torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
-class HostStore:
-    """Packed host buffers, one per FFN layer (page-locked when the compute device is CUDA)."""
+@dataclass(frozen=True)
+class PackedLayer:
+    """A layer's two layouts: how its bytes travel, and how its weights sit when computed.
 
-    def __init__(self, pin_memory: bool) -> None:
+    compute: the weights in their original dtypes (what parameters are bound to).
+    transfer: what the host buffer and a slot's landing area hold. Without quantization it is
+        `compute` itself; with it, each quantized weight becomes (integers, scales).
+    recipe: per compute tensor, (mode, transfer index, scales index): mode "raw" means the
+        transfer tensor is the weight itself (scales index -1), else "int8"/"int4".
+    """
+
+    compute: LayerLayout
+    transfer: LayerLayout
+    recipe: tuple[tuple[str, int, int], ...]
+
+    @property
+    def quantized(self) -> bool:
+        return self.transfer is not self.compute
+
+
+def plan_packed(tensors: list[tuple[str, torch.Tensor]], quant: str | None, group_size: int) -> PackedLayer:
+    """Lay a layer out for transfer and compute from shapes alone (tensors may be on `meta`)."""
+    compute = plan_layout(tensors)
+    if quant is None:
+        return PackedLayer(compute, compute, tuple(("raw", i, -1) for i in range(len(tensors))))
+    items, recipe = _transfer_items(tensors, quant, group_size, materialize=False)
+    return PackedLayer(compute, plan_layout(items), recipe)
+
+
+def _transfer_items(
+    tensors: list[tuple[str, torch.Tensor]], quant: str, group_size: int, materialize: bool
+) -> tuple[list[tuple[str, torch.Tensor]], tuple[tuple[str, int, int], ...]]:
+    items: list[tuple[str, torch.Tensor]] = []
+    recipe = []
+    for name, t in tensors:
+        if not quantization.eligible(t):
+            recipe.append(("raw", len(items), -1))
+            items.append((name, t))
+            continue
+        if materialize:
+            q, scale = quantization.quantize(t, quant, group_size)
+        else:
+            rows, cols = t.shape
+            q_bytes, s_bytes = quantization.packed_nbytes((rows, cols), quant, group_size)
+            q = torch.empty(
+                (rows, q_bytes // rows), dtype=torch.int8 if quant == "int8" else torch.uint8, device="meta"
+            )
+            scale = torch.empty((rows, s_bytes // 4 // rows), dtype=torch.float32, device="meta")
+            scale = scale.view(rows) if quant == "int8" else scale
+        recipe.append((quant, len(items), len(items) + 1))
+        items += [(name + ".q", q), (name + ".scale", scale)]
+    return items, tuple(recipe)
+
+
+def materialize(packed: PackedLayer, transfer_views: list[torch.Tensor], compute_views: list[torch.Tensor]) -> None:
+    """Write a layer's weights into `compute_views` from its transfer bytes (dequantizing)."""
+    for (mode, ti, si), dst in zip(packed.recipe, compute_views):
+        if mode == "raw":
+            if dst.data_ptr() != transfer_views[ti].data_ptr():
+                dst.copy_(transfer_views[ti])
+        else:
+            quantization.dequantize_into(dst, transfer_views[ti], transfer_views[si], mode)
+
+
+class HostStore:
+    """Packed host buffers, one per FFN layer (page-locked when the compute device is CUDA).
+
+    With `quant`, the buffers hold quantized weights: a quarter (int8 vs fp32) to an eighth of
+    the bytes cross the link, and host memory shrinks by the same factor.
+    """
+
+    def __init__(self, pin_memory: bool, quant: str | None = None, group_size: int = 128) -> None:
         self.pin_memory = pin_memory
-        self.layouts: list[LayerLayout] = []
+        self.quant = quant
+        self.group_size = group_size
+        self.layers: list[PackedLayer] = []
         self.buffers: list[torch.Tensor | None] = []
         self._registered: set[int] = set()  # data_ptrs we page-locked and must unlock
+
+    @property
+    def layouts(self) -> list[LayerLayout]:
+        """Compute layouts, one per layer (what parameters look like when bound)."""
+        return [p.compute for p in self.layers]
 
     def _allocate(self, nbytes: int) -> torch.Tensor:
         if not self.pin_memory:
@@ -104,18 +181,29 @@ class HostStore:
         # Fall back to PyTorch's pinned allocator (correct, but see `_page_lock` on its rounding).
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
-    def add_layer(self, tensors: list[tuple[str, torch.Tensor]]) -> tuple[LayerLayout, torch.Tensor]:
-        """Pack one layer's tensors into a new buffer; the caller then drops the originals.
-
-        Only this one layer's worth of extra host memory exists between the copy and the drop.
-        """
-        layout = plan_layout(tensors)
-        buffer = self._allocate(layout.nbytes)
-        for view, (_, t) in zip(layout.views(buffer), tensors):
+    def add_layer(self, tensors: list[tuple[str, torch.Tensor]]) -> tuple[PackedLayer, torch.Tensor]:
+        """Pack (and maybe quantize) one layer's tensors into a new buffer; the caller then drops
+        the originals. Only this one layer's worth of extra host memory exists meanwhile."""
+        if self.quant is None:
+            packed = plan_packed(tensors, None, self.group_size)
+            items = tensors
+        else:
+            items, recipe = _transfer_items(tensors, self.quant, self.group_size, materialize=True)
+            packed = PackedLayer(plan_layout(tensors), plan_layout(items), recipe)
+        buffer = self._allocate(packed.transfer.nbytes)
+        for view, (_, t) in zip(packed.transfer.views(buffer), items):
             view.copy_(t)
-        self.layouts.append(layout)
+        self.layers.append(packed)
         self.buffers.append(buffer)
-        return layout, buffer
+        return packed, buffer
+
+    def weights(self, layer: int, buffer: torch.Tensor, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """Fresh, independent tensors holding a layer's weights (dequantized) on `device`."""
+        packed = self.layers[layer]
+        out = [torch.empty_strided(t.shape, t.stride, dtype=t.dtype, device=device) for t in packed.compute.tensors]
+        src = [v.to(device) for v in packed.transfer.views(buffer)]
+        materialize(packed, src, out)
+        return out
 
     def drop(self, layer: int) -> None:
         """Free a layer's host buffer (its weights now live elsewhere, e.g. resident on the device)."""

@@ -13,7 +13,22 @@ from typing import Any
 
 import torch
 
-from .host_store import LayerLayout
+from .host_store import PackedLayer
+
+
+@dataclass(frozen=True)
+class SlotViews:
+    """A layer's tensors inside one slot, built once per (slot, layer) pair.
+
+    bind: what the parameters point at while the layer computes.
+    transfer: the landed bytes, typed (the same tensors as `bind` when nothing is quantized).
+    dequantize: whether `bind` must be filled from `transfer` after each landing.
+    """
+
+    bind: list[torch.Tensor]
+    transfer: list[torch.Tensor]
+    packed: PackedLayer
+    dequantize: bool
 
 
 @dataclass
@@ -25,14 +40,17 @@ class Slot:
     free: Any = None  # fence: the last readers of this slot have finished
     last_used: int = 0
     used_since_load: bool = False
-    # (layer -> typed views of this slot's buffer in that layer's layout), built once per pair.
-    views: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    views: dict[int, SlotViews] = field(default_factory=dict)
 
 
 class SlotRing:
-    def __init__(self, buffers: list[torch.Tensor], layouts: list[LayerLayout]) -> None:
+    def __init__(
+        self, buffers: list[torch.Tensor], layers: list[PackedLayer], transfer_bytes: list[int] | None = None
+    ) -> None:
+        """buffers: one uint8 device buffer per slot. Quantized layers land at the start of a
+        slot and are dequantized right after the landing area (`transfer_bytes[layer]`)."""
         self.slots = [Slot(i, b) for i, b in enumerate(buffers)]
-        self._layouts = layouts
+        self._layers = layers
         self._where: dict[int, Slot] = {}
         self._clock = 0
 
@@ -42,11 +60,21 @@ class SlotRing:
     def find(self, layer: int) -> Slot | None:
         return self._where.get(layer)
 
-    def views(self, slot: Slot, layer: int) -> list[torch.Tensor]:
+    def views(self, slot: Slot, layer: int) -> SlotViews:
         v = slot.views.get(layer)
         if v is None:
-            v = slot.views[layer] = self._layouts[layer].views(slot.buffer)
+            v = slot.views[layer] = self._make_views(slot.buffer, self._layers[layer])
         return v
+
+    @staticmethod
+    def _make_views(buffer: torch.Tensor, packed: PackedLayer) -> SlotViews:
+        transfer = packed.transfer.views(buffer)
+        if not packed.quantized:
+            return SlotViews(transfer, transfer, packed, False)
+        compute = packed.compute.views(buffer[packed.transfer.nbytes :])
+        # Unquantized tensors (biases) are used where they landed; only weights are dequantized.
+        bind = [transfer[ti] if mode == "raw" else compute[k] for k, (mode, ti, _) in enumerate(packed.recipe)]
+        return SlotViews(bind, transfer, packed, True)
 
     def victim(self, keep: frozenset[int] | set[int] | tuple[int, ...], active: Slot | None) -> Slot | None:
         """The slot to refill: empty first, else least recently used, never `active` nor one

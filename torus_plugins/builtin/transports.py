@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from ..config import parse_bandwidth
 from ..errors import ConfigError, TransferError
 from ..hookspecs import hookimpl
 from ..transfer import Fence, PendingStall, TransportOptions
@@ -67,6 +68,33 @@ class CpuCopyWorker:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class SimulatedLink(CpuCopyWorker):
+    """The CPU copy worker behind a simulated host→device link of fixed bandwidth and latency.
+
+    Each copy takes `latency + nbytes / bandwidth` of wall time (the real memcpy included, the
+    rest slept), one copy at a time like a DMA engine, so compute/transfer overlap can be
+    measured with no GPU. Options (`TorusConfig.options`): `link_bandwidth` (bytes/s or
+    "25GB/s", default "16GB/s") and `link_latency_s` (default 10e-6).
+    """
+
+    name = "simulated-link"
+
+    def __init__(self, opts: TransportOptions) -> None:
+        super().__init__(opts)
+        self.bandwidth = parse_bandwidth(opts.options.get("link_bandwidth", "16GB/s"), "link_bandwidth")
+        latency = opts.options.get("link_latency_s", 10e-6)
+        if not isinstance(latency, (int, float)) or isinstance(latency, bool) or not 0 <= latency < 10:
+            raise ConfigError(f"link_latency_s must be a number of seconds in [0, 10), got {latency!r}")
+        self.latency = float(latency)
+
+    def _copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        remaining = self.latency + src.numel() * src.element_size() / self.bandwidth - (time.perf_counter() - t0)
+        if remaining > 0:
+            time.sleep(remaining)
 
 
 class _CudaStall:
@@ -177,3 +205,4 @@ def torus_register_transports(register) -> None:
     register("copy", CpuCopyWorker)
     register("cuda", CudaCopyStream)
     register("zero-copy", ZeroCopy)
+    register("simulated-link", SimulatedLink)
