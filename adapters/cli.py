@@ -75,6 +75,25 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .planning import plan_model
+
+    config = TorusConfig(
+        vram_budget=args.vram,
+        lookahead=args.lookahead,
+        resident_layers=args.resident_layers,
+        kv_reserve_tokens=args.kv_reserve_tokens,
+        weight_quant=args.weight_quant,
+        device=args.device,
+    )
+    plan = plan_model(args.model, config, bandwidth=args.bandwidth, device=args.device, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=2))
+    else:
+        print(plan.render())
+    return 0 if plan.fits else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torus-sparse", description="Stream FFN weights from host memory to run models larger than the GPU."
@@ -88,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json-stats", action="store_true", help="print the stats as one JSON line")
     _config_args(g)
     g.set_defaults(func=_cmd_generate)
+    pl = sub.add_parser("plan", help="plan placement and predict the decode ceiling without loading weights")
+    pl.add_argument("--model", help="model directory, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    pl.add_argument("--vram", help="device budget, e.g. 6GB or 6GiB (default: 90%% of free CUDA memory)")
+    pl.add_argument("--bandwidth", help="host→device bandwidth, e.g. 25GB/s (default: measured now)")
+    pl.add_argument("--lookahead", type=int, default=2)
+    pl.add_argument("--resident-layers", type=int)
+    pl.add_argument("--kv-reserve-tokens", type=int, default=4096)
+    pl.add_argument("--weight-quant", choices=["int8", "int4"])
+    pl.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    pl.add_argument("--dtype", help="weight dtype to plan for (default: the checkpoint's), e.g. bfloat16")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=_cmd_plan)
     p = sub.add_parser("plugins", help="list the registered plugins, architectures, transports and policies")
     p.set_defaults(func=_cmd_plugins)
     return parser

@@ -20,9 +20,10 @@ from .architecture import Architecture, FFNSite
 from .budget import ResidencyPlan, plan_residency
 from .config import TorusConfig
 from .errors import ConfigError, TransferError
-from .host_store import HostStore, materialize, plan_packed
+from .host_store import HostStore, materialize
 from .plugins import Registry
 from .prefetch import PrefetchContext
+from .sizing import measure
 from .slots import Slot, SlotRing
 from .stats import EngineStats, LayerCounters, LayerStats, StatsEvent
 from .transfer import Transport, TransportOptions
@@ -91,41 +92,23 @@ class Engine:
 
     def _prepare(self) -> None:
         """Measure and plan without touching the model, so a planning error leaves it unchanged."""
-        sites = self.arch.ffn_sites(self.model)
-        if not sites:
-            raise ConfigError(f"architecture {self.arch.name!r} found no FFN layers in {type(self.model).__name__}")
-        self.sites: list[FFNSite] = sites
-        self._params: list[list[nn.Parameter]] = []
-        ffn_ids: set[int] = set()
         quant, group = self.config.weight_quant, self.config.quant_group_size
         if quant is not None and self.transport.zero_copy:
             raise ConfigError(
                 f"weight_quant={quant!r} needs a transport that copies (cuda, copy, simulated-link); "
                 f"zero-copy never moves bytes, so there is nothing to shrink"
             )
-        packed = []
-        for site in sites:
-            ps = [getattr(owner, attr) for _, owner, attr in site.params]
-            self._params.append(ps)
-            ffn_ids.update(id(p) for p in ps)
-            # Sizes from shapes alone (alignment padding included): what buffers must hold.
-            packed.append(plan_packed([(name, p) for (name, _, _), p in zip(site.params, ps)], quant, group))
-        self._ffn_ids = ffn_ids
+        sizes = measure(self.model, self.arch, quant, group)
+        self.sizes = sizes
+        self.sites: list[FFNSite] = sizes.sites
+        self._params = sizes.params
+        self._ffn_ids = {id(p) for ps in sizes.params for p in ps}
         #: device bytes of each FFN layer in its compute dtype (what a resident layer costs)
-        self.layer_bytes = layer_bytes = [pk.compute.nbytes for pk in packed]
+        self.layer_bytes = sizes.layer_bytes
         #: bytes one transfer of each layer moves (quantized when weight_quant is set)
-        self.transfer_bytes = [pk.transfer.nbytes for pk in packed]
-        # A slot holds the landing bytes, plus the dequantized weights when quantized.
-        slot_need = [pk.transfer.nbytes + (pk.compute.nbytes if pk.quantized else 0) for pk in packed]
-        seen: set[int] = set()
-        non_ffn = 0
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            if id(t) in ffn_ids or t.data_ptr() in seen:
-                continue
-            seen.add(t.data_ptr())
-            non_ffn += t.numel() * t.element_size()
-        self.non_ffn_bytes = non_ffn
-        kv = int(self.arch.kv_bytes_per_token(self.model)) * self.config.kv_reserve_tokens
+        self.transfer_bytes = sizes.transfer_bytes
+        self.non_ffn_bytes = non_ffn = sizes.non_ffn_bytes
+        kv = sizes.kv_bytes_per_token * self.config.kv_reserve_tokens
         budget = self.config.budget_bytes
         if budget is None and self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -139,10 +122,16 @@ class Engine:
             )
         if self.transport.zero_copy:
             # Zero-copy computes from the host store: nothing is resident and nothing streams.
-            self.plan = ResidencyPlan((), tuple(range(len(sites))), 0, 0, non_ffn, kv, budget)
+            self.plan = ResidencyPlan((), tuple(range(len(self.sites))), 0, 0, non_ffn, kv, budget)
         else:
             self.plan = plan_residency(
-                layer_bytes, non_ffn, kv, budget, self.config.lookahead, self.config.resident_layers, slot_need
+                sizes.layer_bytes,
+                non_ffn,
+                kv,
+                budget,
+                self.config.lookahead,
+                self.config.resident_layers,
+                sizes.slot_bytes,
             )
 
     def build(self, progress: Callable[[int, int], None] | None = None) -> None:

@@ -1,0 +1,90 @@
+"""The planner (`torus-sparse plan`): shapes only, and the same placement the engine chooses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import transformers as T
+from torus_adapters.planning import meta_model, plan_model
+
+import torus_plugins as tp
+
+
+@pytest.fixture(scope="module")
+def llama7b_dir(tmp_path_factory) -> str:
+    """A 7B-class Llama config (no weights): planning must never need them."""
+    d = tmp_path_factory.mktemp("llama7b")
+    T.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        vocab_size=32000,
+        dtype="bfloat16",
+    ).save_pretrained(d)
+    return str(d)
+
+
+def test_meta_model_has_no_storage(llama7b_dir):
+    model, _ = meta_model(llama7b_dir)
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_7b_plan_under_a_budget(llama7b_dir):
+    plan = plan_model(llama7b_dir, tp.TorusConfig(vram_budget="12GB", lookahead=2), bandwidth="25GB/s", device="cpu")
+    assert plan.fits and plan.n_layers == 32
+    r = plan.residency
+    assert 0 < len(r.resident) < 32 and r.n_slots == 3
+    layer = 3 * 4096 * 11008 * 2  # bf16 gate/up/down
+    assert r.slot_bytes >= layer and plan.streamed_bytes_per_token >= len(r.streamed) * layer
+    assert plan.device_bytes + plan.kv_reserve_bytes <= 12 * 10**9
+    # One more resident layer would not fit.
+    assert plan.device_bytes + plan.kv_reserve_bytes + layer > 12 * 10**9
+    assert plan.predicted_tok_s == pytest.approx(25e9 / plan.streamed_bytes_per_token)
+    assert 'TorusConfig(vram_budget="12GB", lookahead=2)' in plan.render()
+
+
+def test_quantized_plans_stream_fewer_bytes(llama7b_dir):
+    cfg = tp.TorusConfig(vram_budget="12GB", resident_layers=0)
+    bf16, int8, int4 = (
+        plan_model(llama7b_dir, cfg.replace(weight_quant=q), bandwidth=25e9, device="cpu")
+        for q in (None, "int8", "int4")
+    )
+    assert int8.streamed_bytes_per_token <= 0.52 * bf16.streamed_bytes_per_token
+    assert int4.streamed_bytes_per_token <= 0.28 * bf16.streamed_bytes_per_token
+    assert int4.predicted_tok_s > int8.predicted_tok_s > bf16.predicted_tok_s
+
+
+def test_plan_is_what_the_engine_does(smollm2_path):
+    config = tp.TorusConfig(vram_budget="520MB", transport="copy", lookahead=2)
+    plan = plan_model(smollm2_path, config, bandwidth="10GB/s", device="cpu")
+    model = T.AutoModelForCausalLM.from_pretrained(smollm2_path)
+    engine = tp.attach(model, config)
+    assert engine.plan == plan.residency
+    assert engine.stats().streamed_bytes_per_pass == plan.streamed_bytes_per_token
+    tp.detach(model)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "torus_adapters.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_plan_json_and_too_small(llama7b_dir):
+    out = run_cli(
+        "plan", "--model", llama7b_dir, "--vram", "16GiB", "--bandwidth", "50GB/s", "--device", "cpu", "--json"
+    )
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert (
+        d["fits"] and d["bandwidth_bps"] == 50e9 and d["predicted_tok_s"] > 0 and d["config"].startswith("TorusConfig(")
+    )
+    small = run_cli("plan", "--model", llama7b_dir, "--vram", "2GB", "--bandwidth", "50GB/s", "--device", "cpu")
+    assert small.returncode == 1
+    assert "fits             NO" in small.stdout and "minimum is" in small.stdout
+    bad = run_cli("plan", "--model", llama7b_dir, "--vram", "2GB", "--bandwidth", "fast", "--device", "cpu")
+    assert bad.returncode == 2 and "25GB/s" in bad.stderr

@@ -1,0 +1,204 @@
+"""Deployment planning: what stays resident, what streams, and the decode speed the link allows.
+
+Uses the same `measure` + `plan_residency` the engine runs at attach, so the plan printed by
+`torus-sparse plan` is the placement the engine will choose for the same config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .budget import ResidencyPlan, plan_residency
+from .config import TorusConfig, format_bytes
+from .errors import BudgetTooSmallError
+from .sizing import ModelSizes
+
+
+@dataclass(frozen=True)
+class DeploymentPlan:
+    """The answer to "how do I run this model on this device?".
+
+    predicted_tok_s: the link ceiling for batch-1 decode, bandwidth ÷ bytes streamed per token
+        (compute time is not modelled: the real speed is at most this, and at most the speed of
+        the same model fully resident).
+    host_bytes: host memory the engine holds while generating (streamed layers' store).
+    host_load_peak_bytes: host memory while loading (the whole model once, plus one layer).
+    """
+
+    model: str
+    device: str
+    config: TorusConfig
+    bandwidth_bps: float
+    fits: bool
+    residency: ResidencyPlan | None
+    reason: str | None
+    n_layers: int
+    non_ffn_bytes: int
+    ffn_bytes: int
+    kv_reserve_bytes: int
+    resident_ffn_bytes: int
+    ring_bytes: int
+    streamed_bytes_per_token: int
+    device_bytes: int
+    host_bytes: int
+    host_load_peak_bytes: int
+    minimum_budget_bytes: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def predicted_tok_s(self) -> float:
+        if not self.fits or self.streamed_bytes_per_token == 0:
+            return float("inf") if self.fits else 0.0
+        return self.bandwidth_bps / self.streamed_bytes_per_token
+
+    def config_snippet(self) -> str:
+        c = self.config
+        parts = [f"vram_budget={_size_literal(c.budget_bytes)}"] if c.budget_bytes else []
+        parts.append(f"lookahead={c.lookahead}")
+        if c.weight_quant:
+            parts.append(f'weight_quant="{c.weight_quant}"')
+        if c.resident_layers is not None:
+            parts.append(f"resident_layers={c.resident_layers}")
+        return f"TorusConfig({', '.join(parts)})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "device": self.device,
+            "fits": self.fits,
+            "reason": self.reason,
+            "budget_bytes": self.config.budget_bytes,
+            "minimum_budget_bytes": self.minimum_budget_bytes,
+            "bandwidth_bps": self.bandwidth_bps,
+            "n_layers": self.n_layers,
+            "resident_layers": list(self.residency.resident) if self.residency else [],
+            "streamed_layers": list(self.residency.streamed) if self.residency else [],
+            "n_slots": self.residency.n_slots if self.residency else 0,
+            "slot_bytes": self.residency.slot_bytes if self.residency else 0,
+            "non_ffn_bytes": self.non_ffn_bytes,
+            "ffn_bytes": self.ffn_bytes,
+            "kv_reserve_bytes": self.kv_reserve_bytes,
+            "resident_ffn_bytes": self.resident_ffn_bytes,
+            "ring_bytes": self.ring_bytes,
+            "device_bytes": self.device_bytes,
+            "streamed_bytes_per_token": self.streamed_bytes_per_token,
+            "host_bytes": self.host_bytes,
+            "host_load_peak_bytes": self.host_load_peak_bytes,
+            "predicted_tok_s": self.predicted_tok_s,
+            "config": self.config_snippet(),
+        }
+
+    def render(self) -> str:
+        """A plain-text report (the `torus-sparse plan` output)."""
+        r = self.residency
+        lines = [
+            f"model            {self.model}",
+            f"device           {self.device}   budget {format_bytes(self.config.budget_bytes) if self.config.budget_bytes else 'unlimited'}",
+            f"link bandwidth   {self.bandwidth_bps / 1e9:.1f} GB/s",
+            f"FFN layers       {self.n_layers} × {format_bytes(self.ffn_bytes / max(self.n_layers, 1))}"
+            + (f" (streamed as {self.config.weight_quant})" if self.config.weight_quant else ""),
+            f"always resident  {format_bytes(self.non_ffn_bytes)} non-FFN weights + {format_bytes(self.kv_reserve_bytes)} KV reserve",
+        ]
+        if r is None:
+            lines.append(f"fits             NO: {self.reason}")
+            return "\n".join(lines)
+        lines += [
+            f"resident FFN     {len(r.resident)} layers {_ranges(r.resident)} = {format_bytes(self.resident_ffn_bytes)}",
+            f"streamed FFN     {len(r.streamed)} layers {_ranges(r.streamed)} = {format_bytes(self.streamed_bytes_per_token)} per token",
+            f"slot ring        {r.n_slots} × {format_bytes(r.slot_bytes)} = {format_bytes(self.ring_bytes)}",
+            f"device memory    {format_bytes(self.device_bytes)} planned (+ KV reserve)",
+            f"host memory      {format_bytes(self.host_bytes)} while generating, {format_bytes(self.host_load_peak_bytes)} peak while loading",
+            "decode ceiling   "
+            + (
+                "no streaming: compute-bound"
+                if not r.streamed
+                else f"{self.predicted_tok_s:.1f} tok/s (link-bound, batch 1)"
+            ),
+            "fits             yes",
+            f"use              {self.config_snippet()}",
+        ]
+        return "\n".join(lines)
+
+
+def _size_literal(n: int) -> str:
+    """The shortest exact way to write a byte count in a config: "12GB", "6GiB" or 123456."""
+    for unit, size in (("GiB", 2**30), ("GB", 10**9), ("MiB", 2**20), ("MB", 10**6)):
+        if n % size == 0:
+            return f'"{n // size}{unit}"'
+    return str(n)
+
+
+def _ranges(idx: tuple[int, ...]) -> str:
+    if not idx:
+        return "[]"
+    out, start, prev = [], idx[0], idx[0]
+    for i in idx[1:] + (None,):  # type: ignore[operator]
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return "[" + ",".join(out) + "]"
+
+
+def make_plan(
+    sizes: ModelSizes,
+    config: TorusConfig,
+    bandwidth_bps: float,
+    *,
+    model: str,
+    device: str,
+    model_bytes: int | None = None,
+) -> DeploymentPlan:
+    """Plan placement for `sizes` under `config` (its budget, lookahead, quantization)."""
+    kv = sizes.kv_bytes_per_token * config.kv_reserve_tokens
+    n = len(sizes.layer_bytes)
+    load_peak = (model_bytes or sizes.non_ffn_bytes + sizes.ffn_bytes) + max(sizes.transfer_bytes, default=0)
+    common = dict(
+        model=model,
+        device=device,
+        config=config,
+        bandwidth_bps=bandwidth_bps,
+        n_layers=n,
+        non_ffn_bytes=sizes.non_ffn_bytes,
+        ffn_bytes=sizes.ffn_bytes,
+        kv_reserve_bytes=kv,
+        host_load_peak_bytes=load_peak,
+    )
+    try:
+        r = plan_residency(
+            sizes.layer_bytes,
+            sizes.non_ffn_bytes,
+            kv,
+            config.budget_bytes,
+            config.lookahead,
+            config.resident_layers,
+            sizes.slot_bytes,
+        )
+    except BudgetTooSmallError as exc:
+        return DeploymentPlan(
+            **common,
+            fits=False,
+            residency=None,
+            reason=str(exc),
+            resident_ffn_bytes=0,
+            ring_bytes=0,
+            streamed_bytes_per_token=0,
+            device_bytes=0,
+            host_bytes=0,
+            minimum_budget_bytes=exc.minimum_bytes,
+        )
+    streamed = sum(sizes.transfer_bytes[i] for i in r.streamed)
+    return DeploymentPlan(
+        **common,
+        fits=True,
+        residency=r,
+        reason=None,
+        resident_ffn_bytes=sum(sizes.layer_bytes[i] for i in r.resident),
+        ring_bytes=r.ring_bytes,
+        streamed_bytes_per_token=streamed,
+        device_bytes=r.device_bytes(sizes.layer_bytes),
+        host_bytes=streamed,
+    )
