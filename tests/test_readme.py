@@ -22,14 +22,16 @@ SCRIPT_BLOCKS = [b for b in BLOCKS if "@hookimpl" not in b]
 
 
 def test_readme_has_examples():
-    assert len(SCRIPT_BLOCKS) >= 3 and len(PLUGIN_BLOCKS) == 1
+    assert len(SCRIPT_BLOCKS) >= 4 and len(PLUGIN_BLOCKS) == 1
 
 
 @pytest.mark.parametrize("index", range(len(SCRIPT_BLOCKS)))
 def test_script_example_runs(index):
     out = subprocess.run([sys.executable, "-c", SCRIPT_BLOCKS[index]], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "hits=" in out.stdout  # every script example prints the engine's stats
+    assert out.stdout.strip()
+    if "stats()" in SCRIPT_BLOCKS[index]:
+        assert "hits=" in out.stdout  # the examples that print the engine's stats really show them
 
 
 def test_architecture_plugin_example_streams_a_new_family():

@@ -64,7 +64,8 @@ def torus_register_transports(register: Callable[[str, "TransportFactory"], None
 
     Call ``register(name, factory)``; ``factory(opts: TransportOptions)`` returns a
     `torus_plugins.transfer.Transport`. Built in: ``cuda`` (copy stream + events), ``copy``
-    (CPU copy worker, same ordering rules) and ``zero-copy`` (CPU, no copies).
+    (CPU copy worker, same ordering rules), ``simulated-link`` (the copy worker behind a link of
+    configurable bandwidth and latency) and ``zero-copy`` (CPU, no copies).
     """
 
 
