@@ -23,6 +23,7 @@ install: $(BIN)/python
 
 install-test: install
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps text-generation
 
 run: install
 	HF_HUB_OFFLINE=1 $(BIN)/torus-sparse generate "$(PROMPT)"
