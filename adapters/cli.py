@@ -2,6 +2,7 @@
 
 torus-sparse generate "What is the capital of France?"     # embedded default model
 torus-sparse generate --model ./my-model --vram-budget 6GB --lookahead 3 "Hello"
+torus-sparse chat --system "Answer briefly."                # interactive chat (/help for commands)
 torus-sparse plugins                                        # what plugins registered
 """
 
@@ -94,6 +95,18 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits else 1
 
 
+def _cmd_transformers_serve(args: argparse.Namespace) -> int:
+    from .transformers_serve import run
+
+    return run(args.serve_args, _config_from(args))
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .chat_cli import run_chat
+
+    return run_chat(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torus-sparse", description="Stream FFN weights from host memory to run models larger than the GPU."
@@ -119,6 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", help="weight dtype to plan for (default: the checkpoint's), e.g. bfloat16")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=_cmd_plan)
+    ts = sub.add_parser(
+        "transformers-serve",
+        help="run `transformers serve` with FFN streaming enabled (adds GET /torus/stats)",
+        description="Everything after the engine options goes to `transformers serve` unchanged, e.g. "
+        "torus-sparse transformers-serve --transport copy -- MODEL_DIR --port 8000. With no MODEL_DIR the "
+        "embedded default model is served.",
+    )
+    _config_args(ts)
+    ts.add_argument("serve_args", nargs=argparse.REMAINDER, help="arguments for `transformers serve` (after --)")
+    ts.set_defaults(func=_cmd_transformers_serve)
+    ch = sub.add_parser("chat", help="chat in the terminal: replies stream as they come; /help lists commands")
+    ch.add_argument("--model", help="model directory, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    ch.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens (default 256)")
+    ch.add_argument("--system", help="system prompt sent before the conversation")
+    _config_args(ch)
+    ch.set_defaults(func=_cmd_chat)
     p = sub.add_parser("plugins", help="list the registered plugins, architectures, transports and policies")
     p.set_defaults(func=_cmd_plugins)
     return parser

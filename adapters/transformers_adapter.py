@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -298,6 +299,12 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
 _BYPASS: contextvars.ContextVar[bool] = contextvars.ContextVar("torus_bypass", default=False)
 _enabled_stack: list[TorusConfig] = []
 _original_from_pretrained: Any = None
+_attached_by_enable: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def attached_models() -> list[Any]:
+    """Models that `enable()` attached an engine to and that are still alive and attached."""
+    return [m for m in list(_attached_by_enable) if is_attached(m)]
 
 
 def _patched_from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
@@ -313,6 +320,7 @@ def _patched_from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
         log.warning("torus-sparse: no architecture plugin for %s; loaded without streaming", type(model).__name__)
         return model
     attach(model, config)
+    _attached_by_enable.add(model)
     return model
 
 
