@@ -24,6 +24,8 @@ install: $(BIN)/python
 install-test: install
 	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip install --quiet --no-deps text-generation
+	@# The browser test drives Debian's chromium; Playwright never downloads a browser here.
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 run: install
 	HF_HUB_OFFLINE=1 $(BIN)/torus-sparse generate "$(PROMPT)"
