@@ -107,6 +107,16 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .bench import run_bench, settings_from_args
+
+    hf_logging.disable_progress_bar()  # the bench draws its own progress
+    run_bench(settings_from_args(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torus-sparse", description="Stream FFN weights from host memory to run models larger than the GPU."
@@ -148,6 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--system", help="system prompt sent before the conversation")
     _config_args(ch)
     ch.set_defaults(func=_cmd_chat)
+    b = sub.add_parser("bench", help="measure baseline vs torus-sparse vs accelerate offload on one prompt")
+    b.add_argument("--model", help="model directory, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    b.add_argument("--vram", help="device budget, e.g. 6GB (default: 90%% of free CUDA; CPU: smallest that streams)")
+    b.add_argument("--tokens", type=int, default=32, help="new tokens per run (default 32)")
+    b.add_argument("--prompt", default=None, help="the user's message (default: a fixed question)")
+    b.add_argument("--lookahead", type=int, nargs="+", help="one or more lookaheads, e.g. 1 2 3 (default 2)")
+    b.add_argument("--weight-quant", nargs="+", choices=["none", "int8", "int4"], help="one or more (default none)")
+    b.add_argument("--transport", default="auto", help="auto: cuda; CPU: copy (simulated-link with --link-bandwidth)")
+    b.add_argument("--link-bandwidth", help="link bandwidth for the ceiling, e.g. 8GB/s; on the CPU also simulates it")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per variant (default 3)")
+    b.add_argument("--out", help="results folder for bench.json and bench.png (default results/bench-<time>/)")
+    b.add_argument("--no-accelerate", action="store_true", help="skip the accelerate offload variant")
+    b.add_argument("--no-baseline", action="store_true", help="skip the plain fully-resident model")
+    b.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    b.add_argument("--dtype", help="load the weights in this dtype, e.g. bfloat16 (default: the checkpoint's)")
+    b.add_argument("--kv-reserve-tokens", type=int, default=4096, help="KV-cache tokens the budget reserves")
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    b.set_defaults(func=_cmd_bench)
     p = sub.add_parser("plugins", help="list the registered plugins, architectures, transports and policies")
     p.set_defaults(func=_cmd_plugins)
     return parser
