@@ -10,6 +10,7 @@ No pluggy call, no allocation and no host synchronisation happens there.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -215,6 +216,7 @@ class Engine:
         self._active: Slot | None = None
         self._active_layer = -1
         self._pending_stalls: list[tuple[int, Any]] = []
+        self._stall_lock = threading.Lock()
         self.forward_passes = 0
         self.ring = SlotRing(
             [self.transport.alloc(plan.slot_bytes) for _ in range(plan.n_slots)],
@@ -272,7 +274,9 @@ class Engine:
         if type(waited) is float:
             c.stall_s += waited
         else:
-            self._pending_stalls.append((layer, waited))
+            # Only device-side stalls (CUDA) get here; the lock lets another thread read stats().
+            with self._stall_lock:
+                self._pending_stalls.append((layer, waited))
             if len(self._pending_stalls) > 4096:
                 self._settle_stalls(only_finished=True)
         views = ring.views(slot, layer)
@@ -315,13 +319,14 @@ class Engine:
     def _settle_stalls(self, only_finished: bool = False) -> None:
         """Fold device-side stall timings into the counters. `only_finished` keeps the hot path
         free of host synchronisation: timings whose events have not completed stay pending."""
-        keep = []
-        for layer, pending in self._pending_stalls:
-            if only_finished and not pending.finished():
-                keep.append((layer, pending))
-            else:
-                self.counters[layer].stall_s += pending.seconds()
-        self._pending_stalls = keep
+        with self._stall_lock:
+            keep = []
+            for layer, pending in self._pending_stalls:
+                if only_finished and not pending.finished():
+                    keep.append((layer, pending))
+                else:
+                    self.counters[layer].stall_s += pending.seconds()
+            self._pending_stalls = keep
 
     def stats(self) -> EngineStats:
         """A snapshot of the counters (settles device-side stall timings first)."""
