@@ -48,16 +48,34 @@ class TransportPlugin:
 
 
 class SplitSlowCopy(CpuCopyWorker):
-    """Writes each layer in two halves with a pause between: computing before `ready` would
-    read a half-written slot and change the logits."""
+    """Writes each layer in two halves and writes the second half only once compute is already
+    waiting for that copy: computing before `ready` would read a half-written slot and change
+    the logits, and every wait is a real stall (no timing luck involved)."""
 
     name = "split-slow"
 
-    def _copy_now(self, dst, src):
+    def __init__(self, opts):
+        super().__init__(opts)
+        self._waited: dict[object, threading.Event] = {}
+
+    def copy(self, dst, src, after):
+        waited = threading.Event()
+        fence = self._pool.submit(self._split_copy, dst, src, waited)
+        self._waited[fence] = waited
+        return fence
+
+    def _split_copy(self, dst, src, waited):
         half = src.numel() // 2
         dst[:half].copy_(src[:half])
-        time.sleep(0.002)
+        waited.wait(timeout=2)  # hold the second half until compute waits for this copy
+        time.sleep(0.001)
         dst[half:].copy_(src[half:])
+
+    def wait(self, fence):
+        waited = self._waited.pop(fence, None)
+        if waited is not None:
+            waited.set()
+        return super().wait(fence)
 
 
 class FailingCopy(CpuCopyWorker):

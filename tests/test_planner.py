@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import transformers as T
-from torus_adapters.planning import meta_model, plan_model
 
 import torus_plugins as tp
+from torus_adapters.planning import meta_model, plan_model
 
 
 @pytest.fixture(scope="module")
