@@ -326,3 +326,20 @@ def test_failed_attach_rolls_back_completely(tiny_llama):
     after = tiny_llama.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(logits(tiny_llama), ref)
+
+
+@pytest.mark.parametrize("mode", ["copy", "time-only"])
+def test_simulated_link_modes_compute_the_same_and_pace_the_ring(tiny_llama, mode):
+    ref = greedy(tiny_llama)
+    opts = {"link_bandwidth": "200MB/s", "link_latency_s": 1e-4, "link_mode": mode}
+    engine = tp.attach(tiny_llama, tp.TorusConfig(transport="simulated-link", resident_layers=0, lookahead=1, options=opts))
+    assert engine.transport.aliases_source == (mode == "time-only")
+    assert torch.equal(greedy(tiny_llama), ref)
+    s = engine.stats()
+    assert s.misses == 0 and s.bytes_moved >= s.streamed_bytes_per_pass * s.forward_passes
+    tp.detach(tiny_llama)
+    with pytest.raises(tp.ConfigError, match="link_mode"):
+        tp.attach(tiny_llama, tp.TorusConfig(transport="simulated-link", options={"link_mode": "teleport"}))
+    with pytest.raises(tp.ConfigError, match="link_bandwidth"):
+        tp.attach(tiny_llama, tp.TorusConfig(transport="simulated-link", options={"link_bandwidth": "fast"}))
+    assert not tp.is_attached(tiny_llama)

@@ -217,6 +217,7 @@ class Engine:
         self._active_layer = -1
         self._pending_stalls: list[tuple[int, Any]] = []
         self._stall_lock = threading.Lock()
+        self._aliases = bool(getattr(self.transport, "aliases_source", False))
         self.forward_passes = 0
         self.ring = SlotRing(
             [self.transport.alloc(plan.slot_bytes) for _ in range(plan.n_slots)],
@@ -279,7 +280,7 @@ class Engine:
                 self._pending_stalls.append((layer, waited))
             if len(self._pending_stalls) > 4096:
                 self._settle_stalls(only_finished=True)
-        views = ring.views(slot, layer)
+        views = ring.views(slot, layer, self.store.buffers[layer] if self._aliases else None)
         if views.dequantize:
             # On the compute stream, after the wait above: reads the landed bytes, writes the
             # slot's compute area. The slot's free fence (set at release) covers this read too.

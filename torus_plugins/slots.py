@@ -60,15 +60,17 @@ class SlotRing:
     def find(self, layer: int) -> Slot | None:
         return self._where.get(layer)
 
-    def views(self, slot: Slot, layer: int) -> SlotViews:
+    def views(self, slot: Slot, layer: int, source: torch.Tensor | None = None) -> SlotViews:
+        """The layer's tensors in `slot`. `source`: read the landed bytes there instead of the
+        slot (a transport that aliases the host store, see `Transport.aliases_source`)."""
         v = slot.views.get(layer)
         if v is None:
-            v = slot.views[layer] = self._make_views(slot.buffer, self._layers[layer])
+            v = slot.views[layer] = self._make_views(slot.buffer, self._layers[layer], source)
         return v
 
     @staticmethod
-    def _make_views(buffer: torch.Tensor, packed: PackedLayer) -> SlotViews:
-        transfer = packed.transfer.views(buffer)
+    def _make_views(buffer: torch.Tensor, packed: PackedLayer, source: torch.Tensor | None = None) -> SlotViews:
+        transfer = packed.transfer.views(buffer if source is None else source)
         if not packed.quantized:
             return SlotViews(transfer, transfer, packed, False)
         compute = packed.compute.views(buffer[packed.transfer.nbytes :])

@@ -36,6 +36,9 @@ class Transport(Protocol):
       `PendingStall` when the wait happens on the device.
     - `compute_fence()` marks "every kernel enqueued so far has finished reading its inputs".
     - `zero_copy` transports never copy: the engine binds weights to host memory directly.
+    - `aliases_source` (optional, default False): the transport runs the full ring protocol
+      (fences, slots, ordering) but compute reads the host store where the copy came from; the
+      simulated link's time-only mode uses it to model a DMA engine that costs the CPU nothing.
     """
 
     name: str

@@ -76,13 +76,24 @@ class SimulatedLink(CpuCopyWorker):
     Each copy takes `latency + nbytes / bandwidth` of wall time (the real memcpy included, the
     rest slept), one copy at a time like a DMA engine, so compute/transfer overlap can be
     measured with no GPU. Options (`TorusConfig.options`): `link_bandwidth` (bytes/s or
-    "25GB/s", default "16GB/s") and `link_latency_s` (default 10e-6).
+    "25GB/s", default "16GB/s"), `link_latency_s` (default 10e-6) and `link_mode`:
+
+    - "copy" (default): the bytes really move into the slot, so everything the engine does with
+      a slot is exercised. On a CPU the memcpy competes with compute for memory bandwidth,
+      which a GPU's DMA engine does not.
+    - "time-only": nothing is copied; after the simulated transfer time compute reads the host
+      store (`aliases_source`). The ring, fences, prefetch timing and stalls are the same, so
+      this measures overlap the way a GPU would see it.
     """
 
     name = "simulated-link"
 
     def __init__(self, opts: TransportOptions) -> None:
         super().__init__(opts)
+        mode = opts.options.get("link_mode", "copy")
+        if mode not in ("copy", "time-only"):
+            raise ConfigError(f"link_mode must be 'copy' or 'time-only', got {mode!r}")
+        self.aliases_source = mode == "time-only"
         self.bandwidth = parse_bandwidth(opts.options.get("link_bandwidth", "16GB/s"), "link_bandwidth")
         latency = opts.options.get("link_latency_s", 10e-6)
         if not isinstance(latency, (int, float)) or isinstance(latency, bool) or not 0 <= latency < 10:
@@ -91,7 +102,8 @@ class SimulatedLink(CpuCopyWorker):
 
     def _copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        dst.copy_(src)
+        if not self.aliases_source:
+            dst.copy_(src)
         remaining = self.latency + src.numel() * src.element_size() / self.bandwidth - (time.perf_counter() - t0)
         if remaining > 0:
             time.sleep(remaining)
