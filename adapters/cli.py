@@ -3,6 +3,7 @@
 torus-sparse generate "What is the capital of France?"     # embedded default model
 torus-sparse generate --model ./my-model --vram-budget 6GB --lookahead 3 "Hello"
 torus-sparse chat --system "Answer briefly."                # interactive chat (/help for commands)
+torus-sparse serve --api-key "$KEY"                         # OpenAI + TGI HTTP server on 127.0.0.1:8000
 torus-sparse plugins                                        # what plugins registered
 """
 
@@ -117,6 +118,43 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from transformers.utils import logging as hf_logging
+
+    from torus_plugins import ConfigError, TorusModel
+
+    from .server import ServerSettings, serve
+    from .server.run import default_model_name
+
+    try:
+        settings = ServerSettings(
+            model_name=args.served_model_name or default_model_name(args.model),
+            api_key=args.api_key or os.environ.get("TORUS_SPARSE_API_KEY") or None,
+            max_batch_size=args.max_batch_size,
+            max_pending=args.max_pending,
+            max_body_bytes=args.max_body_bytes,
+            context_length=args.context_length,
+            max_tokens_limit=args.max_tokens_limit,
+            default_max_tokens=args.default_max_tokens,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    err = Console(stderr=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        err.print(
+            f"[yellow]warning:[/yellow] serving on {args.host} without --api-key: anyone who can reach it can use it"
+        )
+    hf_logging.disable_progress_bar()
+    with err.status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}…"):
+        tm = TorusModel.from_pretrained(args.model, _config_from(args), show_progress=False)
+    err.print(
+        f"serving [bold]{settings.model_name}[/bold] at http://{args.host}:{args.port} (OpenAI: /v1, TGI: /generate)"
+    )
+    serve(tm, settings, args.host, args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torus-sparse", description="Stream FFN weights from host memory to run models larger than the GPU."
@@ -176,6 +214,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kv-reserve-tokens", type=int, default=4096, help="KV-cache tokens the budget reserves")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     b.set_defaults(func=_cmd_bench)
+    sv = sub.add_parser("serve", help="serve the model over HTTP: OpenAI and Text-Generation-Inference formats")
+    sv.add_argument("--model", help="model directory, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument(
+        "--api-key", help="require 'Authorization: Bearer <key>' (default: $TORUS_SPARSE_API_KEY; unset: none)"
+    )
+    sv.add_argument("--served-model-name", help="the model id clients see (default: the model's name)")
+    sv.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
+    sv.add_argument("--max-pending", type=int, default=64, help="requests accepted at once; more get 429 (default 64)")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
+    sv.add_argument("--context-length", type=int, help="prompt + reply tokens (default: the model's)")
+    sv.add_argument("--max-tokens-limit", type=int, help="most tokens one request may ask for (default: the context)")
+    sv.add_argument("--default-max-tokens", type=int, default=256, help="when a request names no limit (default 256)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _config_args(sv)
+    sv.set_defaults(func=_cmd_serve)
     p = sub.add_parser("plugins", help="list the registered plugins, architectures, transports and policies")
     p.set_defaults(func=_cmd_plugins)
     return parser
