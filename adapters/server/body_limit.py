@@ -1,0 +1,62 @@
+"""Refuse request bodies over the limit with 413, before any route parses them.
+
+The body is read here (at most `limit` bytes are ever held) and replayed to the app; after the
+replay, `receive` passes through, so routes still see the client's disconnect.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ApiError, error_response
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                await self._refuse(scope, receive, send, ApiError(400, "the Content-Length header is not a number"))
+                return
+            if size > self.limit:
+                await self._refuse(scope, receive, send, self._too_large(size))
+                return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                await self._refuse(scope, receive, send, self._too_large(None))
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self, size: int | None) -> ApiError:
+        got = f" ({size} bytes)" if size is not None else ""
+        return ApiError(
+            413, f"the request body is too large{got}; the limit is {self.limit} bytes", code="request_too_large"
+        )
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, err: ApiError) -> None:
+        await error_response(scope["path"], err, {"Connection": "close"})(scope, receive, send)

@@ -1,0 +1,168 @@
+"""Error bodies in the shape each client parses, and the handlers that produce them.
+
+Routes under `/v1/` answer OpenAI's error object, `{"error": {"message", "type", "param", "code"}}`
+(400 for bad input). Every other route answers TGI's `{"error": msg, "error_type": kind}` (422 for
+bad input), which `text_generation` and `huggingface_hub` turn into typed exceptions; FastAPI's
+default `{"detail": ...}` would break both.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+_TGI_TYPES = {401: "unauthorized", 404: "not_found", 405: "not_found", 429: "overloaded", 424: "generation"}
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/")
+
+
+class ApiError(Exception):
+    """An error a route reports to its client. `status` is the OpenAI-side status; TGI routes use
+    422 for every input error (`error_type` "validation") unless `tgi_status` says otherwise."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        tgi_status: int | None = None,
+        tgi_type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.tgi_status = tgi_status if tgi_status is not None else (422 if status == 400 else status)
+        self.tgi_type = tgi_type or _TGI_TYPES.get(
+            self.tgi_status, "validation" if self.tgi_status < 500 else "generation"
+        )
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def openai_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def tgi_body(message: str, error_type: str) -> dict[str, Any]:
+    return {"error": message, "error_type": error_type}
+
+
+def error_response(path: str, err: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    if is_openai_path(path):
+        return JSONResponse(openai_body(err.status, err.message, err.param, err.code), err.status, headers=headers)
+    return JSONResponse(tgi_body(err.message, err.tgi_type), err.tgi_status, headers=headers)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if part == "body" and not out:
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """One readable sentence (and the offending parameter) from pydantic/FastAPI errors."""
+    if not errors:
+        return "invalid request", None
+    e = errors[0]
+    if e.get("type") == "json_invalid":
+        reason = (e.get("ctx") or {}).get("error", "")
+        return f"the request body is not valid JSON{': ' + reason if reason else ''}", None
+    where = _loc(tuple(e.get("loc", ())))
+    if not where:
+        if e.get("type") == "missing":
+            return "a JSON request body is required", None
+        return "the request body must be a JSON object (send it with Content-Type: application/json)", None
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return f"{where}: {e.get('msg')}{more}", where
+
+
+async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(request.url.path, exc)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    message, param = validation_message(list(exc.errors()))
+    return error_response(request.url.path, bad_request(message, param))
+
+
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    headers = getattr(exc, "headers", None)
+    return error_response(request.url.path, ApiError(exc.status_code, str(exc.detail)), headers)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s", request.url.path)
+    err = ApiError(500, f"internal error: {type(exc).__name__}", tgi_type="generation")
+    return error_response(request.url.path, err)
+
+
+def install_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+# ---------------------------------------------------------------------- documented shapes
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error object."""
+
+    error: OpenAIErrorDetail
+
+
+class TGIError(BaseModel):
+    """Text-Generation-Inference's error object."""
+
+    error: str
+    error_type: str
+
+
+def error_docs(openai: bool) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries documenting every error status a route can answer."""
+    model = OpenAIError if openai else TGIError
+    statuses = {
+        400: "Malformed or invalid request" if openai else "Malformed request",
+        401: "Missing or wrong API key (only when the server has one)",
+        404: "Not found",
+        405: "Method not allowed",
+        413: "Request body too large",
+        422: "Invalid request",
+        424: "Generation failed",
+        429: "Too many requests in flight",
+        500: "Internal error",
+    }
+    if openai:  # these routes answer 400 for any bad input and 500 when generation fails
+        statuses.pop(422)
+        statuses.pop(424)
+    return {code: {"model": model, "description": text} for code, text in statuses.items()}

@@ -1,0 +1,103 @@
+"""The KV cache of the sequences decoding together, kept as one left-padded batch.
+
+Each sequence is prefilled alone, then joins: its cache and the batch's are left-padded to the
+same length and stacked. The 2-D attention mask marks the padding, so a row attends only to its
+own tokens, and each row's position ids count only its own tokens; the maths a row sees is the
+one it would see alone. Finished rows are removed and columns that have become padding in every
+row are trimmed. Caches with anything but plain `DynamicLayer`s (sliding windows, linear
+attention) cannot be padded this way; the scheduler then runs one sequence at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+def batchable(model_config: Any) -> bool:
+    """Whether this model's cache is made of plain `DynamicLayer`s (so rows can be padded and stacked)."""
+    try:
+        layers = DynamicCache(config=model_config).layers
+    except Exception:
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [n, 0]
+    return F.pad(t, pad)
+
+
+class BatchCache:
+    """KV cache, padding mask and per-row lengths of the rows in the current decode batch."""
+
+    def __init__(self) -> None:
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # bool [rows, columns]; False = padding
+        self.lengths: list[int] = []  # real tokens per row
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def add(self, cache: Any, length: int) -> None:
+        """Append a row: the cache of one sequence prefilled alone (batch 1, `length` tokens)."""
+        device = next(iter(cache))[0].device
+        row_mask = torch.ones(1, length, dtype=torch.bool, device=device)
+        if self.cache is None:
+            self.cache, self.mask, self.lengths = cache, row_mask, [length]
+            return
+        assert self.mask is not None
+        width = max(self.mask.shape[1], length)
+        grow, pad = width - self.mask.shape[1], width - length
+        layers = [
+            (
+                torch.cat([_pad_left(k0, grow, 2), _pad_left(k1, pad, 2)]),
+                torch.cat([_pad_left(v0, grow, 2), _pad_left(v1, pad, 2)]),
+            )
+            for (k0, v0, *_), (k1, v1, *_) in zip(self.cache, cache)
+        ]
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.mask = torch.cat([_pad_left(self.mask, grow, 1), _pad_left(row_mask, pad, 1)])
+        self.lengths.append(length)
+
+    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention mask and position ids for one decode step (one new token per row)."""
+        assert self.mask is not None
+        mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
+        positions = torch.tensor(self.lengths, device=mask.device)[:, None]
+        return mask, positions
+
+    def advance(self, cache: Any, mask: torch.Tensor) -> None:
+        """Record a finished decode step (the model appended one column to every row)."""
+        self.cache, self.mask = cache, mask
+        self.lengths = [n + 1 for n in self.lengths]
+
+    def remove(self, rows: Sequence[int]) -> None:
+        """Drop finished rows and trim columns that are padding in every remaining row."""
+        if not rows:
+            return
+        gone = set(rows)
+        keep = [i for i in range(self.rows) if i not in gone]
+        if not keep:
+            self.clear()
+            return
+        assert self.mask is not None
+        index = torch.tensor(keep, device=self.mask.device)
+        lengths = [self.lengths[i] for i in keep]
+        cut = self.mask.shape[1] - max(lengths)
+        layers = [
+            (k.index_select(0, index)[:, :, cut:], v.index_select(0, index)[:, :, cut:]) for k, v, *_ in self.cache
+        ]
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.mask = self.mask.index_select(0, index)[:, cut:]
+        self.lengths = lengths
+
+    def clear(self) -> None:
+        self.cache, self.mask, self.lengths = None, None, []

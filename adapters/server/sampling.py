@@ -1,0 +1,109 @@
+"""Choosing the next token of each sequence in a batch: greedy, or sampled with its own settings.
+
+Every sequence carries its own `SamplingParams` and its own `torch.Generator`, so a seeded request
+draws the same tokens whether it runs alone or shares a batch. The reported log-probability is the
+model's own (`log_softmax` of the raw logits), whatever temperature or penalty chose the token.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+# Below this, dividing logits by the temperature could overflow; it is greedy in all but name.
+_MIN_TEMPERATURE = 1e-4
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks tokens. temperature 0 means greedy (top_p / top_k / seed then unused).
+
+    repetition_penalty: HF-style, over prompt and output (> 1 discourages repeats; 1 is off).
+    frequency_penalty / presence_penalty: OpenAI-style, over the output so far (0 is off).
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+class RowSampler:
+    """One sequence's sampling state: its parameters, its generator and the token counts penalties need."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], device: torch.device) -> None:
+        self.params = params
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator: torch.Generator | None = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.seed)
+        self._seen = set(prompt_ids) if params.repetition_penalty != 1.0 else set()
+        self._output: Counter[int] = Counter()
+
+    def record(self, token_id: int) -> None:
+        if self.params.penalised:
+            self._output[token_id] += 1
+            if self.params.repetition_penalty != 1.0:
+                self._seen.add(token_id)
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """Pick a token from one row of logits (1-D, float32)."""
+        p = self.params
+        x = logits
+        if p.penalised:
+            x = logits.clone()
+            if p.repetition_penalty != 1.0 and self._seen:
+                idx = torch.tensor(sorted(self._seen), device=x.device)
+                vals = x[idx]
+                x[idx] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if self._output and (p.frequency_penalty or p.presence_penalty):
+                idx = torch.tensor(list(self._output), device=x.device)
+                counts = torch.tensor(list(self._output.values()), dtype=x.dtype, device=x.device)
+                x[idx] -= p.frequency_penalty * counts + p.presence_penalty
+        if p.greedy:
+            return int(torch.argmax(x))
+        x = x / max(p.temperature, _MIN_TEMPERATURE)
+        if p.top_k and p.top_k < x.numel():
+            kth = torch.topk(x, p.top_k).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        probs = torch.softmax(x, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= p.top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        total = float(probs.sum())
+        if not math.isfinite(total) or total <= 0.0:  # degenerate settings: fall back to the best token
+            return int(torch.argmax(x))
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def choose_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> tuple[list[int], list[float]]:
+    """Next token and its log-probability for every row of `logits` ([batch, vocab])."""
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    ids = torch.argmax(logits, dim=-1).tolist()
+    for i, row in enumerate(rows):
+        if not row.params.greedy or row.params.penalised:
+            ids[i] = row.choose(logits[i])
+    chosen = logprobs.gather(1, torch.tensor(ids, device=logits.device)[:, None]).squeeze(1).tolist()
+    for row, token in zip(rows, ids):
+        row.record(token)
+    return ids, chosen

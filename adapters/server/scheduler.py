@@ -1,0 +1,254 @@
+"""One thread owns the model and decodes every request in flight together, one token per step.
+
+Design (the simplest that batches and stays exact):
+
+- A request is prefilled alone (batch 1, no padding: the same forward pass `generate()` makes),
+  which gives its first token, then joins the decode batch (`kvbatch.BatchCache`).
+- Each decode step runs the model once on one new token per row. The engine's FFN hooks fire once
+  per forward pass, so one weight stream serves every request in the batch.
+- Padding is masked and positions count only a row's own tokens, so each row computes what it
+  would alone: a greedy request gives its own greedy output whatever else is in flight (up to
+  floating-point rounding of batched kernels, which the tests check does not change the tokens).
+- New requests are admitted between decode steps, up to `max_batch_size` rows; the rest wait.
+- A request whose handle was cancelled (its client went away) is dropped before the next step.
+- Each row samples with its own parameters and generator (`sampling.py`); stop strings and
+  incremental detokenization run here (`detok.py`), so a request ends at the step that completes it.
+
+Models whose cache cannot be padded (sliding-window or linear-attention layers) run one request
+at a time through the same loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import threading
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from .counters import SchedulerCounters
+from .detok import IncrementalDecoder, StopMatcher
+from .generation import CANCELLED, EOS, ERROR, LENGTH, STOP, GenerationRequest, Handle, Step, Token
+from .kvbatch import BatchCache, batchable
+from .sampling import RowSampler, choose_tokens
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """Too many requests are already waiting or running."""
+
+
+@dataclass
+class _Seq:
+    handle: Handle
+    sampler: RowSampler
+    decoder: IncrementalDecoder
+    stops: StopMatcher
+    generated: int = 0
+    next_token: int = -1  # chosen but not yet in the cache
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+class Scheduler:
+    """Runs generation requests for one model in a background thread, batching decode steps."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, device: torch.device, *, max_batch_size: int = 8, max_pending: int = 64
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.batchable = batchable(model.config)
+        self.max_batch_size = max_batch_size if self.batchable else 1
+        self.max_pending = max_pending
+        self.counters = SchedulerCounters()
+        self._eos = _eos_ids(model, tokenizer)
+        self._special = frozenset(getattr(tokenizer, "all_special_ids", ()))
+        self._waiting: collections.deque[Handle] = collections.deque()
+        self._active: list[_Seq] = []
+        self._batch = BatchCache()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="torus-serve-scheduler", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def for_model(cls, tm: Any, **kwargs: Any) -> "Scheduler":
+        """A scheduler for a `TorusModel` (uses its model, tokenizer and the engine's device)."""
+        return cls(tm.model, tm.tokenizer, tm.engine.device, **kwargs)
+
+    # ------------------------------------------------------------------ public
+    def submit(self, request: GenerationRequest) -> Handle:
+        """Queue a request; call from the event loop that will read the handle. Raises `Overloaded`."""
+        if not request.sampling.greedy and request.sampling.seed is None:
+            request = replace(request, sampling=replace(request.sampling, seed=secrets.randbits(63)))
+        handle = Handle(request, asyncio.get_running_loop())
+        with self._cv:
+            if self._closed:
+                raise Overloaded("the server is shutting down")
+            if len(self._waiting) + self.counters.running >= self.max_pending:
+                raise Overloaded(f"{self.max_pending} requests are already in flight; retry later")
+            self._waiting.append(handle)
+            self.counters.waiting = len(self._waiting)
+            self._cv.notify()
+        return handle
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread; requests still in flight end with an error."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._waiting and not self._active:
+                    self._cv.wait()
+                if self._closed:
+                    break
+                admit = []
+                while self._waiting and len(self._active) + len(admit) < self.max_batch_size:
+                    admit.append(self._waiting.popleft())
+                self.counters.waiting = len(self._waiting)
+            self._drop_cancelled()
+            for handle in admit:
+                try:
+                    self._admit(handle)
+                except Exception as exc:
+                    log.exception("admitting a request failed")
+                    self._finish_quietly(handle, ERROR, f"generation failed: {type(exc).__name__}: {exc}")
+            try:
+                if self._active:
+                    self._decode_step()
+            except Exception as exc:  # a model failure ends the requests in flight, not the server
+                log.exception("decode step failed")
+                self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
+        self._fail_all("the server is shutting down", waiting=True)
+
+    def _admit(self, handle: Handle) -> None:
+        """Prefill one request alone; it then joins the decode batch unless its first token ends it."""
+        if handle.cancelled:
+            self._finish_quietly(handle, CANCELLED)
+            return
+        req = handle.request
+        try:
+            seq = _Seq(
+                handle=handle,
+                sampler=RowSampler(req.sampling, req.prompt_ids, self.device),
+                decoder=IncrementalDecoder(self.tokenizer),
+                stops=StopMatcher(req.stop),
+            )
+            ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
+            with torch.inference_mode():
+                out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+            (token,), (logprob,) = choose_tokens(out.logits[:, -1, :], [seq.sampler])
+        except Exception as exc:  # this request fails; the batch in flight is untouched
+            log.exception("prefill failed")
+            self._finish_quietly(handle, ERROR, f"generation failed: {type(exc).__name__}: {exc}")
+            return
+        self.counters.prefills += 1
+        self.counters.prompt_tokens += len(req.prompt_ids)
+        if self._emit(seq, token, logprob):
+            return
+        self._batch.add(out.cache, len(req.prompt_ids))
+        self._active.append(seq)
+        self.counters.running = len(self._active)
+
+    def _decode_step(self) -> None:
+        mask, positions = self._batch.step_inputs()
+        ids = torch.tensor([[s.next_token] for s in self._active], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=self._batch.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self._batch.advance(out.cache, mask)
+        self.counters.decode_steps += 1
+        self.counters.batch_size = len(self._active)
+        tokens, logprobs = choose_tokens(out.logits[:, -1, :], [s.sampler for s in self._active])
+        done = [i for i, (s, t, lp) in enumerate(zip(self._active, tokens, logprobs)) if self._emit(s, t, lp)]
+        self._remove(done)
+
+    def _emit(self, seq: _Seq, token_id: int, logprob: float) -> bool:
+        """Report one token; return True when it ends the request."""
+        seq.generated += 1
+        seq.next_token = token_id
+        self.counters.tokens_generated(1)
+        special = token_id in self._special
+        if special:
+            text, stop_at = self.tokenizer.decode([token_id]), None
+        else:
+            text = seq.decoder.push(token_id)
+            stop_at = seq.stops.push(text)
+        if token_id in self._eos:
+            reason = EOS
+        elif stop_at is not None:
+            reason = STOP
+        elif seq.generated >= seq.handle.request.max_new_tokens:
+            reason = LENGTH
+        else:
+            reason = None
+        step = Step(Token(token_id, text, logprob, special), reason, stop_at)
+        try:
+            seq.handle.deliver(step)
+        except RuntimeError:  # the request's event loop is gone: nobody is listening
+            seq.handle.cancel()
+            return False
+        if reason is not None:
+            self.counters.finished[reason] += 1
+            return True
+        return False
+
+    def _drop_cancelled(self) -> None:
+        gone = [i for i, s in enumerate(self._active) if s.handle.cancelled]
+        for i in gone:
+            self._finish_quietly(self._active[i].handle, CANCELLED)
+        self._remove(gone)
+
+    def _remove(self, rows: list[int]) -> None:
+        if rows:
+            keep = set(range(len(self._active))) - set(rows)
+            self._active = [s for i, s in enumerate(self._active) if i in keep]
+            self._batch.remove(rows)
+        self.counters.running = len(self._active)
+
+    def _finish_quietly(self, handle: Handle, reason: str, error: str | None = None) -> None:
+        self.counters.finished[reason] += 1
+        try:
+            handle.deliver(Step(None, reason, error=error))
+        except RuntimeError:
+            pass
+
+    def _fail_all(self, message: str, waiting: bool = False) -> None:
+        for seq in self._active:
+            self._finish_quietly(seq.handle, ERROR, message)
+        self._active = []
+        self._batch.clear()
+        self.counters.running = 0
+        if waiting:
+            with self._cv:
+                pending, self._waiting = list(self._waiting), collections.deque()
+                self.counters.waiting = 0
+            for handle in pending:
+                self._finish_quietly(handle, ERROR, message)

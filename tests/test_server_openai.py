@@ -1,0 +1,147 @@
+"""OpenAI wire format, driven by the official `openai` client against a real server and model."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import requests
+from server_fixtures import chat_body, server, server_model  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:  # noqa: F811
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="anything", max_retries=0, timeout=60)
+
+
+def test_chat_answers_like_generate_and_streams_the_same_text(client, server_model):  # noqa: F811
+    reply = client.chat.completions.create(model="gpt-4o", messages=QUESTION, max_tokens=6, temperature=0)
+    assert reply.model == "smollm2-test"  # any model name is accepted; the served one answers
+    assert isinstance(reply.system_fingerprint, str) and reply.object == "chat.completion"
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert choice.message.content == server_model.generate(QUESTION, max_new_tokens=6)
+    assert (
+        reply.usage.completion_tokens <= 6
+        and reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    )
+
+    chunks = list(
+        client.chat.completions.create(
+            model="x",
+            messages=QUESTION,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_stream_ends_with_done(server):  # noqa: F811
+    with requests.post(
+        f"{server}/v1/chat/completions", json=chat_body("Hi", 2, stream=True), stream=True, timeout=60
+    ) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines(decode_unicode=True) if line]
+    assert lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0].removeprefix("data: "))
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_completions_plain_streamed_echo_and_stop(client):
+    prompt = "The capital of France is"
+    plain = client.completions.create(model="x", prompt=prompt, max_tokens=4, temperature=0)
+    text = plain.choices[0].text
+    assert plain.object == "text_completion" and plain.choices[0].finish_reason == "length" and text.strip()
+
+    streamed = client.completions.create(model="x", prompt=prompt, max_tokens=4, temperature=0, stream=True, echo=True)
+    assert "".join(c.choices[0].text for c in streamed) == prompt + text
+
+    stop = text.strip()[-1]  # a character the reply contains: the reply must end just before it
+    cut = text[: text.index(stop)]
+    for stream in (False, True):
+        out = client.completions.create(
+            model="x", prompt=prompt, max_tokens=4, temperature=0, stop=[stop], stream=stream
+        )
+        chunks = list(out) if stream else [out]
+        assert "".join(c.choices[0].text for c in chunks) == cut
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_repeats(client):
+    kw = dict(model="x", prompt="Once upon a time", max_tokens=4, temperature=1.0, top_p=0.9, seed=1234)
+    assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list()] == ["smollm2-test"]
+    assert client.models.retrieve("smollm2-test").owned_by == "torus-sparse"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+LONG = "hi " * 9000  # about 9000 tokens: longer than SmolLM2's 8192-token context, under the 64 KiB body limit
+
+BAD_CHAT = {
+    "missing messages": dict(messages=openai.omit),
+    "empty messages": dict(messages=[]),
+    "unknown role": dict(messages=[{"role": "wizard", "content": "hi"}]),
+    "non-string content": dict(messages=[{"role": "user", "content": 5}]),
+    "content parts": dict(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}]),
+    "max_tokens 0": dict(max_tokens=0),
+    "max_tokens negative": dict(max_tokens=-3),
+    "max_tokens over the limit": dict(max_tokens=100_000),
+    "max_tokens beyond the context": dict(max_tokens=8190),
+    "temperature too high": dict(temperature=2.5),
+    "temperature negative": dict(temperature=-0.1),
+    "top_p zero": dict(top_p=0),
+    "top_p above one": dict(top_p=1.5),
+    "prompt longer than the context": dict(messages=[{"role": "user", "content": LONG}]),
+    "n above one": dict(n=2),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHAT, ids=list(BAD_CHAT))
+def test_bad_chat_input_is_a_400_in_openai_format(client, case):
+    kw = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **BAD_CHAT[case]}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**kw)
+    err = info.value
+    assert err.status_code == 400 and err.type == "invalid_request_error" and err.message
+    if "context" in case:
+        assert err.code == "context_length_exceeded"
+    _still_serves(client)
+
+
+def test_bad_completion_input(client):
+    for prompt in ("", ["a", "b"]):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="x", prompt=prompt, max_tokens=1)
+    _still_serves(client)
+
+
+def test_malformed_json_and_oversized_body(client, server):  # noqa: F811
+    for data, headers in ((b'{"messages": [', {"content-type": "application/json"}), (b"not json", {})):
+        r = requests.post(f"{server}/v1/chat/completions", data=data, headers=headers, timeout=30)
+        assert r.status_code == 400
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert "JSON" in r.json()["error"]["message"]
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "x" * 70_000}], max_tokens=1)
+    assert info.value.status_code == 413 and info.value.code == "request_too_large"
+    _still_serves(client)
+
+
+def _still_serves(client: openai.OpenAI) -> None:
+    out = client.completions.create(model="x", prompt="Hello", max_tokens=1, temperature=0)
+    assert out.usage.completion_tokens == 1
