@@ -71,7 +71,7 @@ def render_panel(placement: EngineStats, totals: Counters, reply: ReplyStats | N
             f"| streamed from host RAM | {p.streamed_layers} | {format_bytes(p.streamed_bytes_per_pass)} per token |\n"
         )
     extra = (
-        f"non-FFN weights {format_bytes(p.non_ffn_bytes)} · slot ring {format_bytes(p.slot_bytes)} · "
+        f"non-FFN weights {format_bytes(p.non_ffn_bytes)} · slot ring {format_bytes(p.ring_bytes)} · "
         f"peak device {format_bytes(p.peak_device_bytes)}"
     )
     title = "Reply in progress" if running else "Last reply"

@@ -173,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
 
-    from torus_adapters.default_model import default_model_path
     from transformers import AutoTokenizer
+
+    from torus_adapters.default_model import default_model_path
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                     "resident_bytes",
                     "streamed_bytes_per_pass",
                     "non_ffn_bytes",
-                    "slot_bytes",
+                    "ring_bytes",
                     "host_store_bytes",
                 )
             }

@@ -366,7 +366,7 @@ class Engine:
             if self.transport.zero_copy
             else sum(self.transfer_bytes[i] for i in self.plan.streamed),
             non_ffn_bytes=self.non_ffn_bytes,
-            slot_bytes=self.plan.ring_bytes,
+            ring_bytes=self.plan.ring_bytes,
             host_store_bytes=self.store.nbytes,
             peak_device_bytes=peak,
             layers=layers,
@@ -386,7 +386,8 @@ class Engine:
 
     # ------------------------------------------------------------------ teardown
     def teardown(self) -> None:
-        """Remove hooks and put every tensor back where it was, bit for bit; free device buffers."""
+        """Remove hooks and put every tensor back where it was, bit for bit (with `weight_quant`:
+        the dequantized weights, see `detach`); free device buffers."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

@@ -73,7 +73,12 @@ def attach(
 
 
 def detach(model: nn.Module) -> nn.Module:
-    """Undo `attach`: parameters back where they were, hooks gone, outputs equal to before."""
+    """Undo `attach`: parameters back where they were, hooks gone, outputs equal to before.
+
+    With `weight_quant`, the originals were not kept (that is the memory it saves): the
+    parameters come back holding the dequantized weights the engine computed with, so outputs
+    equal those of the attached model. Reload the checkpoint for the unquantized weights.
+    """
     engine = get_engine(model)
     engine.publish("detached")
     engine.teardown()

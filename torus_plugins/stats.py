@@ -44,6 +44,7 @@ class EngineStats:
     stall_s: time compute waited for FFN weights.
     forward_passes: passes through the streamed layers (0 when nothing streams).
     resident_bytes: device bytes held permanently for FFN layers.
+    ring_bytes: device bytes of the slot ring (all slots).
     peak_device_bytes: on CUDA, the peak allocated device memory since attach or the last
         `reset_stats()` (process-wide, as `torch.cuda.max_memory_allocated` reports it); on the
         CPU, the bytes the engine placed on the compute device (non-FFN + resident + ring).
@@ -62,7 +63,7 @@ class EngineStats:
     resident_bytes: int
     streamed_bytes_per_pass: int
     non_ffn_bytes: int
-    slot_bytes: int
+    ring_bytes: int
     host_store_bytes: int
     peak_device_bytes: int
     layers: tuple[LayerStats, ...] = field(default=())
