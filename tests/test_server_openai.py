@@ -108,6 +108,7 @@ BAD_CHAT = {
     "top_p above one": dict(top_p=1.5),
     "prompt longer than the context": dict(messages=[{"role": "user", "content": LONG}]),
     "n above one": dict(n=2),
+    "boolean temperature": dict(temperature=True),
 }
 
 

@@ -100,6 +100,7 @@ BAD_TGI = {
     "top_k 0": {"inputs": "hi", "parameters": {"top_k": 0}},
     "prompt longer than the context": {"inputs": LONG},
     "grammar unsupported": {"inputs": "hi", "parameters": {"grammar": {"type": "regex", "value": "a"}}},
+    "boolean as a number": {"inputs": "hi", "parameters": {"frequency_penalty": True}},
 }
 
 

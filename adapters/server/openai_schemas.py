@@ -8,28 +8,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from .request_model import RequestModel
 
 Role = Literal["system", "user", "assistant", "tool"]
 StopString = Annotated[str, Field(max_length=256)]
 FinishReason = Literal["stop", "length"]
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class StreamOptions(RequestModel):
     include_usage: bool | None = False
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ResponseFormat(RequestModel):
     type: Literal["text"] = "text"
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class _Request(RequestModel):
     model: str | None = Field(None, description="Any name is accepted; the served model answers.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy (default 1).")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -47,9 +43,7 @@ class _Request(BaseModel):
     user: str | None = None
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(RequestModel):
     role: Role
     content: str
     name: str | None = None

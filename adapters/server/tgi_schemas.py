@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from .request_model import RequestModel
 
 TGIFinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 
-class Parameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class Parameters(RequestModel):
     do_sample: bool | None = False
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, gt=0.0, le=100.0)
@@ -36,9 +36,7 @@ class Parameters(BaseModel):
     adapter_id: None = Field(None, description="Not supported.")
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class GenerateRequest(RequestModel):
     inputs: str = Field(min_length=1)
     parameters: Parameters | None = None
     stream: bool | None = Field(False, description="Only for `POST /`: stream server-sent events.")
