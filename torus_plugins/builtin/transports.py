@@ -81,9 +81,11 @@ class SimulatedLink(CpuCopyWorker):
     - "copy" (default): the bytes really move into the slot, so everything the engine does with
       a slot is exercised. On a CPU the memcpy competes with compute for memory bandwidth,
       which a GPU's DMA engine does not.
-    - "time-only": nothing is copied; after the simulated transfer time compute reads the host
-      store (`aliases_source`). The ring, fences, prefetch timing and stalls are the same, so
-      this measures overlap the way a GPU would see it.
+    - "time-only": nothing is copied and no thread runs. The link is a clock: a copy issued at
+      `t` lands at `max(t, link busy until) + latency + nbytes / bandwidth`, and a wait sleeps
+      until then; compute then reads the host store (`aliases_source`). The ring, fences,
+      prefetch timing and stalls are the engine's own, so this measures overlap the way a GPU's
+      DMA engine would see it, without memcpy traffic or thread hand-offs on the CPU.
     """
 
     name = "simulated-link"
@@ -99,14 +101,41 @@ class SimulatedLink(CpuCopyWorker):
         if not isinstance(latency, (int, float)) or isinstance(latency, bool) or not 0 <= latency < 10:
             raise ConfigError(f"link_latency_s must be a number of seconds in [0, 10), got {latency!r}")
         self.latency = float(latency)
+        self._busy_until = 0.0  # time-only: when the link finishes its last queued copy
+
+    def _duration(self, src: torch.Tensor) -> float:
+        return self.latency + src.numel() * src.element_size() / self.bandwidth
 
     def _copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        if not self.aliases_source:
-            dst.copy_(src)
-        remaining = self.latency + src.numel() * src.element_size() / self.bandwidth - (time.perf_counter() - t0)
+        dst.copy_(src)
+        remaining = self._duration(src) - (time.perf_counter() - t0)
         if remaining > 0:
             time.sleep(remaining)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Fence) -> Fence:
+        if not self.aliases_source:
+            return super().copy(dst, src, after)
+        # FIFO like a DMA queue: starts when issued or when the previous copy ends.
+        self._busy_until = max(time.perf_counter(), self._busy_until) + self._duration(src)
+        return self._busy_until
+
+    def wait(self, fence: Fence) -> float:
+        if not self.aliases_source:
+            return super().wait(fence)
+        t0 = time.perf_counter()
+        if fence is None or fence <= t0:
+            return 0.0
+        if fence - t0 > 0.002:
+            time.sleep(fence - t0 - 0.001)  # sleep most of it, then spin for precision
+        while time.perf_counter() < fence:
+            pass
+        return time.perf_counter() - t0
+
+    def done(self, fence: Fence) -> bool:
+        if not self.aliases_source:
+            return super().done(fence)
+        return fence is None or fence <= time.perf_counter()
 
 
 class _CudaStall:
