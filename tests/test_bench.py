@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from torus_adapters import bench
+from torus_adapters import bench, bench_report
 from torus_adapters.cli import main
 from torus_plugins import ConfigError
 
@@ -136,11 +136,11 @@ def test_variants_run_baseline_then_lookahead_by_quant_then_accelerate():
 
 def test_reference_is_the_baseline_else_the_first_lossless_variant():
     def r(name, kind, tokens, lossy=False):
-        return bench.VariantResult(name, kind, tokens=tokens, lossy=lossy)
+        return bench_report.VariantResult(name, kind, tokens=tokens, lossy=lossy)
 
     rs = [r("q", "torus", [1, 2], lossy=True), r("t", "torus", [1, 3]), r("a", "accelerate", [1, 3])]
-    assert bench.compare_texts(rs) == "t"
+    assert bench_report.compare_texts(rs) == "t"
     assert [x.text_equal for x in rs] == [False, True, True]
     rs = [r("b", "baseline", [1, 2]), *rs]
-    assert bench.compare_texts(rs) == "b"
+    assert bench_report.compare_texts(rs) == "b"
     assert [x.text_equal for x in rs] == [True, True, False, False]
