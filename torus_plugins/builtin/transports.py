@@ -73,13 +73,13 @@ class CpuCopyWorker:
 class SimulatedLink(CpuCopyWorker):
     """The CPU copy worker behind a simulated host→device link of fixed bandwidth and latency.
 
-    Each copy takes `latency + nbytes / bandwidth` of wall time (the real memcpy included, the
-    rest slept), one copy at a time like a DMA engine, so compute/transfer overlap can be
-    measured with no GPU. Options (`TorusConfig.options`): `link_bandwidth` (bytes/s or
+    A link clock paces every copy, one at a time like a DMA engine: a copy issued at `t` lands
+    at `max(t, link busy until) + latency + nbytes / bandwidth`, so compute/transfer overlap can
+    be measured with no GPU. Options (`TorusConfig.options`): `link_bandwidth` (bytes/s or
     "25GB/s", default "16GB/s"), `link_latency_s` (default 10e-6) and `link_mode`:
 
-    - "copy" (default): the bytes really move into the slot, so everything the engine does with
-      a slot is exercised. On a CPU the memcpy competes with compute for memory bandwidth,
+    - "copy" (default): the bytes really move into the slot (the worker copies, then sleeps until
+      the landing time), so everything the engine does with a slot is exercised. On a CPU the memcpy competes with compute for memory bandwidth,
       which a GPU's DMA engine does not.
     - "time-only": nothing is copied and no thread runs. The link is a clock: a copy issued at
       `t` lands at `max(t, link busy until) + latency + nbytes / bandwidth`, and a wait sleeps
@@ -106,19 +106,24 @@ class SimulatedLink(CpuCopyWorker):
     def _duration(self, src: torch.Tensor) -> float:
         return self.latency + src.numel() * src.element_size() / self.bandwidth
 
-    def _copy_now(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        t0 = time.perf_counter()
+    def _land_at(self, src: torch.Tensor) -> float:
+        # FIFO like a DMA queue: a copy starts when issued or when the previous one ends.
+        self._busy_until = max(time.perf_counter(), self._busy_until) + self._duration(src)
+        return self._busy_until
+
+    def _copy_until(self, dst: torch.Tensor, src: torch.Tensor, land_at: float) -> None:
         dst.copy_(src)
-        remaining = self._duration(src) - (time.perf_counter() - t0)
+        remaining = land_at - time.perf_counter()
         if remaining > 0:
             time.sleep(remaining)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Fence) -> Fence:
-        if not self.aliases_source:
-            return super().copy(dst, src, after)
-        # FIFO like a DMA queue: starts when issued or when the previous copy ends.
-        self._busy_until = max(time.perf_counter(), self._busy_until) + self._duration(src)
-        return self._busy_until
+        land_at = self._land_at(src)
+        if self.aliases_source:
+            return land_at
+        # The worker really copies, then sleeps until the link clock says the bytes landed:
+        # pacing follows the nominal bandwidth however long the memcpy itself took.
+        return self._pool.submit(self._copy_until, dst, src, land_at)
 
     def wait(self, fence: Fence) -> float:
         if not self.aliases_source:
