@@ -79,8 +79,8 @@ class SimulatedLink(CpuCopyWorker):
     "25GB/s", default "16GB/s"), `link_latency_s` (default 10e-6) and `link_mode`:
 
     - "copy" (default): the bytes really move into the slot (the worker copies, then sleeps until
-      the landing time), so everything the engine does with a slot is exercised. On a CPU the memcpy competes with compute for memory bandwidth,
-      which a GPU's DMA engine does not.
+      the landing time), so everything the engine does with a slot is exercised. On a CPU the
+      memcpy competes with compute for memory bandwidth, which a GPU's DMA engine does not.
     - "time-only": nothing is copied and no thread runs. The link is a clock: a copy issued at
       `t` lands at `max(t, link busy until) + latency + nbytes / bandwidth`, and a wait sleeps
       until then; compute then reads the host store (`aliases_source`). The ring, fences,
