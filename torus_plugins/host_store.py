@@ -129,13 +129,9 @@ def _transfer_items(
         if materialize:
             q, scale = quantization.quantize(t, quant, group_size)
         else:
-            rows, cols = t.shape
-            q_bytes, s_bytes = quantization.packed_nbytes((rows, cols), quant, group_size)
-            q = torch.empty(
-                (rows, q_bytes // rows), dtype=torch.int8 if quant == "int8" else torch.uint8, device="meta"
-            )
-            scale = torch.empty((rows, s_bytes // 4 // rows), dtype=torch.float32, device="meta")
-            scale = scale.view(rows) if quant == "int8" else scale
+            (q_shape, q_dtype), (s_shape, s_dtype) = quantization.packed_specs(tuple(t.shape), quant, group_size)
+            q = torch.empty(q_shape, dtype=q_dtype, device="meta")
+            scale = torch.empty(s_shape, dtype=s_dtype, device="meta")
         recipe.append((quant, len(items), len(items) + 1))
         items += [(name + ".q", q), (name + ".scale", scale)]
     return items, tuple(recipe)
