@@ -332,7 +332,9 @@ def test_failed_attach_rolls_back_completely(tiny_llama):
 def test_simulated_link_modes_compute_the_same_and_pace_the_ring(tiny_llama, mode):
     ref = greedy(tiny_llama)
     opts = {"link_bandwidth": "200MB/s", "link_latency_s": 1e-4, "link_mode": mode}
-    engine = tp.attach(tiny_llama, tp.TorusConfig(transport="simulated-link", resident_layers=0, lookahead=1, options=opts))
+    engine = tp.attach(
+        tiny_llama, tp.TorusConfig(transport="simulated-link", resident_layers=0, lookahead=1, options=opts)
+    )
     assert engine.transport.aliases_source == (mode == "time-only")
     assert torch.equal(greedy(tiny_llama), ref)
     s = engine.stats()
