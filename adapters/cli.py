@@ -26,6 +26,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transport", default="auto", help="auto, cuda, copy, zero-copy, or a plugin's name")
     g.add_argument("--device", help="compute device (default: cuda if available, else cpu)")
     g.add_argument("--kv-reserve-tokens", type=int, default=4096, help="KV-cache tokens the budget reserves")
+    g.add_argument("--weight-quant", choices=["int8", "int4"], help="stream FFN weights quantized (default: as loaded)")
 
 
 def _config_from(args: argparse.Namespace) -> TorusConfig:
@@ -36,6 +37,7 @@ def _config_from(args: argparse.Namespace) -> TorusConfig:
         transport=args.transport,
         device=args.device,
         kv_reserve_tokens=args.kv_reserve_tokens,
+        weight_quant=args.weight_quant,
     )
 
 

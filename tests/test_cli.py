@@ -65,3 +65,13 @@ def test_plugins_lists_builtins():
     out = run("plugins")
     assert out.returncode == 0
     assert "llama" in out.stdout and "opt" in out.stdout and "zero-copy" in out.stdout and "sequential" in out.stdout
+
+
+def test_weight_quant_streams_fewer_bytes_from_the_command_line():
+    out = run("generate", "What is the capital of France?", "--max-new-tokens", "8", "--json-stats",
+              "--transport", "copy", "--resident-layers", "0", "--weight-quant", "int8")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    stats = json.loads(out.stderr.strip().splitlines()[-1])
+    # int8 moves about a quarter of SmolLM2's fp32 FFN bytes (303.75 MiB per pass).
+    assert 0 < stats["streamed_bytes_per_pass"] < 0.3 * 318504960
