@@ -9,8 +9,9 @@ them, and a new architecture is one more `Architecture` registered through
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 
@@ -47,3 +48,54 @@ class Architecture(Protocol):
     def ffn_sites(self, model: nn.Module) -> list[FFNSite]: ...
 
     def kv_bytes_per_token(self, model: nn.Module) -> int: ...
+
+
+@dataclass(frozen=True)
+class ExpertSite:
+    """One MoE layer's routed experts, stored fused: every parameter is `[num_experts, ...]`.
+
+    layer: the decoder layer index (stats and messages speak in decoder layers).
+    module: the experts module; the architecture's experts implementation hands its calls to
+        the engine (see `MoEArchitecture.install_experts`).
+    params: (qualified name, attribute on `module`) of each fused parameter; expert `e`'s
+        weights are `getattr(module, attr)[e]`, and one expert's slices travel together.
+    router: the layer's router module, which speculative prediction applies to earlier hidden
+        states (see `MoEArchitecture.router_scores`).
+    """
+
+    layer: int
+    module: nn.Module
+    params: tuple[tuple[str, str], ...]
+    num_experts: int
+    top_k: int
+    router: nn.Module
+
+
+#: What an architecture's experts implementation calls: runner(module, hidden, top_k_index,
+#: top_k_weights, eager) -> output. `eager` is the module's own per-expert loop, called with a
+#: stand-in `self` whose fused parameters yield streamed experts when indexed.
+ExpertsRunner = Callable[..., Any]
+
+#: `module.__dict__[EXPERTS_RUNNER_ATTR]` holds the runner while an engine is attached.
+EXPERTS_RUNNER_ATTR = "_torus_experts_runner"
+
+
+@runtime_checkable
+class MoEArchitecture(Architecture, Protocol):
+    """An architecture whose routed experts stream one expert at a time.
+
+    Everything outside the routed experts (attention, routers, shared experts, dense layers)
+    stays on the device; `ffn_sites` may return an empty list.
+
+    expert_sites(model): one `ExpertSite` per MoE layer, in execution order.
+    router_scores(site, hidden): `[tokens, num_experts]` scores, higher = more likely routed
+        (used to rank experts beyond the router's own top-k).
+    install_experts(model): route every experts module's forward through the runner stored
+        under `EXPERTS_RUNNER_ATTR`; return a callable that undoes it.
+    """
+
+    def expert_sites(self, model: nn.Module) -> list[ExpertSite]: ...
+
+    def router_scores(self, site: ExpertSite, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def install_experts(self, model: nn.Module) -> Callable[[], None]: ...

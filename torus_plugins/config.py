@@ -95,6 +95,20 @@ class TorusConfig:
             "int4" (group-wise, two values per byte); dequantized on the device into the slot.
             Resident layers are dequantized once. `None` (default): weights as loaded.
         quant_group_size: columns per int4 scale (default 128).
+        moe_cache_experts: MoE models only: routed experts the device cache holds (all layers
+            together with the "shared" scope). `None`: as many as the budget leaves room for
+            (every expert when there is no budget). Must hold at least one layer's top-k.
+        moe_cache_scope: "shared" (one cache for all MoE layers) or "per-layer" (equal shares).
+        moe_eviction: which cached expert makes room: "lru" or "lfu" (least often routed,
+            ties broken by recency).
+        moe_predictor: how the next layers' experts are guessed: "speculative" (the next layer's
+            router on the current hidden state), "learned" (a trained predictor file, see
+            `moe_predictor_path`), "frequency" (the most often routed experts so far), "none",
+            or a plugin's name.
+        moe_expert_prefetch_k: experts prefetched per predicted layer (`None`: the model's top-k).
+            More raises the hit rate and the wasted bytes.
+        moe_predictor_path: the safetensors file of a learned predictor
+            (`torus-sparse train-predictor`).
         options: free-form settings for plugins, read by name.
     """
 
@@ -109,6 +123,12 @@ class TorusConfig:
     transfer_timeout_s: float = 30.0
     weight_quant: str | None = None
     quant_group_size: int = 128
+    moe_cache_experts: int | None = None
+    moe_cache_scope: str = "shared"
+    moe_eviction: str = "lru"
+    moe_predictor: str = "speculative"
+    moe_expert_prefetch_k: int | None = None
+    moe_predictor_path: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -129,6 +149,20 @@ class TorusConfig:
             raise ConfigError(f"weight_quant must be None, 'int8' or 'int4', got {self.weight_quant!r}")
         if not _is_int(self.quant_group_size) or self.quant_group_size < 2 or self.quant_group_size % 2:
             raise ConfigError(f"quant_group_size must be an even integer >= 2, got {self.quant_group_size!r}")
+        if self.moe_cache_experts is not None and (not _is_int(self.moe_cache_experts) or self.moe_cache_experts < 1):
+            raise ConfigError(f"moe_cache_experts must be an integer >= 1 or None, got {self.moe_cache_experts!r}")
+        if self.moe_cache_scope not in ("shared", "per-layer"):
+            raise ConfigError(f"moe_cache_scope must be 'shared' or 'per-layer', got {self.moe_cache_scope!r}")
+        if self.moe_eviction not in ("lru", "lfu"):
+            raise ConfigError(f"moe_eviction must be 'lru' or 'lfu', got {self.moe_eviction!r}")
+        if not isinstance(self.moe_predictor, str) or not self.moe_predictor:
+            raise ConfigError(f"moe_predictor must be a name such as 'speculative', got {self.moe_predictor!r}")
+        if self.moe_expert_prefetch_k is not None and (
+            not _is_int(self.moe_expert_prefetch_k) or self.moe_expert_prefetch_k < 0
+        ):
+            raise ConfigError(
+                f"moe_expert_prefetch_k must be an integer >= 0 or None, got {self.moe_expert_prefetch_k!r}"
+            )
         if not isinstance(self.transport, str) or not self.transport:
             raise ConfigError(f"transport must be a name such as 'auto', 'copy', 'zero-copy', got {self.transport!r}")
 

@@ -21,6 +21,7 @@ from .architecture import Architecture, FFNSite
 from .budget import ResidencyPlan, plan_residency
 from .config import TorusConfig
 from .errors import ConfigError, TransferError
+from .experts import ExpertStreamer, check_moe_transport, expert_param_ids, plan_experts
 from .host_store import HostStore, materialize
 from .plugins import Registry
 from .prefetch import PrefetchContext
@@ -71,6 +72,9 @@ class Engine:
         self.config = config
         self._registry = registry
         self.device = resolve_device(config.device)
+        # MoE: routed experts stream one expert at a time through their own cache.
+        self.expert_sites = list(arch.expert_sites(model)) if hasattr(arch, "expert_sites") else []
+        self.experts: ExpertStreamer | None = None
         self.transport = self._make_transport()
         try:
             self._prepare()
@@ -82,7 +86,9 @@ class Engine:
     def _make_transport(self) -> Transport:
         name = self.config.transport
         if name == "auto":
-            name = "cuda" if self.device.type == "cuda" else "zero-copy"
+            # A CPU MoE model copies experts into its cache (the same logic CUDA runs), so
+            # hit rates and bytes mean the same thing on both.
+            name = "cuda" if self.device.type == "cuda" else ("copy" if self.expert_sites else "zero-copy")
         factory = self._registry.transports.get(name)
         if factory is None:
             raise ConfigError(
@@ -99,11 +105,14 @@ class Engine:
                 f"weight_quant={quant!r} needs a transport that copies (cuda, copy, simulated-link); "
                 f"zero-copy never moves bytes, so there is nothing to shrink"
             )
-        sizes = measure(self.model, self.arch, quant, group)
+        if self.expert_sites:
+            check_moe_transport(self.transport)
+        expert_ids = expert_param_ids(self.expert_sites)
+        sizes = measure(self.model, self.arch, quant, group, expert_ids)
         self.sizes = sizes
         self.sites: list[FFNSite] = sizes.sites
         self._params = sizes.params
-        self._ffn_ids = {id(p) for ps in sizes.params for p in ps}
+        self._ffn_ids = {id(p) for ps in sizes.params for p in ps} | expert_ids
         #: device bytes of each FFN layer in its compute dtype (what a resident layer costs)
         self.layer_bytes = sizes.layer_bytes
         #: bytes one transfer of each layer moves (quantized when weight_quant is set)
@@ -134,6 +143,18 @@ class Engine:
                 self.config.resident_layers,
                 sizes.slot_bytes,
             )
+        if self.expert_sites:
+            self._expert_predictor = None
+            if self.config.moe_predictor != "none" or "none" in self._registry.expert_predictors:
+                self._expert_predictor = self._registry.expert_predictors.get(self.config.moe_predictor)
+                if self._expert_predictor is None:
+                    raise ConfigError(
+                        f"unknown moe_predictor {self.config.moe_predictor!r}; available: "
+                        f"{', '.join(sorted(self._registry.expert_predictors))} (plugins add more through "
+                        f"the torus_register_expert_predictors hook)"
+                    )
+            left = None if budget is None else budget - self.plan.device_bytes(self.layer_bytes) - kv
+            self.expert_plan, _ = plan_experts(self.expert_sites, self.config, left)
 
     def build(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Pack FFN weights into the host store, place everything, install hooks, warm the ring.
@@ -189,6 +210,19 @@ class Engine:
                 progress(i + 1, total)
         self._move_non_ffn(dev)
         self._build_ring()
+        if self.expert_sites:
+            self.experts = ExpertStreamer(
+                self.model,
+                self.arch,  # type: ignore[arg-type]
+                self.expert_sites,
+                self.expert_plan,
+                self.config,
+                self.transport,
+                dev,
+                self._expert_predictor,
+                self.store.pin_memory,
+            )
+            self.experts.build(progress)
 
     def _bind(self, layer: int, tensors: list[torch.Tensor]) -> None:
         for p, t in zip(self._params[layer], tensors):
@@ -346,19 +380,20 @@ class Engine:
             for i, c in enumerate(self.counters)
         )
         resident_bytes = sum(self.layer_bytes[i] for i in self.plan.resident)
+        experts = self.experts.stats() if self.experts is not None else None
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
-            peak = self.plan.device_bytes(self.layer_bytes)
+            peak = self.plan.device_bytes(self.layer_bytes) + (experts.cache_bytes if experts else 0)
         return EngineStats(
             transport=self.transport.name,
             device=str(self.device),
             lookahead=self.config.lookahead,
-            hits=sum(c.hits for c in self.counters),
-            misses=sum(c.misses for c in self.counters),
-            bytes_moved=sum(c.bytes_moved for c in self.counters),
-            stall_s=sum(c.stall_s for c in self.counters),
-            forward_passes=self.forward_passes,
+            hits=sum(c.hits for c in self.counters) + (experts.hits if experts else 0),
+            misses=sum(c.misses for c in self.counters) + (experts.misses if experts else 0),
+            bytes_moved=sum(c.bytes_moved for c in self.counters) + (experts.bytes_moved if experts else 0),
+            stall_s=sum(c.stall_s for c in self.counters) + (experts.stall_s if experts else 0.0),
+            forward_passes=experts.forward_passes if experts else self.forward_passes,
             resident_layers=len(self.plan.resident),
             streamed_layers=0 if self.transport.zero_copy else len(self.plan.streamed),
             resident_bytes=resident_bytes,
@@ -370,12 +405,15 @@ class Engine:
             host_store_bytes=self.store.nbytes,
             peak_device_bytes=peak,
             layers=layers,
+            experts=experts,
         )
 
     def reset_stats(self) -> None:
         self._settle_stalls()
         self.counters = [LayerCounters() for _ in self.sites]
         self.forward_passes = 0
+        if self.experts is not None:
+            self.experts.reset_stats()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -396,6 +434,9 @@ class Engine:
         except Exception:
             log.exception("transport %s failed to close cleanly", self.transport.name)
         self._active = None
+        if self.experts is not None:
+            self.experts.teardown()
+            self.experts = None
         # Only the layers packed so far (all of them, unless build failed half-way).
         for i in range(len(self._ffn_origin_device)):
             origin = self._ffn_origin_device[i]

@@ -24,6 +24,7 @@ import pluggy
 
 if TYPE_CHECKING:  # keep this module free to import
     from .architecture import Architecture
+    from .expert_predict import ExpertPredictorFactory
     from .prefetch import PrefetchFactory
     from .stats import StatsEvent
     from .transfer import TransportFactory
@@ -55,6 +56,18 @@ def torus_register_prefetch_policies(register: Callable[[str, "PrefetchFactory"]
     Call ``register(name, factory)``; ``factory(ctx: PrefetchContext)`` returns an object with
     ``warmup()`` and ``after(layer)`` (see `torus_plugins.prefetch.PrefetchPolicy`). The policy
     runs on the hot path: precompute what you can in the factory.
+    """
+
+
+@hookspec
+def torus_register_expert_predictors(register: Callable[[str, "ExpertPredictorFactory"], None]) -> None:
+    """Register MoE expert predictors under a name (selected with ``TorusConfig.moe_predictor``).
+
+    Call ``register(name, factory)``; ``factory(ctx: ExpertPredictContext)`` returns an object
+    with ``predict(j, hidden, routed)`` naming experts to prefetch for the MoE layers after ``j``
+    (see `torus_plugins.expert_predict.ExpertPredictor`). Built in: ``speculative``, ``learned``,
+    ``frequency``, ``none``. Called once per attach; ``predict`` runs once per MoE layer per
+    forward pass, so precompute in the factory.
     """
 
 

@@ -22,6 +22,7 @@ from .errors import PluginError
 
 if TYPE_CHECKING:
     from .architecture import Architecture
+    from .expert_predict import ExpertPredictorFactory
     from .prefetch import PrefetchFactory
     from .stats import StatsEvent
     from .transfer import TransportFactory
@@ -34,7 +35,9 @@ AUTOLOAD_ENV = "TORUS_SPARSE_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_PLUGINS = {
     "transports": "torus_plugins.builtin.transports",
     "prefetch": "torus_plugins.builtin.prefetch",
+    "expert_predictors": "torus_plugins.builtin.predictors",
     "transformers_architectures": "torus_adapters.architectures",
+    "transformers_moe_architectures": "torus_adapters.moe_architectures",
 }
 
 _lock = threading.Lock()
@@ -108,6 +111,7 @@ class Registry:
     architectures: list["Architecture"] = field(default_factory=list)
     transports: dict[str, "TransportFactory"] = field(default_factory=dict)
     prefetch_policies: dict[str, "PrefetchFactory"] = field(default_factory=dict)
+    expert_predictors: dict[str, "ExpertPredictorFactory"] = field(default_factory=dict)
     _pm: pluggy.PluginManager | None = None
 
     def emit(self, event: "StatsEvent") -> None:
@@ -148,4 +152,5 @@ def resolve(pm: pluggy.PluginManager | None = None) -> Registry:
     pm.hook.torus_register_architectures(register=register_arch)
     pm.hook.torus_register_transports(register=_named_register("transport", reg.transports))
     pm.hook.torus_register_prefetch_policies(register=_named_register("prefetch policy", reg.prefetch_policies))
+    pm.hook.torus_register_expert_predictors(register=_named_register("expert predictor", reg.expert_predictors))
     return reg

@@ -37,9 +37,17 @@ class ModelSizes:
         return sum(self.layer_bytes)
 
 
-def measure(model: nn.Module, arch: Architecture, quant: str | None = None, group_size: int = 128) -> ModelSizes:
+def measure(
+    model: nn.Module,
+    arch: Architecture,
+    quant: str | None = None,
+    group_size: int = 128,
+    experts: frozenset[int] | set[int] = frozenset(),
+) -> ModelSizes:
+    """experts: ids of routed-expert parameters (MoE), which stream separately: neither FFN
+    layers nor part of the non-FFN bytes."""
     sites = arch.ffn_sites(model)
-    if not sites:
+    if not sites and not experts:
         raise ConfigError(f"architecture {arch.name!r} found no FFN layers in {type(model).__name__}")
     params: list[list[nn.Parameter]] = []
     packed: list[PackedLayer] = []
@@ -47,7 +55,7 @@ def measure(model: nn.Module, arch: Architecture, quant: str | None = None, grou
         ps = [getattr(owner, attr) for _, owner, attr in site.params]
         params.append(ps)
         packed.append(plan_packed([(name, p) for (name, _, _), p in zip(site.params, ps)], quant, group_size))
-    ffn_ids = {id(p) for ps in params for p in ps}
+    ffn_ids = {id(p) for ps in params for p in ps} | set(experts)
     seen: set[object] = set()
     non_ffn = 0
     for t in list(model.parameters()) + list(model.buffers()):

@@ -40,6 +40,7 @@ class Slot:
     free: Any = None  # fence: the last readers of this slot have finished
     last_used: int = 0
     used_since_load: bool = False
+    prefetched: bool = False  # loaded on a prediction (MoE experts): unused at eviction = wasted bytes
     views: dict[int, SlotViews] = field(default_factory=dict)
 
 

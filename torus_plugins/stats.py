@@ -34,17 +34,150 @@ class LayerStats:
     stall_s: float
 
 
+@dataclass
+class ExpertCounters:
+    """Mutable per-MoE-layer counters, updated on the hot path."""
+
+    calls: int = 0
+    routed: int = 0
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    bytes_moved: int = 0
+    wasted_bytes: int = 0
+    stall_s: float = 0.0
+    predicted: int = 0
+    predicted_routed: int = 0
+    predicted_correct: int = 0
+
+
+@dataclass(frozen=True)
+class ExpertLayerStats:
+    """One MoE layer's counters at snapshot time.
+
+    routed: (call, expert) pairs this layer needed; hits: of those, already in the device cache
+    (or on their way) when the layer started; misses: loaded on demand.
+    loads: experts copied for this layer (on demand + prefetched); bytes_moved = loads × expert bytes.
+    wasted_bytes: prefetched for this layer and evicted before any use.
+    predicted: experts the predictor named for this layer; predicted_routed / predicted_correct:
+        routed experts in calls that had a prediction, and how many of them it named (recall).
+    """
+
+    layer: int
+    calls: int
+    routed: int
+    hits: int
+    misses: int
+    loads: int
+    bytes_moved: int
+    wasted_bytes: int
+    stall_s: float
+    predicted: int
+    predicted_routed: int
+    predicted_correct: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.routed if self.routed else 1.0
+
+    @property
+    def recall(self) -> float | None:
+        return self.predicted_correct / self.predicted_routed if self.predicted_routed else None
+
+
+@dataclass(frozen=True)
+class ExpertStats:
+    """MoE expert streaming: the cache, the predictor and per-layer counters."""
+
+    predictor: str
+    eviction: str
+    scope: str
+    cache_experts: int
+    total_experts: int
+    expert_bytes: int
+    cache_bytes: int
+    prefetch_k: int
+    forward_passes: int
+    layers: tuple[ExpertLayerStats, ...] = field(default=())
+
+    def _sum(self, name: str) -> Any:
+        return sum(getattr(layer, name) for layer in self.layers)
+
+    @property
+    def routed(self) -> int:
+        return self._sum("routed")
+
+    @property
+    def hits(self) -> int:
+        return self._sum("hits")
+
+    @property
+    def misses(self) -> int:
+        return self._sum("misses")
+
+    @property
+    def loads(self) -> int:
+        return self._sum("loads")
+
+    @property
+    def bytes_moved(self) -> int:
+        return self._sum("bytes_moved")
+
+    @property
+    def wasted_bytes(self) -> int:
+        return self._sum("wasted_bytes")
+
+    @property
+    def stall_s(self) -> float:
+        return self._sum("stall_s")
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.routed if self.routed else 1.0
+
+    @property
+    def recall(self) -> float | None:
+        den = self._sum("predicted_routed")
+        return self._sum("predicted_correct") / den if den else None
+
+    def totals(self) -> dict[str, Any]:
+        moved = self.bytes_moved
+        return {
+            "routed": self.routed,
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": self.hit_rate,
+            "recall": self.recall,
+            "loads": self.loads,
+            "bytes_moved": moved,
+            "wasted_bytes": self.wasted_bytes,
+            "wasted_share": self.wasted_bytes / moved if moved else 0.0,
+            "stall_s": self.stall_s,
+        }
+
+    def summary(self) -> str:
+        recall = self.recall
+        return (
+            f"experts: cache={self.cache_experts}/{self.total_experts} ({self.scope}, {self.eviction}) "
+            f"predictor={self.predictor} hit_rate={self.hit_rate:.1%} "
+            f"recall={'-' if recall is None else f'{recall:.1%}'} moved={format_bytes(self.bytes_moved)} "
+            f"wasted={format_bytes(self.wasted_bytes)}"
+        )
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot of the engine's counters.
 
-    hits: streamed layers whose weights were already in a slot (or on their way) when needed.
-    misses: streamed layers loaded synchronously because no prefetch had been issued for them.
-    bytes_moved: host→device bytes copied for FFN weights since attach (or the last reset).
-    stall_s: time compute waited for FFN weights.
+    hits: streamed layers whose weights were already in a slot (or on their way) when needed;
+        for MoE models, plus routed experts already in the expert cache (see `experts`).
+    misses: streamed layers (or routed experts) loaded synchronously, with no prefetch issued.
+    bytes_moved: host→device bytes copied for FFN weights and experts since attach (or the last reset).
+    stall_s: time compute waited for FFN weights or experts.
     forward_passes: passes through the streamed layers (0 when nothing streams).
     resident_bytes: device bytes held permanently for FFN layers.
     ring_bytes: device bytes of the slot ring (all slots).
+    experts: MoE models only: the expert cache, predictor and per-MoE-layer counters.
     peak_device_bytes: on CUDA, the peak allocated device memory since attach or the last
         `reset_stats()` (process-wide, as `torch.cuda.max_memory_allocated` reports it); on the
         CPU, the bytes the engine placed on the compute device (non-FFN + resident + ring).
@@ -67,6 +200,7 @@ class EngineStats:
     host_store_bytes: int
     peak_device_bytes: int
     layers: tuple[LayerStats, ...] = field(default=())
+    experts: ExpertStats | None = None
 
     @property
     def hit_rate(self) -> float:
@@ -77,6 +211,8 @@ class EngineStats:
         """Plain JSON-ready dict (per-layer entries included)."""
         d = asdict(self)
         d["hit_rate"] = self.hit_rate
+        if self.experts is not None:
+            d["experts"].update(self.experts.totals())
         return d
 
     def summary(self) -> str:
@@ -92,7 +228,7 @@ class EngineStats:
             f"moved={format_bytes(self.bytes_moved)} stall={self.stall_s * 1000:.1f}ms "
             f"resident_bytes={format_bytes(self.resident_bytes)} "
             f"peak_device={format_bytes(self.peak_device_bytes)}"
-        )
+        ) + (f" | {self.experts.summary()}" if self.experts is not None else "")
 
     def __str__(self) -> str:
         return self.summary()

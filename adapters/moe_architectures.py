@@ -1,0 +1,127 @@
+"""Built-in MoE architecture plugin: routed experts of `transformers` 5 MoE models stream per expert.
+
+transformers 5 stores each MoE layer's experts fused (`experts.gate_up_proj [E, 2I, H]`,
+`experts.down_proj [E, H, I]`; GPT-OSS transposed, interleaved and with biases) and lets a model
+pick its experts implementation by name (`ExpertsInterface`). This plugin registers one more,
+"torus_streamed", which hands each call to the attached engine: it computes only the routed
+experts, pulled through the device expert cache, using the model's own eager per-expert loop,
+so results match `experts_implementation="eager"` bit for bit.
+
+Routers, shared experts and dense layers (DeepSeek-V3's first layers) stay on the device.
+A new MoE family is one more `MoEDecoder` row registered from a plugin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from torus_plugins.architecture import EXPERTS_RUNNER_ATTR, ExpertSite, FFNSite
+from torus_plugins.hookspecs import hookimpl
+
+from .architectures import DecoderFFN
+
+#: The name under which the streamed experts function is registered in transformers.
+EXPERTS_IMPLEMENTATION = "torus_streamed"
+
+
+def eager_forward(module: nn.Module) -> Callable[..., torch.Tensor]:
+    """The experts class's own eager loop, under transformers' implementation switch."""
+    forward = type(module).forward
+    return getattr(forward, "__wrapped__", forward)
+
+
+def streamed_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    """The "torus_streamed" experts implementation: the engine's runner, or eager when detached."""
+    eager = eager_forward(self)
+    runner = self.__dict__.get(EXPERTS_RUNNER_ATTR)
+    if runner is None:
+        return eager(self, hidden_states, top_k_index, top_k_weights)
+    return runner(self, hidden_states, top_k_index, top_k_weights, eager)
+
+
+def register_experts_implementation() -> None:
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(EXPERTS_IMPLEMENTATION, streamed_experts_forward)
+
+
+@dataclass(frozen=True)
+class MoEDecoder(DecoderFFN):
+    """A `transformers` MoE family: `layers[i].<moe>.<experts>` fused experts, `<router>` router.
+
+    moe: the layer's MoE block attribute; experts / router: attributes of that block.
+    Layers whose block has no experts (dense layers) are left on the device.
+    """
+
+    moe: str = "mlp"
+    experts: str = "experts"
+    router: str = "gate"
+
+    def ffn_sites(self, model: nn.Module) -> list[FFNSite]:
+        return []  # routed experts stream through `expert_sites`; nothing streams per layer
+
+    def expert_sites(self, model: nn.Module) -> list[ExpertSite]:
+        sites = []
+        for i, layer in enumerate(self._layers(model)):
+            block = getattr(layer, self.moe, None)
+            experts = getattr(block, self.experts, None)
+            router = getattr(block, self.router, None)
+            if experts is None or router is None:
+                continue
+            params = tuple(
+                (f"layers.{i}.{self.moe}.{self.experts}.{attr}", attr)
+                for attr, _ in experts.named_parameters(recurse=False)
+            )
+            n = int(experts.num_experts)
+            top_k = int(getattr(router, "top_k", 0) or model.config.num_experts_per_tok)
+            sites.append(ExpertSite(layer=i, module=experts, params=params, num_experts=n, top_k=top_k, router=router))
+        return sites
+
+    def router_scores(self, site: ExpertSite, hidden: torch.Tensor) -> torch.Tensor:
+        out = site.router(hidden)
+        logits = out[0] if isinstance(out, tuple) else out
+        bias = getattr(site.router, "e_score_correction_bias", None)
+        if bias is not None:  # DeepSeek-V3 ranks sigmoid scores plus a learned correction
+            return logits.sigmoid() + bias
+        return logits
+
+    def install_experts(self, model: nn.Module) -> Callable[[], None]:
+        register_experts_implementation()
+        previous = getattr(model.config, "_experts_implementation", None)
+        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+
+        def restore() -> None:
+            model.set_experts_implementation(previous or "eager")
+
+        return restore
+
+
+MOE_ARCHITECTURES: tuple[MoEDecoder, ...] = (
+    MoEDecoder("mixtral", ("mixtral",)),
+    MoEDecoder("olmoe", ("olmoe",)),
+    MoEDecoder("qwen2_moe", ("qwen2_moe",)),
+    MoEDecoder("qwen3_moe", ("qwen3_moe",)),
+    MoEDecoder("deepseek_v3", ("deepseek_v3",)),
+    MoEDecoder("gpt_oss", ("gpt_oss",), router="router"),
+)
+
+
+def moe_info(model: nn.Module) -> dict[str, Any]:
+    """Experts per layer, top-k and bytes per expert of an MoE model (for reports)."""
+    arch = next((a for a in MOE_ARCHITECTURES if a.matches(model)), None)
+    if arch is None:
+        return {}
+    sites = arch.expert_sites(model)
+    s = sites[0]
+    per_expert = sum(getattr(s.module, attr)[0].numel() * getattr(s.module, attr).element_size() for _, attr in s.params)
+    return {"moe_layers": len(sites), "experts": s.num_experts, "top_k": s.top_k, "expert_bytes": per_expert}
+
+
+@hookimpl
+def torus_register_architectures(register) -> None:
+    for arch in MOE_ARCHITECTURES:
+        register(arch)

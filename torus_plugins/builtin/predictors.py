@@ -1,0 +1,105 @@
+"""Built-in MoE expert predictors (selected with `TorusConfig.moe_predictor`).
+
+- "speculative": the next layers' own routers applied to the current layer's input. The
+  residual stream changes little from one layer to the next, so this needs no training.
+- "learned": a sparse autoencoder over hidden states with a small MLP head, trained from
+  recorded routing traces (`torus-sparse train-predictor`) and read from a safetensors file.
+- "frequency": the experts routed most often so far at each layer (a prior with no model).
+- "none": no prediction; routed experts not in the cache load on demand.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import ConfigError
+from ..expert_predict import ExpertPredictContext, top_experts
+from ..hookspecs import hookimpl
+
+Prediction = Sequence[tuple[int, Sequence[int]]]
+
+
+def _ahead(ctx: ExpertPredictContext, j: int) -> range:
+    return range(j + 1, min(j + 1 + ctx.lookahead, ctx.num_layers))
+
+
+class SpeculativeRouting:
+    def __init__(self, ctx: ExpertPredictContext) -> None:
+        self.ctx = ctx
+
+    @torch.no_grad()
+    def predict(self, j: int, hidden: torch.Tensor, routed: torch.Tensor) -> Prediction:
+        k, scores = self.ctx.prefetch_k, self.ctx.router_scores
+        return [(nxt, top_experts(scores(nxt, hidden), k)) for nxt in _ahead(self.ctx, j)]
+
+
+class FrequencyPrior:
+    def __init__(self, ctx: ExpertPredictContext) -> None:
+        self.ctx = ctx
+        self.counts = [torch.zeros(n, dtype=torch.int64) for n in ctx.num_experts]
+
+    def predict(self, j: int, hidden: torch.Tensor, routed: torch.Tensor) -> Prediction:
+        self.counts[j] += torch.bincount(routed.reshape(-1).cpu(), minlength=self.ctx.num_experts[j])[
+            : self.ctx.num_experts[j]
+        ]
+        k = self.ctx.prefetch_k
+        # A stable sort keeps ties in expert order, so an untrained prior is deterministic.
+        return [
+            (nxt, torch.sort(self.counts[nxt], descending=True, stable=True).indices[:k].tolist())
+            for nxt in _ahead(self.ctx, j)
+        ]
+
+
+class LearnedPredictor:
+    def __init__(self, ctx: ExpertPredictContext) -> None:
+        from ..predictor_model import PredictorFingerprint, load_predictor
+
+        if not ctx.predictor_path:
+            raise ConfigError(
+                "moe_predictor='learned' needs moe_predictor_path: train one for this model with "
+                "`torus-sparse train-predictor --model ... --out predictor.safetensors`"
+            )
+        expected = PredictorFingerprint(
+            model_type=str(ctx.model.get("model_type", "")),
+            num_moe_layers=ctx.num_layers,
+            num_experts=ctx.num_experts[0],
+            hidden_size=int(ctx.model.get("hidden_size", 0)),
+            top_k=ctx.top_k[0],
+        )
+        self.net = load_predictor(ctx.predictor_path, expected)
+        self.ctx = ctx
+        self.horizon = int(getattr(self.net, "horizon", 1))
+        self._device: torch.device | None = None
+
+    @torch.no_grad()
+    def predict(self, j: int, hidden: torch.Tensor, routed: torch.Tensor) -> Prediction:
+        if self._device != hidden.device:
+            self.net.to(hidden.device)
+            self._device = hidden.device
+        scores = self.net.predict(j, hidden.float())  # [horizon, experts]
+        k = self.ctx.prefetch_k
+        out = []
+        for nxt in _ahead(self.ctx, j):
+            step = nxt - j - 1
+            if step >= min(self.horizon, scores.shape[0]):
+                break
+            out.append((nxt, torch.topk(scores[step], min(k, scores.shape[-1])).indices.tolist()))
+        return out
+
+
+class NoPrediction:
+    def __init__(self, ctx: ExpertPredictContext) -> None:
+        pass
+
+    def predict(self, j: int, hidden: torch.Tensor, routed: torch.Tensor) -> Prediction:
+        return ()
+
+
+@hookimpl
+def torus_register_expert_predictors(register) -> None:
+    register("speculative", SpeculativeRouting)
+    register("learned", LearnedPredictor)
+    register("frequency", FrequencyPrior)
+    register("none", NoPrediction)

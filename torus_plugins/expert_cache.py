@@ -1,0 +1,133 @@
+"""The device expert cache: slots of one expert each, shared by all MoE layers or split per layer.
+
+It reuses the dense slot ring's fences and ordering rules (a slot is refilled only after its
+readers finished, computed from only after its copy landed); what differs is the key (one routed
+expert, not a whole FFN layer) and the eviction policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import format_bytes
+from .errors import BudgetTooSmallError
+from .host_store import PackedLayer
+from .slots import Slot, SlotRing
+
+EVICTION_POLICIES = ("lru", "lfu")
+SCOPES = ("shared", "per-layer")
+
+
+class ExpertRing(SlotRing):
+    """A slot ring keyed by expert unit, evicting by recency ("lru") or routing frequency ("lfu").
+
+    "lfu" keeps the experts routed most often since attach (ties: the least recently used goes),
+    the policy published results say matters less than capacity: the benchmark measures both.
+    """
+
+    def __init__(self, buffers: list[torch.Tensor], units: list[PackedLayer], policy: str, freq: list[int]) -> None:
+        super().__init__(buffers, units)
+        self.policy = policy
+        self._freq = freq  # shared with the cache: routed count per unit
+
+    def victim(self, keep, active: Slot | None) -> Slot | None:
+        if self.policy == "lru":
+            return super().victim(keep, active)
+        best, best_key = None, None
+        for s in self.slots:
+            if s is active or (s.layer is not None and s.layer in keep):
+                continue
+            if s.layer is None:
+                return s
+            key = (self._freq[s.layer], s.last_used)
+            if best is None or key < best_key:
+                best, best_key = s, key
+        return best
+
+
+@dataclass(frozen=True)
+class ExpertCachePlan:
+    """How many experts the device cache holds and how they are split.
+
+    slots: experts the cache holds in all; slot_bytes: device bytes of one slot (an expert's
+    landing bytes, plus its dequantized copy when weights stream quantized); minimum: the fewest
+    slots that can run (one layer's top-k, per layer with the "per-layer" scope).
+    """
+
+    slots: int
+    slot_bytes: int
+    scope: str
+    n_layers: int
+    total_experts: int
+    minimum: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.slots * self.slot_bytes
+
+    def per_ring(self) -> list[int]:
+        if self.scope == "shared":
+            return [self.slots]
+        base, extra = divmod(self.slots, self.n_layers)
+        return [base + (1 if j < extra else 0) for j in range(self.n_layers)]
+
+
+def plan_expert_cache(
+    experts_per_layer: list[int],
+    top_k: list[int],
+    slot_bytes: int,
+    scope: str,
+    requested: int | None,
+    available_bytes: int | None,
+) -> ExpertCachePlan:
+    """Size the cache: `requested` experts if given, else what `available_bytes` holds (every
+    expert when there is no budget). Raises `BudgetTooSmallError` naming the minimum."""
+    total = sum(experts_per_layer)
+    n_layers = len(experts_per_layer)
+    minimum = max(top_k) if scope == "shared" else max(top_k) * n_layers
+    if requested is not None:
+        slots, why = requested, f"moe_cache_experts={requested}"
+    elif available_bytes is not None:
+        slots = max(0, available_bytes) // max(slot_bytes, 1)
+        why = f"the {format_bytes(max(0, available_bytes))} the budget leaves for experts holds {slots}"
+    else:
+        slots, why = total, ""
+    slots = min(slots, total)
+    if slots < minimum:
+        need = f"one layer's top-{max(top_k)}" if scope == "shared" else f"top-{max(top_k)} for each of {n_layers} layers"
+        raise BudgetTooSmallError(
+            f"the MoE expert cache is too small: {why}, but the minimum is {minimum} experts "
+            f"({format_bytes(minimum * slot_bytes)}, {need} of {format_bytes(slot_bytes)} each). "
+            f"Raise moe_cache_experts or vram_budget"
+            + (", or use moe_cache_scope='shared'." if scope == "per-layer" else "."),
+            minimum * slot_bytes,
+        )
+    return ExpertCachePlan(slots, slot_bytes, scope, n_layers, total, minimum)
+
+
+class ExpertCache:
+    """The rings of one attached model: one shared ring, or one per MoE layer."""
+
+    def __init__(self, plan: ExpertCachePlan, buffers: list[torch.Tensor], units: list[PackedLayer], policy: str):
+        self.plan = plan
+        #: routed count per expert unit since attach (read by "lfu" eviction)
+        self.freq = [0] * len(units)
+        rings, at = [], 0
+        for n in plan.per_ring():
+            rings.append(ExpertRing(buffers[at : at + n], units, policy, self.freq))
+            at += n
+        self._rings = rings
+        self._ring_of = rings * plan.n_layers if plan.scope == "shared" else rings
+
+    def ring(self, layer: int) -> ExpertRing:
+        return self._ring_of[layer]
+
+    @property
+    def rings(self) -> list[ExpertRing]:
+        return self._rings
+
+    def clear(self) -> None:
+        for r in self._rings:
+            r.clear()

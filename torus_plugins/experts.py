@@ -1,0 +1,366 @@
+"""Routed-expert streaming for MoE layers: a host store per expert, a device cache, prediction.
+
+Hot path, once per MoE layer and forward pass (`ExpertStreamer.run`):
+1. the routed experts of this call are known (the router ran); those already in the device
+   cache are hits, the others start loading now and count as misses;
+2. the predictor names experts for the next layers and their copies are queued behind;
+3. the model's own per-expert loop runs with a stand-in `self` whose fused parameters, when
+   indexed by an expert, wait for that expert's slot and return its tensors. Only routed
+   experts are ever touched, and the arithmetic is the eager implementation's own, so outputs
+   equal the eager model's bit for bit.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .architecture import EXPERTS_RUNNER_ATTR, ExpertSite, MoEArchitecture
+from .config import TorusConfig
+from .errors import ConfigError, TransferError
+from .expert_cache import ExpertCache, ExpertCachePlan, plan_expert_cache
+from .expert_predict import ExpertPredictContext, ExpertPredictor, ExpertPredictorFactory
+from .host_store import HostStore, PackedLayer, materialize, plan_packed
+from .slots import Slot
+from .stats import ExpertCounters, ExpertLayerStats, ExpertStats
+from .transfer import Transport
+
+
+def unit_packing(sites: list[ExpertSite], quant: str | None, group_size: int) -> PackedLayer:
+    """The byte layout of one expert (all experts of a model share it): read from shapes only."""
+    site = sites[0]
+    tensors = [(f"{name}[0]", getattr(site.module, attr)[0]) for name, attr in site.params]
+    return plan_packed(tensors, quant, group_size)
+
+
+def expert_param_ids(sites: list[ExpertSite]) -> set[int]:
+    return {id(getattr(s.module, attr)) for s in sites for _, attr in s.params}
+
+
+def plan_experts(
+    sites: list[ExpertSite], config: TorusConfig, available_bytes: int | None
+) -> tuple[ExpertCachePlan, PackedLayer]:
+    """Size the expert cache for `sites` (no model state is touched)."""
+    packed = unit_packing(sites, config.weight_quant, config.quant_group_size)
+    slot_bytes = packed.transfer.nbytes + (packed.compute.nbytes if packed.quantized else 0)
+    plan = plan_expert_cache(
+        [s.num_experts for s in sites],
+        [s.top_k for s in sites],
+        slot_bytes,
+        config.moe_cache_scope,
+        config.moe_cache_experts,
+        available_bytes,
+    )
+    return plan, packed
+
+
+class _ExpertsView:
+    """Stands in for a fused `[experts, ...]` parameter: `view[e]` is expert e's streamed tensor."""
+
+    __slots__ = ("_get", "_k", "shape", "dtype", "device")
+
+    def __init__(self, get: Callable[[Any, int], torch.Tensor], k: int, like: torch.Tensor) -> None:
+        self._get, self._k = get, k
+        self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
+
+    def __getitem__(self, expert: Any) -> torch.Tensor:
+        return self._get(expert, self._k)
+
+
+class _ModuleShim:
+    """The experts module as its eager forward sees it: every attribute is the module's, except
+    the fused parameters, which are `_ExpertsView`s."""
+
+    def __init__(self, module: nn.Module, views: dict[str, _ExpertsView]) -> None:
+        self.__dict__["_module"] = module
+        self.__dict__.update(views)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_module"], name)
+
+
+class ExpertStreamer:
+    """Owns the per-expert host store, the device expert cache and the MoE counters."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: MoEArchitecture,
+        sites: list[ExpertSite],
+        plan: ExpertCachePlan,
+        config: TorusConfig,
+        transport: Transport,
+        device: torch.device,
+        predictor_factory: ExpertPredictorFactory | None,
+        pin_memory: bool,
+    ) -> None:
+        self.model, self.arch, self.sites, self.plan = model, arch, sites, plan
+        self.config, self.transport, self.device = config, transport, device
+        self._factory = predictor_factory
+        self.store = HostStore(pin_memory, config.weight_quant, config.quant_group_size)
+        self.base: list[int] = []
+        self._unit_layer: list[int] = []
+        self._origins: list[list[tuple[nn.Parameter, torch.device]]] = []
+        self._restore: Callable[[], None] | None = None
+        self._installed: list[nn.Module] = []
+        self._aliases = bool(getattr(transport, "aliases_source", False))
+        self._pending_stalls: list[tuple[int, Any]] = []
+        self._stall_lock = threading.Lock()
+        self.counters = [ExpertCounters() for _ in sites]
+        self.forward_passes = 0
+        self._active: tuple[Slot, int, list[torch.Tensor]] | None = None
+        self._pending: set[int] = set()
+        self._predicted: dict[int, set[int]] = {}
+        self.cache: ExpertCache | None = None
+        self.predictor: ExpertPredictor | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def build(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Pack every expert into its own host buffer, allocate the cache, route the experts
+        modules' forwards here. The caller tears down on failure."""
+        dev = self.device
+        for j, site in enumerate(self.sites):
+            self.base.append(len(self._unit_layer))
+            params = [getattr(site.module, attr) for _, attr in site.params]
+            for e in range(site.num_experts):
+                self.store.add_layer([(f"{name}[{e}]", p.data[e]) for (name, _), p in zip(site.params, params)])
+                self._unit_layer.append(j)
+            self._origins.append([(p, p.device) for p in params])
+            for p in params:  # the fused originals go; the module keeps a memory-free placeholder
+                p.data = torch.zeros((), dtype=p.dtype, device=dev).expand(p.shape)
+            if progress is not None:
+                progress(j + 1, len(self.sites))
+        buffers = [self.transport.alloc(self.plan.slot_bytes) for _ in range(self.plan.slots)]
+        self.cache = ExpertCache(self.plan, buffers, self.store.layers, self.config.moe_eviction)
+        self._shims = [self._make_shim(j) for j in range(len(self.sites))]
+        if self._factory is not None:
+            self.predictor = self._factory(self._predict_context())
+        for j, site in enumerate(self.sites):
+            site.module.__dict__[EXPERTS_RUNNER_ATTR] = self._make_runner(j)
+            self._installed.append(site.module)
+        self._restore = self.arch.install_experts(self.model)
+
+    def _predict_context(self) -> ExpertPredictContext:
+        cfg = getattr(self.model, "config", None)
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        k = self.config.moe_expert_prefetch_k
+        return ExpertPredictContext(
+            num_layers=len(self.sites),
+            num_experts=tuple(s.num_experts for s in self.sites),
+            top_k=tuple(s.top_k for s in self.sites),
+            prefetch_k=max(s.top_k for s in self.sites) if k is None else k,
+            lookahead=self.config.lookahead,
+            router_scores=lambda j, hidden: self.arch.router_scores(self.sites[j], hidden),
+            predictor_path=self.config.moe_predictor_path,
+            model={
+                "model_type": getattr(cfg, "model_type", None) or self.arch.name,
+                "hidden_size": getattr(text_cfg, "hidden_size", 0),
+            },
+            options=dict(self.config.options),
+        )
+
+    def _make_shim(self, j: int) -> _ModuleShim:
+        site = self.sites[j]
+
+        def get(expert: Any, k: int) -> torch.Tensor:
+            return self._expert_tensor(j, int(expert), k)
+
+        views = {attr: _ExpertsView(get, k, getattr(site.module, attr)) for k, (_, attr) in enumerate(site.params)}
+        return _ModuleShim(site.module, views)
+
+    def _make_runner(self, j: int) -> Callable[..., torch.Tensor]:
+        def runner(module: nn.Module, hidden, top_k_index, top_k_weights, eager) -> torch.Tensor:
+            return self.run(j, hidden, top_k_index, top_k_weights, eager)
+
+        return runner
+
+    # ------------------------------------------------------------------ hot path
+    def run(self, j: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights, eager) -> torch.Tensor:
+        """One MoE layer's routed experts: load what is missing, prefetch ahead, compute."""
+        self._release_active()
+        cache = self.cache
+        assert cache is not None
+        site = self.sites[j]
+        base = self.base[j]
+        needed = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < site.num_experts]
+        units = [base + e for e in needed]
+        c = self.counters[j]
+        c.calls += 1
+        c.routed += len(units)
+        guessed = self._predicted.pop(j, None)
+        if guessed is not None:
+            c.predicted_routed += len(needed)
+            c.predicted_correct += len(guessed.intersection(needed))
+        ring = cache.ring(j)
+        protect = set(units)
+        self._pending = set(units)
+        for u in units:
+            cache.freq[u] += 1
+            if ring.find(u) is None:
+                c.misses += 1
+                self._load(ring, u, protect, prefetched=False)  # a full cache defers it to compute
+            else:
+                c.hits += 1
+        if self.predictor is not None:
+            for nxt, experts in self.predictor.predict(j, hidden, top_k_index):
+                nbase, n_e = self.base[nxt], self.sites[nxt].num_experts
+                experts = [e for e in experts if 0 <= e < n_e]
+                self._predicted[nxt] = set(experts)
+                self.counters[nxt].predicted += len(experts)
+                wanted = [nbase + e for e in experts]
+                protect.update(wanted)
+                nring = cache.ring(nxt)
+                for u in wanted:
+                    if nring.find(u) is None and not self._load(nring, u, protect, prefetched=True):
+                        break
+        try:
+            return eager(self._shims[j], hidden, top_k_index, top_k_weights)
+        finally:
+            self._release_active()
+            self._pending = set()
+            if j == len(self.sites) - 1:
+                self.forward_passes += 1
+
+    def _load(self, ring, unit: int, keep: set[int], prefetched: bool) -> Slot | None:
+        active = self._active[0] if self._active is not None else None
+        slot = ring.victim(keep, active)
+        if slot is None:
+            return None
+        old = slot.layer
+        if old is not None and slot.prefetched and not slot.used_since_load:
+            self.counters[self._unit_layer[old]].wasted_bytes += self.store.buffers[old].numel()
+        src = self.store.buffers[unit]
+        ready = self.transport.copy(slot.buffer[: src.numel()], src, slot.free)
+        ring.assign(slot, unit, ready)
+        slot.prefetched = prefetched
+        c = self.counters[self._unit_layer[unit]]
+        c.loads += 1
+        c.bytes_moved += src.numel()
+        return slot
+
+    def _expert_tensor(self, j: int, expert: int, k: int) -> torch.Tensor:
+        unit = self.base[j] + expert
+        active = self._active
+        if active is not None and active[1] == unit:
+            return active[2][k]
+        self._release_active()
+        ring = self.cache.ring(j)  # type: ignore[union-attr]
+        self._pending.discard(unit)
+        slot = ring.find(unit)
+        if slot is None:
+            # More experts routed at once than the cache holds (a long prompt): load it now,
+            # evicting one already computed rather than one this call still needs.
+            slot = self._load(ring, unit, self._pending, prefetched=False) or self._load(ring, unit, set(), False)
+            if slot is None:
+                raise TransferError(f"no expert cache slot is free for MoE layer {self.sites[j].layer}")
+        try:
+            waited = self.transport.wait(slot.ready)
+        except BaseException as exc:
+            ring.forget(slot)  # never compute from a slot whose copy did not finish
+            if isinstance(exc, TransferError) or not isinstance(exc, Exception):
+                raise
+            raise TransferError(
+                f"copying expert {expert} of MoE layer {self.sites[j].layer} to {self.device} failed: {exc}"
+            ) from exc
+        if type(waited) is float:
+            self.counters[j].stall_s += waited
+        else:
+            with self._stall_lock:
+                self._pending_stalls.append((j, waited))
+        if slot.layer != unit:  # the ordering rules make this impossible; never compute from it
+            raise TransferError(f"expert cache slot {slot.index} holds unit {slot.layer}, expected {unit}")
+        views = ring.views(slot, unit, self.store.buffers[unit] if self._aliases else None)
+        if views.dequantize:
+            materialize(views.packed, views.transfer, views.bind)
+        ring.touch(slot)
+        self._active = (slot, unit, views.bind)
+        return views.bind[k]
+
+    def _release_active(self) -> None:
+        if self._active is not None:
+            self._active[0].free = self.transport.compute_fence()
+            self._active = None
+
+    # ------------------------------------------------------------------ stats
+    def _settle_stalls(self) -> None:
+        with self._stall_lock:
+            for j, pending in self._pending_stalls:
+                self.counters[j].stall_s += pending.seconds()
+            self._pending_stalls = []
+
+    def stats(self) -> ExpertStats:
+        self._settle_stalls()
+        layers = tuple(
+            ExpertLayerStats(
+                layer=s.layer,
+                calls=c.calls,
+                routed=c.routed,
+                hits=c.hits,
+                misses=c.misses,
+                loads=c.loads,
+                bytes_moved=c.bytes_moved,
+                wasted_bytes=c.wasted_bytes,
+                stall_s=c.stall_s,
+                predicted=c.predicted,
+                predicted_routed=c.predicted_routed,
+                predicted_correct=c.predicted_correct,
+            )
+            for s, c in zip(self.sites, self.counters)
+        )
+        return ExpertStats(
+            predictor=self.config.moe_predictor,
+            eviction=self.config.moe_eviction,
+            scope=self.plan.scope,
+            cache_experts=self.plan.slots,
+            total_experts=self.plan.total_experts,
+            expert_bytes=self.store.layers[0].transfer.nbytes if self.store.layers else 0,
+            cache_bytes=self.plan.nbytes,
+            prefetch_k=self._predict_context().prefetch_k,
+            forward_passes=self.forward_passes,
+            layers=layers,
+        )
+
+    def reset_stats(self) -> None:
+        self._settle_stalls()
+        self.counters = [ExpertCounters() for _ in self.sites]
+        self.forward_passes = 0
+
+    # ------------------------------------------------------------------ teardown
+    def teardown(self) -> None:
+        """Undo `build` (whatever part of it ran): forwards restored, fused parameters rebuilt
+        from the host store bit for bit (dequantized with `weight_quant`), cache freed."""
+        if self._restore is not None:
+            try:
+                self._restore()
+            finally:
+                self._restore = None
+        for m in self._installed:
+            m.__dict__.pop(EXPERTS_RUNNER_ATTR, None)
+        self._installed.clear()
+        self._active = None
+        for j, origins in enumerate(self._origins):
+            site = self.sites[j]
+            per_expert = [
+                self.store.weights(self.base[j] + e, self.store.buffers[self.base[j] + e], "cpu")
+                for e in range(site.num_experts)
+            ]
+            for k, (p, device) in enumerate(origins):
+                p.data = torch.stack([w[k] for w in per_expert]).to(device)
+            for e in range(site.num_experts):
+                self.store.drop(self.base[j] + e)
+        self._origins.clear()
+        self.store.close()  # units of a site whose packing failed half-way
+        if self.cache is not None:
+            self.cache.clear()
+        self.cache = None
+
+
+def check_moe_transport(transport: Transport) -> None:
+    if transport.zero_copy:
+        raise ConfigError(
+            "MoE expert streaming needs a transport that copies (cuda, copy, simulated-link): "
+            "zero-copy would compute every expert from host memory, with no cache to measure"
+        )
