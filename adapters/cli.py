@@ -27,6 +27,15 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="compute device (default: cuda if available, else cpu)")
     g.add_argument("--kv-reserve-tokens", type=int, default=4096, help="KV-cache tokens the budget reserves")
     g.add_argument("--weight-quant", choices=["int8", "int4"], help="stream FFN weights quantized (default: as loaded)")
+    m = p.add_argument_group("MoE models (routed experts stream one expert at a time)")
+    m.add_argument("--moe-cache-experts", type=int, help="experts the device cache holds (default: what the budget fits)")
+    m.add_argument("--moe-cache-scope", choices=["shared", "per-layer"], default="shared", help="one cache or one per layer")
+    m.add_argument("--moe-eviction", choices=["lru", "lfu"], default="lru", help="which cached expert makes room")
+    m.add_argument(
+        "--moe-predictor", default="speculative", help="speculative, learned, frequency, none, or a plugin's name"
+    )
+    m.add_argument("--moe-prefetch-k", type=int, help="experts prefetched per predicted layer (default: top-k)")
+    m.add_argument("--moe-predictor-path", help="a learned predictor file (torus-sparse train-predictor)")
 
 
 def _config_from(args: argparse.Namespace) -> TorusConfig:
@@ -38,6 +47,12 @@ def _config_from(args: argparse.Namespace) -> TorusConfig:
         device=args.device,
         kv_reserve_tokens=args.kv_reserve_tokens,
         weight_quant=args.weight_quant,
+        moe_cache_experts=args.moe_cache_experts,
+        moe_cache_scope=args.moe_cache_scope,
+        moe_eviction=args.moe_eviction,
+        moe_predictor=args.moe_predictor,
+        moe_expert_prefetch_k=args.moe_prefetch_k,
+        moe_predictor_path=args.moe_predictor_path,
     )
 
 
@@ -76,6 +91,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     print("architectures: ", ", ".join(a.name for a in reg.architectures))
     print("transports:    ", ", ".join(sorted(reg.transports)))
     print("prefetch:      ", ", ".join(sorted(reg.prefetch_policies)))
+    print("predictors:    ", ", ".join(sorted(reg.expert_predictors)))
     return 0
 
 

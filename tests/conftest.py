@@ -49,9 +49,59 @@ TINY_CONFIGS: dict[str, Callable[[], T.PretrainedConfig]] = {
 }
 
 
+# MoE families as transformers 5 implements them (fused experts), 8 experts, top-2, eager experts
+# so the unwrapped reference computes in the same order as the streamed experts.
+_MOE = dict(vocab_size=96, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+TINY_MOE_CONFIGS: dict[str, Callable[[], T.PretrainedConfig]] = {
+    "mixtral": lambda: T.MixtralConfig(**_MOE, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2),
+    "olmoe": lambda: T.OlmoeConfig(**_MOE, intermediate_size=48, num_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": lambda: T.Qwen2MoeConfig(
+        **_MOE,
+        intermediate_size=64,
+        moe_intermediate_size=48,
+        shared_expert_intermediate_size=64,
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "qwen3_moe": lambda: T.Qwen3MoeConfig(
+        **_MOE, head_dim=8, intermediate_size=64, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2
+    ),
+    "deepseek_v3": lambda: T.DeepseekV3Config(
+        **{**_MOE, "num_key_value_heads": 4},  # multi-head latent attention: one KV head per head
+        intermediate_size=64,
+        moe_intermediate_size=48,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        q_lora_rank=24,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+    ),
+    "gpt_oss": lambda: T.GptOssConfig(
+        **_MOE, head_dim=8, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, sliding_window=16
+    ),
+}
+
+
 def build_tiny(name: str, seed: int = 0) -> torch.nn.Module:
     """A random-init causal LM of the named family, deterministic for a given seed."""
     torch.manual_seed(seed)
+    if name in TINY_MOE_CONFIGS:
+        config = TINY_MOE_CONFIGS[name]()
+        config._experts_implementation = "eager"
+        model = T.AutoModelForCausalLM.from_config(config, experts_implementation="eager")
+        if name == "deepseek_v3":
+            # Random init leaves the routing-bias buffer at zero; make it matter.
+            for layer in model.model.layers:
+                bias = getattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias", None)
+                if bias is not None:
+                    bias.copy_(torch.rand(bias.shape) * 0.1)
+        return model.eval()
     model = T.AutoModelForCausalLM.from_config(TINY_CONFIGS[name]())
     return model.eval()
 

@@ -1,0 +1,231 @@
+"""MoE expert streaming: one matrix over architecture × predictor × cache size × lookahead, then
+bad input. Every case compares against the unwrapped model run with eager experts (the same
+per-expert arithmetic), so logits must be bit-equal and greedy tokens identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_MOE_CONFIGS, build_tiny
+
+import torus_plugins as tp
+from torus_plugins.errors import BudgetTooSmallError, ConfigError
+
+ARCHS = sorted(TINY_MOE_CONFIGS)
+PREDICTORS = ["speculative", "frequency", "none"]
+CACHES = ["tiny", "half", "all"]
+PROMPT = torch.tensor([[5, 17, 3, 88, 41, 9, 60, 22, 71, 14, 33, 2]])
+NEW_TOKENS = 6
+
+
+def _reference(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    model = build_tiny(name)
+    with torch.no_grad():
+        return model(PROMPT).logits, model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+_REFS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def reference(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if name not in _REFS:
+        _REFS[name] = _reference(name)
+    return _REFS[name]
+
+
+def cache_size(model: torch.nn.Module, kind: str) -> int:
+    from torus_adapters.moe_architectures import moe_info
+
+    info = moe_info(model)
+    total = info["moe_layers"] * info["experts"]
+    return {"tiny": info["top_k"], "half": total // 2, "all": total}[kind]
+
+
+def assert_consistent(engine: tp.Engine) -> None:
+    """Counters agree with each other, and every cached expert holds exactly its host bytes."""
+    st = engine.stats().experts
+    assert st is not None
+    for layer in st.layers:
+        assert layer.hits + layer.misses == layer.routed
+        assert layer.bytes_moved == layer.loads * st.expert_bytes
+        assert layer.wasted_bytes <= layer.bytes_moved
+        assert layer.misses <= layer.loads
+        assert layer.predicted_correct <= layer.predicted_routed <= layer.routed
+    streamer = engine.experts
+    held = 0
+    for ring in streamer.cache.rings:
+        for slot in ring.slots:
+            if slot.layer is None:
+                continue
+            held += 1
+            engine.transport.wait(slot.ready)
+            src = streamer.store.buffers[slot.layer]
+            assert torch.equal(slot.buffer[: src.numel()], src), f"slot {slot.index} is stale"
+    assert held <= st.cache_experts
+
+
+@pytest.mark.parametrize("lookahead", [1, 2])
+@pytest.mark.parametrize("cache", CACHES)
+@pytest.mark.parametrize("predictor", PREDICTORS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matrix(arch: str, predictor: str, cache: str, lookahead: int) -> None:
+    ref_logits, ref_tokens = reference(arch)
+    model = build_tiny(arch)
+    engine = tp.attach(
+        model,
+        transport="copy",
+        moe_cache_experts=cache_size(model, cache),
+        moe_predictor=predictor,
+        lookahead=lookahead,
+    )
+    try:
+        with torch.no_grad():
+            logits = model(PROMPT).logits
+            tokens = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert torch.equal(logits, ref_logits)
+        assert torch.equal(tokens, ref_tokens)
+        assert_consistent(engine)
+        st = engine.stats().experts
+        assert st.routed > 0 and st.loads > 0
+        if cache == "all" and predictor == "none":
+            # Every expert is loaded at most once and then stays: misses = distinct experts seen.
+            assert st.loads == st.misses <= st.total_experts
+            assert st.wasted_bytes == 0
+        if predictor == "none":
+            assert st.recall is None and all(layer.predicted == 0 for layer in st.layers)
+        else:
+            assert st.recall is not None
+    finally:
+        tp.detach(model)
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, ref_logits)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_slow_link_never_computes_from_unlanded_slot(arch: str) -> None:
+    """Copies that take real time (a 20 MB/s link with latency) must still be waited for."""
+    ref_logits, ref_tokens = reference(arch)
+    model = build_tiny(arch)
+    engine = tp.attach(
+        model,
+        transport="simulated-link",
+        moe_cache_experts=4,
+        options={"link_bandwidth": "20MB/s", "link_latency_s": 0.0005},
+    )
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, ref_logits)
+        assert torch.equal(model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False), ref_tokens)
+    assert_consistent(engine)
+    assert engine.stats().experts.stall_s > 0
+    tp.detach(model)
+
+
+def test_scopes_and_eviction_policies_agree_with_eager() -> None:
+    ref_logits, ref_tokens = reference("qwen3_moe")
+    for scope in ("shared", "per-layer"):
+        for eviction in ("lru", "lfu"):
+            model = build_tiny("qwen3_moe")
+            engine = tp.attach(
+                model, transport="copy", moe_cache_experts=16, moe_cache_scope=scope, moe_eviction=eviction
+            )
+            with torch.no_grad():
+                assert torch.equal(model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False), ref_tokens)
+            assert_consistent(engine)
+            if scope == "per-layer":
+                assert [len(r) for r in engine.experts.cache.rings] == [4, 4, 4, 4]
+            tp.detach(model)
+
+
+def test_more_prefetch_raises_hits_and_bytes() -> None:
+    """`moe_expert_prefetch_k` trades hit rate against wasted bytes."""
+    rows = {}
+    for k in (0, 2, 6):
+        model = build_tiny("mixtral")
+        engine = tp.attach(model, transport="copy", moe_cache_experts=16, moe_expert_prefetch_k=k)
+        with torch.no_grad():
+            model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
+        rows[k] = engine.stats().experts
+        tp.detach(model)
+    assert rows[0].hit_rate <= rows[2].hit_rate <= rows[6].hit_rate
+    assert rows[6].hit_rate > rows[0].hit_rate
+    assert rows[6].bytes_moved > rows[0].bytes_moved
+
+
+def test_quantized_experts_stream_equal_to_cached_all() -> None:
+    """int8 experts: a tiny cache (constant reloading) computes exactly what a full cache does."""
+    outs = []
+    for cache in (2, 32):
+        model = build_tiny("mixtral")
+        engine = tp.attach(model, transport="copy", moe_cache_experts=cache, weight_quant="int8")
+        with torch.no_grad():
+            outs.append(model(PROMPT).logits)
+        st = engine.stats().experts
+        assert st.expert_bytes < sum(p[0].numel() * 4 for p in (model.model.layers[0].mlp.experts.gate_up_proj,)) * 2
+        tp.detach(model)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_budget_sizes_the_cache_and_stats_reach_engine_totals() -> None:
+    model = build_tiny("mixtral")
+    probe = tp.attach(model, transport="copy", kv_reserve_tokens=0)
+    non_ffn, expert = probe.non_ffn_bytes, probe.stats().experts.expert_bytes
+    tp.detach(model)
+    engine = tp.attach(model, transport="copy", kv_reserve_tokens=0, vram_budget=non_ffn + 10 * expert + 100)
+    assert engine.stats().experts.cache_experts == 10
+    with torch.no_grad():
+        model(PROMPT)
+    st = engine.stats()
+    assert st.bytes_moved == st.experts.bytes_moved > 0
+    assert st.hits + st.misses == st.experts.routed
+    d = st.as_dict()
+    assert d["experts"]["hit_rate"] == st.experts.hit_rate and "wasted_share" in d["experts"]
+    engine.reset_stats()
+    assert engine.stats().experts.routed == 0
+    tp.detach(model)
+
+
+# ---------------------------------------------------------------------- bad input
+def test_cache_smaller_than_top_k_names_the_minimum() -> None:
+    model = build_tiny("mixtral")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(BudgetTooSmallError, match=r"minimum is 2 experts") as info:
+        tp.attach(model, transport="copy", moe_cache_experts=1)
+    assert info.value.minimum_bytes > 0
+    with pytest.raises(BudgetTooSmallError, match=r"minimum is 8 experts .*top-2 for each of 4 layers"):
+        tp.attach(model, transport="copy", moe_cache_experts=6, moe_cache_scope="per-layer")
+    assert not tp.is_attached(model)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_budget_too_small_for_experts_names_the_minimum() -> None:
+    model = build_tiny("mixtral")
+    probe = tp.attach(model, transport="copy", kv_reserve_tokens=0)
+    non_ffn = probe.non_ffn_bytes
+    tp.detach(model)
+    with pytest.raises(BudgetTooSmallError, match="minimum is 2 experts"):
+        tp.attach(model, transport="copy", kv_reserve_tokens=0, vram_budget=non_ffn + 10)
+
+
+def test_unknown_predictor_and_zero_copy_are_config_errors() -> None:
+    model = build_tiny("olmoe")
+    with pytest.raises(ConfigError, match="unknown moe_predictor 'oracle'.*speculative"):
+        tp.attach(model, transport="copy", moe_predictor="oracle")
+    with pytest.raises(ConfigError, match="needs a transport that copies"):
+        tp.attach(model, transport="zero-copy")
+    with pytest.raises(ConfigError, match="moe_predictor_path"):
+        tp.attach(model, transport="copy", moe_predictor="learned")
+    assert not tp.is_attached(model)
+    with pytest.raises(ConfigError, match="moe_cache_scope"):
+        tp.TorusConfig(moe_cache_scope="global")
+    with pytest.raises(ConfigError, match="moe_eviction"):
+        tp.TorusConfig(moe_eviction="fifo")
+    with pytest.raises(ConfigError, match="moe_cache_experts"):
+        tp.TorusConfig(moe_cache_experts=0)
+
+
+def test_auto_transport_copies_on_cpu_for_moe() -> None:
+    model = build_tiny("mixtral")
+    engine = tp.attach(model)
+    assert engine.transport.name == "copy"
+    tp.detach(model)
