@@ -431,7 +431,7 @@ def train_predictor(
     code_k: int | None = None,
     epochs: int = 20,
     batch_size: int = 256,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     recon_weight: float = 0.5,
     l1_weight: float = 1e-3,
     heldout_fraction: float = 0.1,
@@ -512,7 +512,7 @@ def train_predictor(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sums += torch.tensor([float(loss), float(bce), float(rec), float(l1)]) * len(n)
+            sums += torch.stack([loss, bce, rec, l1]).detach().cpu() * len(n)
             step += 1
             if progress is not None:
                 progress(step, total_steps)
@@ -522,9 +522,9 @@ def train_predictor(
     net.eval().cpu()
     with torch.no_grad():
         hn, hj = _pairs(held_tokens, L)
-        h_logits, h_recon, h_code, h_x = net(hj, traces.hidden[hn, hj]) if len(hn) else (None,) * 4
-        held_recon = float(F.mse_loss(h_recon, h_x)) if h_recon is not None else float("nan")
-        active = float((h_code > 0).float().sum(-1).mean()) if h_code is not None else float("nan")
+        _, h_recon, h_code, h_x = net(hj, traces.hidden[hn, hj])
+        held_recon = float(F.mse_loss(h_recon, h_x))
+        active = float((h_code > 0).float().sum(-1).mean())
     eval_train = range(max(0, n_train - 4096), n_train)  # the last 4096 training tokens are plenty
     report = {
         "fingerprint": fp.as_metadata(),
