@@ -28,8 +28,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-reserve-tokens", type=int, default=4096, help="KV-cache tokens the budget reserves")
     g.add_argument("--weight-quant", choices=["int8", "int4"], help="stream FFN weights quantized (default: as loaded)")
     m = p.add_argument_group("MoE models (routed experts stream one expert at a time)")
-    m.add_argument("--moe-cache-experts", type=int, help="experts the device cache holds (default: what the budget fits)")
-    m.add_argument("--moe-cache-scope", choices=["shared", "per-layer"], default="shared", help="one cache or one per layer")
+    m.add_argument(
+        "--moe-cache-experts", type=int, help="experts the device cache holds (default: what the budget fits)"
+    )
+    m.add_argument(
+        "--moe-cache-scope", choices=["shared", "per-layer"], default="shared", help="one cache or one per layer"
+    )
     m.add_argument("--moe-eviction", choices=["lru", "lfu"], default="lru", help="which cached expert makes room")
     m.add_argument(
         "--moe-predictor", default="speculative", help="speculative, learned, frequency, none, or a plugin's name"

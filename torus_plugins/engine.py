@@ -21,7 +21,7 @@ from .architecture import Architecture, FFNSite
 from .budget import ResidencyPlan, plan_residency
 from .config import TorusConfig
 from .errors import ConfigError, TransferError
-from .experts import ExpertStreamer, check_moe_transport, expert_param_ids, plan_experts
+from .experts import ExpertStreamer, check_moe_transport, expert_param_ids, plan_experts, predict_context
 from .host_store import HostStore, materialize
 from .plugins import Registry
 from .prefetch import PrefetchContext
@@ -144,17 +144,19 @@ class Engine:
                 sizes.slot_bytes,
             )
         if self.expert_sites:
-            self._expert_predictor = None
-            if self.config.moe_predictor != "none" or "none" in self._registry.expert_predictors:
-                self._expert_predictor = self._registry.expert_predictors.get(self.config.moe_predictor)
-                if self._expert_predictor is None:
-                    raise ConfigError(
-                        f"unknown moe_predictor {self.config.moe_predictor!r}; available: "
-                        f"{', '.join(sorted(self._registry.expert_predictors))} (plugins add more through "
-                        f"the torus_register_expert_predictors hook)"
-                    )
             left = None if budget is None else budget - self.plan.device_bytes(self.layer_bytes) - kv
             self.expert_plan, _ = plan_experts(self.expert_sites, self.config, left)
+            factory = self._registry.expert_predictors.get(self.config.moe_predictor)
+            if factory is None:
+                raise ConfigError(
+                    f"unknown moe_predictor {self.config.moe_predictor!r}; available: "
+                    f"{', '.join(sorted(self._registry.expert_predictors))} (plugins add more through "
+                    f"the torus_register_expert_predictors hook)"
+                )
+            # Built now, so a bad predictor file fails before any weight moves.
+            ctx = predict_context(self.model, self.arch, self.expert_sites, self.config)  # type: ignore[arg-type]
+            self._expert_predictor = factory(ctx)
+            self._prefetch_k = ctx.prefetch_k
 
     def build(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Pack FFN weights into the host store, place everything, install hooks, warm the ring.
@@ -220,6 +222,7 @@ class Engine:
                 self.transport,
                 dev,
                 self._expert_predictor,
+                self._prefetch_k,
                 self.store.pin_memory,
             )
             self.experts.build(progress)

@@ -96,7 +96,9 @@ def plan_expert_cache(
         slots, why = total, ""
     slots = min(slots, total)
     if slots < minimum:
-        need = f"one layer's top-{max(top_k)}" if scope == "shared" else f"top-{max(top_k)} for each of {n_layers} layers"
+        need = (
+            f"one layer's top-{max(top_k)}" if scope == "shared" else f"top-{max(top_k)} for each of {n_layers} layers"
+        )
         raise BudgetTooSmallError(
             f"the MoE expert cache is too small: {why}, but the minimum is {minimum} experts "
             f"({format_bytes(minimum * slot_bytes)}, {need} of {format_bytes(slot_bytes)} each). "

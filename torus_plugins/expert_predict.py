@@ -49,7 +49,8 @@ class ExpertPredictor(Protocol):
     def predict(self, j: int, hidden: torch.Tensor, routed: torch.Tensor) -> Sequence[tuple[int, Sequence[int]]]: ...
 
 
-ExpertPredictorFactory = Callable[[ExpertPredictContext], ExpertPredictor]
+#: Returns the predictor, or None for "predict nothing" (routed experts then load on demand).
+ExpertPredictorFactory = Callable[[ExpertPredictContext], "ExpertPredictor | None"]
 
 
 def top_experts(scores: torch.Tensor, k: int) -> list[int]:

@@ -22,7 +22,7 @@ from .architecture import EXPERTS_RUNNER_ATTR, ExpertSite, MoEArchitecture
 from .config import TorusConfig
 from .errors import ConfigError, TransferError
 from .expert_cache import ExpertCache, ExpertCachePlan, plan_expert_cache
-from .expert_predict import ExpertPredictContext, ExpertPredictor, ExpertPredictorFactory
+from .expert_predict import ExpertPredictContext, ExpertPredictor
 from .host_store import HostStore, PackedLayer, materialize, plan_packed
 from .slots import Slot
 from .stats import ExpertCounters, ExpertLayerStats, ExpertStats
@@ -55,6 +55,29 @@ def plan_experts(
         available_bytes,
     )
     return plan, packed
+
+
+def predict_context(
+    model: nn.Module, arch: MoEArchitecture, sites: list[ExpertSite], config: TorusConfig
+) -> ExpertPredictContext:
+    """What a predictor plugin is built from (known before any weight moves)."""
+    cfg = getattr(model, "config", None)
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    k = config.moe_expert_prefetch_k
+    return ExpertPredictContext(
+        num_layers=len(sites),
+        num_experts=tuple(s.num_experts for s in sites),
+        top_k=tuple(s.top_k for s in sites),
+        prefetch_k=max(s.top_k for s in sites) if k is None else k,
+        lookahead=config.lookahead,
+        router_scores=lambda j, hidden: arch.router_scores(sites[j], hidden),
+        predictor_path=config.moe_predictor_path,
+        model={
+            "model_type": getattr(text_cfg, "model_type", None) or arch.name,
+            "hidden_size": getattr(text_cfg, "hidden_size", 0),
+        },
+        options=dict(config.options),
+    )
 
 
 class _ExpertsView:
@@ -94,12 +117,14 @@ class ExpertStreamer:
         config: TorusConfig,
         transport: Transport,
         device: torch.device,
-        predictor_factory: ExpertPredictorFactory | None,
+        predictor: ExpertPredictor | None,
+        prefetch_k: int,
         pin_memory: bool,
     ) -> None:
         self.model, self.arch, self.sites, self.plan = model, arch, sites, plan
         self.config, self.transport, self.device = config, transport, device
-        self._factory = predictor_factory
+        self.predictor = predictor
+        self.prefetch_k = prefetch_k
         self.store = HostStore(pin_memory, config.weight_quant, config.quant_group_size)
         self.base: list[int] = []
         self._unit_layer: list[int] = []
@@ -115,7 +140,6 @@ class ExpertStreamer:
         self._pending: set[int] = set()
         self._predicted: dict[int, set[int]] = {}
         self.cache: ExpertCache | None = None
-        self.predictor: ExpertPredictor | None = None
 
     # ------------------------------------------------------------------ set-up
     def build(self, progress: Callable[[int, int], None] | None = None) -> None:
@@ -136,31 +160,10 @@ class ExpertStreamer:
         buffers = [self.transport.alloc(self.plan.slot_bytes) for _ in range(self.plan.slots)]
         self.cache = ExpertCache(self.plan, buffers, self.store.layers, self.config.moe_eviction)
         self._shims = [self._make_shim(j) for j in range(len(self.sites))]
-        if self._factory is not None:
-            self.predictor = self._factory(self._predict_context())
         for j, site in enumerate(self.sites):
             site.module.__dict__[EXPERTS_RUNNER_ATTR] = self._make_runner(j)
             self._installed.append(site.module)
         self._restore = self.arch.install_experts(self.model)
-
-    def _predict_context(self) -> ExpertPredictContext:
-        cfg = getattr(self.model, "config", None)
-        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        k = self.config.moe_expert_prefetch_k
-        return ExpertPredictContext(
-            num_layers=len(self.sites),
-            num_experts=tuple(s.num_experts for s in self.sites),
-            top_k=tuple(s.top_k for s in self.sites),
-            prefetch_k=max(s.top_k for s in self.sites) if k is None else k,
-            lookahead=self.config.lookahead,
-            router_scores=lambda j, hidden: self.arch.router_scores(self.sites[j], hidden),
-            predictor_path=self.config.moe_predictor_path,
-            model={
-                "model_type": getattr(cfg, "model_type", None) or self.arch.name,
-                "hidden_size": getattr(text_cfg, "hidden_size", 0),
-            },
-            options=dict(self.config.options),
-        )
 
     def _make_shim(self, j: int) -> _ModuleShim:
         site = self.sites[j]
@@ -318,7 +321,7 @@ class ExpertStreamer:
             total_experts=self.plan.total_experts,
             expert_bytes=self.store.layers[0].transfer.nbytes if self.store.layers else 0,
             cache_bytes=self.plan.nbytes,
-            prefetch_k=self._predict_context().prefetch_k,
+            prefetch_k=self.prefetch_k,
             forward_passes=self.forward_passes,
             layers=layers,
         )

@@ -89,12 +89,9 @@ class LearnedPredictor:
         return out
 
 
-class NoPrediction:
-    def __init__(self, ctx: ExpertPredictContext) -> None:
-        pass
-
-    def predict(self, j: int, hidden: torch.Tensor, routed: torch.Tensor) -> Prediction:
-        return ()
+def no_prediction(ctx: ExpertPredictContext) -> None:
+    """ "none": the engine skips prediction entirely when a factory returns None."""
+    return None
 
 
 @hookimpl
@@ -102,4 +99,4 @@ def torus_register_expert_predictors(register) -> None:
     register("speculative", SpeculativeRouting)
     register("learned", LearnedPredictor)
     register("frequency", FrequencyPrior)
-    register("none", NoPrediction)
+    register("none", no_prediction)
