@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=_cmd_serve)
     p = sub.add_parser("plugins", help="list the registered plugins, architectures, transports and policies")
     p.set_defaults(func=_cmd_plugins)
+    from .routing_traces import add_cli as add_train_predictor
+
+    add_train_predictor(sub)
     return parser
 
 

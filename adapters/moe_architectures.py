@@ -117,7 +117,9 @@ def moe_info(model: nn.Module) -> dict[str, Any]:
         return {}
     sites = arch.expert_sites(model)
     s = sites[0]
-    per_expert = sum(getattr(s.module, attr)[0].numel() * getattr(s.module, attr).element_size() for _, attr in s.params)
+    per_expert = sum(
+        getattr(s.module, attr)[0].numel() * getattr(s.module, attr).element_size() for _, attr in s.params
+    )
     return {"moe_layers": len(sites), "experts": s.num_experts, "top_k": s.top_k, "expert_bytes": per_expert}
 
 
