@@ -294,3 +294,53 @@ def test_auto_transport_copies_on_cpu_for_moe() -> None:
     engine = tp.attach(model)
     assert engine.transport.name == "copy"
     tp.detach(model)
+
+
+# ---------------------------------------------------------------------- adapters
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory, smollm2_path):
+    """A saved tiny Mixtral with the SmolLM2 tokenizer: loadable by `pipeline()` and `TorusModel`."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.MixtralConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        tie_word_embeddings=True,
+    )
+    out = tmp_path_factory.mktemp("tiny-mixtral")
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    T.AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(out)
+    return str(out)
+
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_pipeline_with_plugin_enabled_streams_experts(tiny_moe_dir):
+    import transformers as T
+
+    plain = T.pipeline("text-generation", model=tiny_moe_dir)
+    want = plain(CHAT, max_new_tokens=12, do_sample=False)[0]["generated_text"][-1]["content"]
+    with tp.enabled(moe_cache_experts=6, moe_predictor="speculative"):
+        pipe = T.pipeline("text-generation", model=tiny_moe_dir)
+    assert tp.is_attached(pipe.model)
+    got = pipe(CHAT, max_new_tokens=12, do_sample=False)[0]["generated_text"][-1]["content"]
+    assert got == want
+    st = tp.get_engine(pipe.model).stats()
+    assert st.experts.cache_experts == 6 and st.experts.loads > 0 and st.bytes_moved == st.experts.bytes_moved
+
+
+def test_torus_model_on_moe_checkpoint_reports_expert_stats(tiny_moe_dir):
+    tm = tp.TorusModel.from_pretrained(tiny_moe_dir, tp.TorusConfig(moe_cache_experts=4, moe_eviction="lfu"))
+    text = tm.generate("Hello", max_new_tokens=6)
+    assert isinstance(text, str)
+    d = tm.stats().as_dict()
+    assert d["experts"]["eviction"] == "lfu" and d["experts"]["routed"] > 0
+    assert "experts: cache=4/24" in tm.stats().summary()
