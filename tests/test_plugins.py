@@ -525,6 +525,7 @@ def test_hookspecs_are_documented_and_typed():
         "torus_register_architectures",
         "torus_register_prefetch_policies",
         "torus_register_transports",
+        "torus_register_expert_predictors",
         "torus_stats_event",
     }
     assert hookspecs.__doc__ and "TORUS_SPARSE_DISABLE_PLUGIN_AUTOLOAD" in hookspecs.__doc__
@@ -543,3 +544,96 @@ def test_every_hookspec_is_known_to_a_fresh_manager():
     pm = _builtin_pm()
     for name, _ in _hookspec_functions():
         assert getattr(pm.hook, name).has_spec()
+
+
+# ---------------------------------------------------------------------- MoE plugins
+def _tiny_glm4_moe() -> torch.nn.Module:
+    import transformers as T
+
+    cfg = T.Glm4MoeConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        moe_intermediate_size=48,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        n_shared_experts=1,
+    )
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(cfg, experts_implementation="eager").eval()
+
+
+def test_a_new_moe_architecture_is_one_table_row_in_a_plugin():
+    """GLM-4-MoE is not built in; one `MoEDecoder` row registered by a plugin streams its experts."""
+    from torus_adapters.moe_architectures import MoEDecoder
+
+    class Glm4MoePlugin:
+        @hookimpl
+        def torus_register_architectures(self, register):
+            register(MoEDecoder("glm4_moe", ("glm4_moe",)))
+
+    model = _tiny_glm4_moe()
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False)
+    with pytest.raises(UnsupportedArchitectureError, match="glm4_moe"):
+        torus_plugins.attach(model, plugin_manager=_builtin_pm())
+    pm = _builtin_pm()
+    pm.register(Glm4MoePlugin(), name="glm4-moe-plugin")
+    engine = torus_plugins.attach(model, plugin_manager=pm, moe_cache_experts=4)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
+    st = engine.stats().experts
+    assert st.total_experts == 16 and st.loads > 0  # 2 MoE layers (the first is dense) × 8 experts
+    torus_plugins.detach(model)
+
+
+def test_a_third_party_expert_predictor_is_selected_by_name():
+    from torus_adapters.moe_architectures import MoEDecoder
+
+    calls = []
+
+    class AlwaysFirstExperts:
+        """Predicts experts 0..k-1 for the next layer: a throwaway predictor plugin."""
+
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        def predict(self, j, hidden, routed):
+            calls.append(j)
+            return [(j + 1, list(range(self.ctx.prefetch_k)))] if j + 1 < self.ctx.num_layers else []
+
+    class Plugin:
+        @hookimpl
+        def torus_register_architectures(self, register):
+            register(MoEDecoder("glm4_moe", ("glm4_moe",)))
+
+        @hookimpl
+        def torus_register_expert_predictors(self, register):
+            register("first-k", AlwaysFirstExperts)
+
+    pm = _builtin_pm()
+    pm.register(Plugin(), name="first-k-plugin")
+    model = _tiny_glm4_moe()
+    engine = torus_plugins.attach(model, plugin_manager=pm, moe_cache_experts=8, moe_predictor="first-k")
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    assert calls == [0, 1]  # once per MoE layer per forward pass
+    assert engine.stats().experts.layers[1].predicted == 2
+    torus_plugins.detach(model)
+    with pytest.raises(PluginError, match="two plugins register an expert predictor named 'speculative'"):
+
+        class Clash:
+            @hookimpl
+            def torus_register_expert_predictors(self, register):
+                register("speculative", AlwaysFirstExperts)
+
+        pm2 = _builtin_pm()
+        pm2.register(Clash(), name="clash")
+        resolve(pm2)

@@ -126,13 +126,15 @@ class Registry:
 
 
 def _named_register(kind: str, into: dict[str, Any]):
+    kind = ("an " if kind[0] in "aeiou" else "a ") + kind
+
     def register(name: str, factory: Any) -> None:
         if not isinstance(name, str) or not callable(factory):
             raise PluginError(
-                f"register a {kind} as register(name: str, factory: callable), got ({name!r}, {factory!r})"
+                f"register {kind} as register(name: str, factory: callable), got ({name!r}, {factory!r})"
             )
         if name in into:
-            raise PluginError(f"two plugins register a {kind} named {name!r}; rename one of them")
+            raise PluginError(f"two plugins register {kind} named {name!r}; rename one of them")
         into[name] = factory
 
     return register
