@@ -54,12 +54,15 @@ class MoEDecoder(DecoderFFN):
     """A `transformers` MoE family: `layers[i].<moe>.<experts>` fused experts, `<router>` router.
 
     moe: the layer's MoE block attribute; experts / router: attributes of that block.
+    norm: the layer's RMS norm in front of the MoE block (its weight rescales hidden states for
+        speculative routing; `None` when the family has none of that form).
     Layers whose block has no experts (dense layers) are left on the device.
     """
 
     moe: str = "mlp"
     experts: str = "experts"
     router: str = "gate"
+    norm: str | None = "post_attention_layernorm"
 
     def ffn_sites(self, model: nn.Module) -> list[FFNSite]:
         return []  # routed experts stream through `expert_sites`; nothing streams per layer
@@ -78,7 +81,13 @@ class MoEDecoder(DecoderFFN):
             )
             n = int(experts.num_experts)
             top_k = int(getattr(router, "top_k", 0) or model.config.num_experts_per_tok)
-            sites.append(ExpertSite(layer=i, module=experts, params=params, num_experts=n, top_k=top_k, router=router))
+            norm = getattr(getattr(layer, self.norm, None), "weight", None) if self.norm else None
+            scale = norm if isinstance(norm, torch.Tensor) and norm.dim() == 1 else None
+            sites.append(
+                ExpertSite(
+                    layer=i, module=experts, params=params, num_experts=n, top_k=top_k, router=router, input_scale=scale
+                )
+            )
         return sites
 
     def router_scores(self, site: ExpertSite, hidden: torch.Tensor) -> torch.Tensor:

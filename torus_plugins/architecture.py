@@ -61,6 +61,10 @@ class ExpertSite:
         weights are `getattr(module, attr)[e]`, and one expert's slices travel together.
     router: the layer's router module, which speculative prediction applies to earlier hidden
         states (see `MoEArchitecture.router_scores`).
+    input_scale: the per-channel weight of the RMS norm that produces this layer's MoE input,
+        when it has one. Speculative routing divides an earlier layer's input by that layer's
+        scale and multiplies by this one: the normalised residual stream, as this layer's norm
+        would weight it.
     """
 
     layer: int
@@ -69,6 +73,7 @@ class ExpertSite:
     num_experts: int
     top_k: int
     router: nn.Module
+    input_scale: torch.Tensor | None = None
 
 
 #: What an architecture's experts implementation calls: runner(module, hidden, top_k_index,

@@ -21,7 +21,9 @@ class ExpertPredictContext:
     num_experts / top_k: per MoE layer.
     prefetch_k: experts to name per predicted layer (`moe_expert_prefetch_k`).
     lookahead: how many MoE layers ahead to predict (`TorusConfig.lookahead`).
-    router_scores(j, hidden): `[tokens, experts]` scores of MoE layer j's router on `hidden`.
+    router_scores(j, hidden, source=None): `[tokens, experts]` scores of MoE layer j's router on
+        `hidden`; pass `source` when `hidden` is MoE layer `source`'s input, to re-weight it by
+        the two layers' norm scales first.
     predictor_path: `moe_predictor_path`, for predictors read from a file.
     model: identity of the model (model_type, hidden_size, ...) to check a predictor file against.
     options: `TorusConfig.options`.
@@ -32,7 +34,7 @@ class ExpertPredictContext:
     top_k: tuple[int, ...]
     prefetch_k: int
     lookahead: int
-    router_scores: Callable[[int, torch.Tensor], torch.Tensor]
+    router_scores: Callable[..., torch.Tensor]
     predictor_path: str | None
     model: dict[str, Any]
     options: dict[str, Any]

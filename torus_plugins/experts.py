@@ -70,7 +70,7 @@ def predict_context(
         top_k=tuple(s.top_k for s in sites),
         prefetch_k=max(s.top_k for s in sites) if k is None else k,
         lookahead=config.lookahead,
-        router_scores=lambda j, hidden: arch.router_scores(sites[j], hidden),
+        router_scores=_speculative_scores(arch, sites),
         predictor_path=config.moe_predictor_path,
         model={
             "model_type": getattr(text_cfg, "model_type", None) or arch.name,
@@ -78,6 +78,31 @@ def predict_context(
         },
         options=dict(config.options),
     )
+
+
+def _speculative_scores(arch: MoEArchitecture, sites: list[ExpertSite]) -> Callable[..., torch.Tensor]:
+    """router_scores(j, hidden, source=None): layer j's router on `hidden`; with `source`, the
+    hidden states are MoE layer `source`'s input, re-weighted by the two layers' norm scales."""
+    ratios: dict[tuple[int, int], torch.Tensor | None] = {}
+
+    def ratio(source: int, j: int) -> torch.Tensor | None:
+        if (source, j) not in ratios:
+            a, b = sites[source].input_scale, sites[j].input_scale
+            r = None
+            if a is not None and b is not None and a.shape == b.shape:
+                a, b = a.detach(), b.detach()
+                r = torch.where(a != 0, b / torch.where(a != 0, a, torch.ones_like(a)), torch.zeros_like(a))
+            ratios[(source, j)] = r
+        return ratios[(source, j)]
+
+    def scores(j: int, hidden: torch.Tensor, source: int | None = None) -> torch.Tensor:
+        if source is not None:
+            r = ratio(source, j)
+            if r is not None:
+                hidden = hidden * r.to(hidden.device, hidden.dtype)
+        return arch.router_scores(sites[j], hidden)
+
+    return scores
 
 
 class _ExpertsView:

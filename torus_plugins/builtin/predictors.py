@@ -28,11 +28,14 @@ def _ahead(ctx: ExpertPredictContext, j: int) -> range:
 class SpeculativeRouting:
     def __init__(self, ctx: ExpertPredictContext) -> None:
         self.ctx = ctx
+        # options["speculative_rescale"]=False applies the next router to the raw current input.
+        self.rescale = bool(ctx.options.get("speculative_rescale", True))
 
     @torch.no_grad()
     def predict(self, j: int, hidden: torch.Tensor, routed: torch.Tensor) -> Prediction:
         k, scores = self.ctx.prefetch_k, self.ctx.router_scores
-        return [(nxt, top_experts(scores(nxt, hidden), k)) for nxt in _ahead(self.ctx, j)]
+        source = j if self.rescale else None
+        return [(nxt, top_experts(scores(nxt, hidden, source), k)) for nxt in _ahead(self.ctx, j)]
 
 
 class FrequencyPrior:
