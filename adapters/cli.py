@@ -255,8 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=_cmd_serve)
     p = sub.add_parser("plugins", help="list the registered plugins, architectures, transports and policies")
     p.set_defaults(func=_cmd_plugins)
+    from .moefy import add_cli as add_moefy
     from .routing_traces import add_cli as add_train_predictor
 
+    add_moefy(sub)
     add_train_predictor(sub)
     return parser
 
