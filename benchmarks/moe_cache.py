@@ -192,7 +192,15 @@ def print_row(name: str, r: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="an MoE model directory (default: the MoEfied SmolLM2, built once)")
+    ap.add_argument("--model", help="an MoE model directory (default: the MoEfied SmolLM2 variants, built once)")
+    ap.add_argument(
+        "--moefy",
+        nargs="+",
+        default=["32,14,0.3334", "32,8,0.5"],
+        help="MoEfied SmolLM2 variants as experts,top_k,shared_fraction (default: the default build, 32,14,0.3334, "
+        "and a sparser one, 32,8,0.5)",
+    )
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"prompts used (default {len(PROMPTS)})")
     ap.add_argument("--predictor", help="learned predictor file (default: <model>/predictor.safetensors if present)")
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per prompt (default 32)")
     ap.add_argument("--lookahead", type=int, default=1, help="MoE layers predicted ahead (default 1)")
