@@ -45,7 +45,8 @@ class ExpertPredictor(Protocol):
 
     predict(j, hidden, routed): `hidden` is MoE layer j's input `[tokens, hidden_size]`,
     `routed` its `[tokens, top_k]` routed expert ids. Returns `(layer, experts)` pairs for
-    layers after j, nearest first, each with at most `prefetch_k` expert ids, most likely first.
+    layers after j, nearest first (past the last layer: the next token's first layers), each with at
+    most `prefetch_k` expert ids, most likely first.
     """
 
     def predict(self, j: int, hidden: torch.Tensor, routed: torch.Tensor) -> Sequence[tuple[int, Sequence[int]]]: ...

@@ -130,9 +130,7 @@ def _named_register(kind: str, into: dict[str, Any]):
 
     def register(name: str, factory: Any) -> None:
         if not isinstance(name, str) or not callable(factory):
-            raise PluginError(
-                f"register {kind} as register(name: str, factory: callable), got ({name!r}, {factory!r})"
-            )
+            raise PluginError(f"register {kind} as register(name: str, factory: callable), got ({name!r}, {factory!r})")
         if name in into:
             raise PluginError(f"two plugins register {kind} named {name!r}; rename one of them")
         into[name] = factory

@@ -21,8 +21,13 @@ from ..hookspecs import hookimpl
 Prediction = Sequence[tuple[int, Sequence[int]]]
 
 
-def _ahead(ctx: ExpertPredictContext, j: int) -> range:
-    return range(j + 1, min(j + 1 + ctx.lookahead, ctx.num_layers))
+def _ahead(ctx: ExpertPredictContext, j: int, wrap: bool = False) -> list[int]:
+    """The next `lookahead` MoE layers; with `wrap`, past the last layer come the next token's
+    first layers (their copies then overlap the LM head, sampling and the first attention)."""
+    n = ctx.num_layers
+    if wrap:
+        return [(j + d) % n for d in range(1, min(ctx.lookahead, n - 1) + 1)]
+    return list(range(j + 1, min(j + 1 + ctx.lookahead, n)))
 
 
 class SpeculativeRouting:
@@ -30,12 +35,14 @@ class SpeculativeRouting:
         self.ctx = ctx
         # options["speculative_rescale"]=False applies the next router to the raw current input.
         self.rescale = bool(ctx.options.get("speculative_rescale", True))
+        # options["speculative_wrap"]=False: no guess for the next token's first layers.
+        self.wrap = bool(ctx.options.get("speculative_wrap", True))
 
     @torch.no_grad()
     def predict(self, j: int, hidden: torch.Tensor, routed: torch.Tensor) -> Prediction:
         k, scores = self.ctx.prefetch_k, self.ctx.router_scores
         source = j if self.rescale else None
-        return [(nxt, top_experts(scores(nxt, hidden, source), k)) for nxt in _ahead(self.ctx, j)]
+        return [(nxt, top_experts(scores(nxt, hidden, source), k)) for nxt in _ahead(self.ctx, j, self.wrap)]
 
 
 class FrequencyPrior:
@@ -51,7 +58,7 @@ class FrequencyPrior:
         # A stable sort keeps ties in expert order, so an untrained prior is deterministic.
         return [
             (nxt, torch.sort(self.counts[nxt], descending=True, stable=True).indices[:k].tolist())
-            for nxt in _ahead(self.ctx, j)
+            for nxt in _ahead(self.ctx, j, wrap=True)
         ]
 
 
