@@ -206,37 +206,52 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lookahead", type=int, default=1, help="MoE layers predicted ahead (default 1)")
     ap.add_argument("--tiny", action="store_true", help="random-init shapes only")
     ap.add_argument("--no-tiny", action="store_true", help="skip the random-init shapes")
+    ap.add_argument("--merge", action="store_true", help="add to --out's models instead of replacing the file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the copy worker gets a core)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "moe_cache.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    del PROMPTS[args.prompts :]
     results: dict[str, Any] = {
         "method": __doc__,
         "tokens_per_prompt": args.tokens,
-        "prompts": PROMPTS,
+        "prompts": list(PROMPTS),
         "lookahead": args.lookahead,
         "threads": args.threads,
         "models": [],
     }
     if not args.tiny:
         if args.model:
-            path = Path(args.model)
+            paths = [Path(args.model)]
         else:
             from torus_adapters.moefy import moefied_model_path
 
-            path = moefied_model_path()
-        pred = args.predictor or (
-            str(path / "predictor.safetensors") if (path / "predictor.safetensors").is_file() else None
-        )
-        entry = bench_model(path.name, path, args.tokens, pred, args.lookahead)
-        report = path / "moefy_report.json"
-        if report.is_file():
-            entry["moefy_report"] = json.loads(report.read_text())
-        results["models"].append(entry)
+            paths = []
+            for spec in args.moefy:
+                e, k, f = spec.split(",")
+                paths.append(moefied_model_path(int(e), int(k), float(f)))
+        for path in paths:
+            pred = args.predictor if args.model else None
+            if pred is None and (path / "predictor.safetensors").is_file():
+                pred = str(path / "predictor.safetensors")
+            entry = bench_model(path.name, path, args.tokens, pred, args.lookahead)
+            report = path / "moefy_report.json"
+            if report.is_file():
+                entry["moefy_report"] = json.loads(report.read_text())
+            results["models"].append(entry)
     if not args.no_tiny:
         for name, cfg in tiny_models().items():
             results["models"].append(bench_model(name, cfg, args.tokens, None, args.lookahead))
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and args.out.is_file():
+        # Keep the models measured by an earlier run (same settings) that this run did not redo.
+        earlier = json.loads(args.out.read_text())
+        same = {k: earlier.get(k) == results[k] for k in ("tokens_per_prompt", "prompts", "lookahead", "threads")}
+        if not all(same.values()):
+            print(f"--merge: settings differ from {args.out} ({same}); not merging", file=sys.stderr)
+            return 2
+        done = {m["model"] for m in results["models"]}
+        results["models"] = [m for m in earlier["models"] if m["model"] not in done] + results["models"]
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
