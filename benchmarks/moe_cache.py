@@ -138,6 +138,7 @@ def variants(total: int, top_k: int, predictor_path: str | None) -> list[dict[st
     half = max(top_k, total // 2)
     for p in [x for x in preds if x != "none"]:
         out.append(dict(moe_predictor=p, moe_cache_experts=half, cache_share=0.5, moe_eviction="lfu"))
+        out.append(dict(moe_predictor=p, moe_cache_experts=half, cache_share=0.5, moe_eviction="next-use"))
         out.append(dict(moe_predictor=p, moe_cache_experts=half, cache_share=0.5, moe_cache_scope="per-layer"))
         out.append(dict(moe_predictor=p, moe_cache_experts=half, cache_share=0.5, moe_expert_prefetch_k=2 * top_k))
     for v in out:

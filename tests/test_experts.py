@@ -150,7 +150,7 @@ def test_slow_link_never_computes_from_unlanded_slot(arch: str) -> None:
 def test_scopes_and_eviction_policies_agree_with_eager() -> None:
     ref_logits, ref_tokens = reference("qwen3_moe")
     for scope in ("shared", "per-layer"):
-        for eviction in ("lru", "lfu"):
+        for eviction in ("lru", "lfu", "next-use"):
             model = build_tiny("qwen3_moe")
             engine = tp.attach(
                 model, transport="copy", moe_cache_experts=16, moe_cache_scope=scope, moe_eviction=eviction

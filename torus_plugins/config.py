@@ -99,8 +99,8 @@ class TorusConfig:
             together with the "shared" scope). `None`: as many as the budget leaves room for
             (every expert when there is no budget). Must hold at least one layer's top-k.
         moe_cache_scope: "shared" (one cache for all MoE layers) or "per-layer" (equal shares).
-        moe_eviction: which cached expert makes room: "lru" or "lfu" (least often routed,
-            ties broken by recency).
+        moe_eviction: which cached expert makes room: "lru", "lfu" (least often routed, ties
+            broken by recency) or "next-use" (an expert of the layer that runs again last).
         moe_predictor: how the next layers' experts are guessed: "speculative" (the next layer's
             router on the current hidden state), "learned" (a trained predictor file, see
             `moe_predictor_path`), "frequency" (the most often routed experts so far), "none",
@@ -153,8 +153,8 @@ class TorusConfig:
             raise ConfigError(f"moe_cache_experts must be an integer >= 1 or None, got {self.moe_cache_experts!r}")
         if self.moe_cache_scope not in ("shared", "per-layer"):
             raise ConfigError(f"moe_cache_scope must be 'shared' or 'per-layer', got {self.moe_cache_scope!r}")
-        if self.moe_eviction not in ("lru", "lfu"):
-            raise ConfigError(f"moe_eviction must be 'lru' or 'lfu', got {self.moe_eviction!r}")
+        if self.moe_eviction not in ("lru", "lfu", "next-use"):
+            raise ConfigError(f"moe_eviction must be 'lru', 'lfu' or 'next-use', got {self.moe_eviction!r}")
         if not isinstance(self.moe_predictor, str) or not self.moe_predictor:
             raise ConfigError(f"moe_predictor must be a name such as 'speculative', got {self.moe_predictor!r}")
         if self.moe_expert_prefetch_k is not None and (

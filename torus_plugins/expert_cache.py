@@ -16,32 +16,52 @@ from .errors import BudgetTooSmallError
 from .host_store import PackedLayer
 from .slots import Slot, SlotRing
 
-EVICTION_POLICIES = ("lru", "lfu")
+EVICTION_POLICIES = ("lru", "lfu", "next-use")
 SCOPES = ("shared", "per-layer")
 
 
 class ExpertRing(SlotRing):
-    """A slot ring keyed by expert unit, evicting by recency ("lru") or routing frequency ("lfu").
+    """A slot ring keyed by expert unit, evicting by recency, routing frequency or next use.
 
     "lfu" keeps the experts routed most often since attach (ties: the least recently used goes),
     the policy published results say matters less than capacity: the benchmark measures both.
+    "next-use" evicts an expert of the layer whose next run is furthest away (the layers run in
+    a cycle, so that is the layer that just ran, then the one before), ties by frequency: LRU
+    evicts exactly the experts needed soonest once a token's experts outgrow the cache.
     """
 
-    def __init__(self, buffers: list[torch.Tensor], units: list[PackedLayer], policy: str, freq: list[int]) -> None:
+    def __init__(
+        self,
+        buffers: list[torch.Tensor],
+        units: list[PackedLayer],
+        policy: str,
+        freq: list[int],
+        unit_layer: list[int] | None = None,
+        n_layers: int = 1,
+    ) -> None:
         super().__init__(buffers, units)
         self.policy = policy
         self._freq = freq  # shared with the cache: routed count per unit
+        self._unit_layer = unit_layer or [0] * len(units)
+        self._n_layers = n_layers
+        self.current = 0  # the MoE layer running now (set by the streamer)
 
     def victim(self, keep, active: Slot | None) -> Slot | None:
         if self.policy == "lru":
             return super().victim(keep, active)
         best, best_key = None, None
+        n, cur = self._n_layers, self.current
         for s in self.slots:
             if s is active or (s.layer is not None and s.layer in keep):
                 continue
             if s.layer is None:
                 return s
-            key = (self._freq[s.layer], s.last_used)
+            if self.policy == "next-use":
+                # layers until this expert's layer runs again; the current layer's next run is a token away
+                ahead = (self._unit_layer[s.layer] - cur) % n or n
+                key = (-ahead, self._freq[s.layer], s.last_used)
+            else:
+                key = (self._freq[s.layer], s.last_used)
             if best is None or key < best_key:
                 best, best_key = s, key
         return best
@@ -112,19 +132,31 @@ def plan_expert_cache(
 class ExpertCache:
     """The rings of one attached model: one shared ring, or one per MoE layer."""
 
-    def __init__(self, plan: ExpertCachePlan, buffers: list[torch.Tensor], units: list[PackedLayer], policy: str):
+    def __init__(
+        self,
+        plan: ExpertCachePlan,
+        buffers: list[torch.Tensor],
+        units: list[PackedLayer],
+        policy: str,
+        unit_layer: list[int] | None = None,
+    ):
         self.plan = plan
         #: routed count per expert unit since attach (read by "lfu" eviction)
         self.freq = [0] * len(units)
         rings, at = [], 0
         for n in plan.per_ring():
-            rings.append(ExpertRing(buffers[at : at + n], units, policy, self.freq))
+            rings.append(ExpertRing(buffers[at : at + n], units, policy, self.freq, unit_layer, plan.n_layers))
             at += n
         self._rings = rings
         self._ring_of = rings * plan.n_layers if plan.scope == "shared" else rings
 
     def ring(self, layer: int) -> ExpertRing:
         return self._ring_of[layer]
+
+    def enter(self, layer: int) -> None:
+        """Tell the rings which MoE layer runs now (the "next-use" policy measures from it)."""
+        for r in self._rings:
+            r.current = layer
 
     @property
     def rings(self) -> list[ExpertRing]:

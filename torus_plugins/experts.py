@@ -183,7 +183,7 @@ class ExpertStreamer:
             if progress is not None:
                 progress(j + 1, len(self.sites))
         buffers = [self.transport.alloc(self.plan.slot_bytes) for _ in range(self.plan.slots)]
-        self.cache = ExpertCache(self.plan, buffers, self.store.layers, self.config.moe_eviction)
+        self.cache = ExpertCache(self.plan, buffers, self.store.layers, self.config.moe_eviction, self._unit_layer)
         self._shims = [self._make_shim(j) for j in range(len(self.sites))]
         for j, site in enumerate(self.sites):
             site.module.__dict__[EXPERTS_RUNNER_ATTR] = self._make_runner(j)
@@ -222,6 +222,7 @@ class ExpertStreamer:
         if guessed is not None:
             c.predicted_routed += len(needed)
             c.predicted_correct += len(guessed.intersection(needed))
+        cache.enter(j)
         ring = cache.ring(j)
         protect = set(units)
         self._pending = set(units)
