@@ -30,18 +30,7 @@ from torus_plugins.predictor_model import (
 
 Progress = Callable[[int, int], None]
 
-_LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers", "layers")
-_MLP_NAMES = ("mlp", "block_sparse_moe")
-_ROUTER_NAMES = ("gate", "router")
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-
-
-def _get_path(obj: object, path: str) -> object | None:
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def _text_config(model: Any) -> Any:
@@ -49,38 +38,23 @@ def _text_config(model: Any) -> Any:
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
-def _is_router(module: object) -> bool:
-    # Routers are modules with a top_k (a plain nn.Linear "gate", as in old Qwen2-MoE, returns logits only).
-    return isinstance(module, nn.Module) and not isinstance(module, nn.Linear) and hasattr(module, "top_k")
-
-
 def moe_routers(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    """(decoder layer index, router module) for each MoE layer, in order; position in the list = MoE index j."""
-    layers = None
-    for path in _LAYER_PATHS:
-        found = _get_path(model, path)
-        if isinstance(found, nn.ModuleList):
-            layers = found
-            break
-    if layers is None:
-        raise ConfigError(f"{type(model).__name__}: found no decoder layer list (looked at {', '.join(_LAYER_PATHS)})")
-    routers = []
-    for i, layer in enumerate(layers):
-        for mlp_name in _MLP_NAMES:
-            mlp = getattr(layer, mlp_name, None)
-            if mlp is None:
-                continue
-            router = next((getattr(mlp, r) for r in _ROUTER_NAMES if _is_router(getattr(mlp, r, None))), None)
-            if router is not None:
-                routers.append((i, router))
-                break
-    if not routers:
+    """(decoder layer index, router module) for each MoE layer, in order; position in the list = MoE index j.
+
+    Found through the registered MoE architectures (`expert_sites`), so the layers a predictor is
+    trained on are exactly the ones the engine streams, third-party MoE plugins included.
+    """
+    from torus_plugins.plugins import resolve
+
+    arch = next((a for a in resolve().architectures if hasattr(a, "expert_sites") and a.matches(model)), None)
+    sites = arch.expert_sites(model) if arch is not None else []
+    if not sites:
         model_type = getattr(_text_config(model), "model_type", type(model).__name__)
         raise ConfigError(
-            f"{model_type!r} is not a mixture-of-experts model (no decoder layer has a router at mlp.gate or "
-            f"mlp.router); the expert predictor is only for MoE models"
+            f"{model_type!r} is not a mixture-of-experts model that a torus-sparse MoE architecture plugin knows; "
+            f"the expert predictor is only for MoE models"
         )
-    return routers
+    return [(site.layer, site.router) for site in sites]
 
 
 def fingerprint_of(model: nn.Module) -> PredictorFingerprint:
