@@ -183,11 +183,13 @@ def test_quantized_experts_stream_equal_to_cached_all() -> None:
     outs = []
     for cache in (2, 32):
         model = build_tiny("mixtral")
+        experts = model.model.layers[0].mlp.experts
+        fp32_bytes = (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * 4
         engine = tp.attach(model, transport="copy", moe_cache_experts=cache, weight_quant="int8")
         with torch.no_grad():
             outs.append(model(PROMPT).logits)
-        st = engine.stats().experts
-        assert st.expert_bytes < sum(p[0].numel() * 4 for p in (model.model.layers[0].mlp.experts.gate_up_proj,)) * 2
+        # int8 + one fp32 scale per row: a bit over a quarter of the fp32 bytes cross the link.
+        assert engine.stats().experts.expert_bytes <= 0.3 * fp32_bytes
         tp.detach(model)
     assert torch.equal(outs[0], outs[1])
 
