@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import os
 import platform
@@ -68,6 +67,19 @@ warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", categ
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The dense check's helpers: logging, byte formatting, device sync/memory and the pinned
+# host->device bandwidth probe (both checks measure the link the same way).
+from gpu_check import (  # noqa: E402
+    _version,
+    fmt_bytes,
+    free_device_memory,
+    link_bandwidth,
+    log,
+    peak_allocated,
+    sync,
+)
 
 HERE = Path(__file__).resolve().parent
 MiB = 2**20
@@ -93,50 +105,10 @@ TINY = dict(
 
 
 # --------------------------------------------------------------------------- helpers
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def default_out(tiny: bool) -> Path:
     name = "gpu_moe_check_tiny.json" if tiny else "gpu_moe_check.json"
     out = os.environ.get("OUT")
     return Path(out) / name if out else HERE / "results" / name
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_device_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_allocated(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
-def _version(dist: str) -> str | None:
-    try:
-        import importlib.metadata as md
-
-        return md.version(dist)
-    except Exception:  # noqa: BLE001 - informational only
-        return None
 
 
 # --------------------------------------------------------------------------- model
@@ -184,43 +156,6 @@ def expert_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 # --------------------------------------------------------------------------- bandwidth
-def link_bandwidth(device: torch.device, sizes: dict[str, int], reps: int = 5) -> dict[str, Any]:
-    """Best-of-`reps` host->device bandwidth per named size (CUDA: pinned, events, side stream)."""
-    biggest = max(sizes.values())
-    out: dict[str, Any] = {}
-    src = torch.empty(biggest, dtype=torch.uint8, pin_memory=device.type == "cuda")
-    src.copy_(torch.randint(0, 256, (MiB,), dtype=torch.uint8).repeat(biggest // MiB + 1)[:biggest])
-    dst = torch.empty(biggest, dtype=torch.uint8, device=device)
-    stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
-    for name, n in sizes.items():
-        times = []
-        for i in range(reps + 1):  # the first is a warm-up
-            if stream is not None:
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                with torch.cuda.stream(stream):
-                    e0.record(stream)
-                    dst[:n].copy_(src[:n], non_blocking=True)
-                    e1.record(stream)
-                e1.synchronize()
-                t = e0.elapsed_time(e1) / 1e3
-            else:
-                t0 = time.perf_counter()
-                dst[:n].copy_(src[:n])
-                t = time.perf_counter() - t0
-            if i:
-                times.append(t)
-        ok = bool(torch.equal(dst[n - 4096 : n].cpu(), src[n - 4096 : n]))
-        out[name] = {"bytes": n, "best_s": min(times), "GBps": n / min(times) / 1e9, "all_s": times, "verified": ok}
-    out["method"] = (
-        f"pinned host -> device, copy_(non_blocking=True) on a side stream, CUDA events, best of {reps}"
-        if stream is not None
-        else f"no CUDA: host memcpy (Tensor.copy_), perf_counter, best of {reps}"
-    )
-    del src, dst
-    sync(device)
-    return out
-
-
 # --------------------------------------------------------------------------- the run
 @torch.inference_mode()
 def greedy_run(
