@@ -35,7 +35,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
         "--moe-cache-scope", choices=["shared", "per-layer"], default="shared", help="one cache or one per layer"
     )
     m.add_argument(
-        "--moe-eviction", choices=["lru", "lfu", "next-use"], default="lru", help="which cached expert makes room"
+        "--moe-eviction", choices=["next-use", "lru", "lfu"], default="next-use", help="which cached expert makes room"
     )
     m.add_argument(
         "--moe-predictor", default="speculative", help="speculative, learned, frequency, none, or a plugin's name"

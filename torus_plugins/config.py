@@ -99,8 +99,10 @@ class TorusConfig:
             together with the "shared" scope). `None`: as many as the budget leaves room for
             (every expert when there is no budget). Must hold at least one layer's top-k.
         moe_cache_scope: "shared" (one cache for all MoE layers) or "per-layer" (equal shares).
-        moe_eviction: which cached expert makes room: "lru", "lfu" (least often routed, ties
-            broken by recency) or "next-use" (an expert of the layer that runs again last).
+        moe_eviction: which cached expert makes room: "next-use" (default: an expert of the layer
+            that runs again last), "lru" or "lfu" (least often routed, ties broken by recency).
+            next-use, because layers run in a cycle: once a token's experts outgrow the cache,
+            LRU evicts exactly the experts needed soonest (benchmarks/results/moe_cache.json).
         moe_predictor: how the next layers' experts are guessed: "speculative" (the next layer's
             router on the current hidden state), "learned" (a trained predictor file, see
             `moe_predictor_path`), "frequency" (the most often routed experts so far), "none",
@@ -125,7 +127,7 @@ class TorusConfig:
     quant_group_size: int = 128
     moe_cache_experts: int | None = None
     moe_cache_scope: str = "shared"
-    moe_eviction: str = "lru"
+    moe_eviction: str = "next-use"
     moe_predictor: str = "speculative"
     moe_expert_prefetch_k: int | None = None
     moe_predictor_path: str | None = None
