@@ -135,17 +135,34 @@ def variants(total: int, top_k: int, predictor_path: str | None) -> list[dict[st
     for frac in (0.25, 0.5, 0.75):
         for p in preds:
             out.append(
-                dict(moe_predictor=p, moe_cache_experts=max(top_k, int(total * frac)), cache_share=frac, moe_eviction="lru")
+                dict(
+                    moe_predictor=p,
+                    moe_cache_experts=max(top_k, int(total * frac)),
+                    cache_share=frac,
+                    moe_eviction="lru",
+                )
             )
     half = max(top_k, total // 2)
     for p in [x for x in preds if x != "none"]:
         out.append(dict(moe_predictor=p, moe_cache_experts=half, cache_share=0.5, moe_eviction="lfu"))
         out.append(dict(moe_predictor=p, moe_cache_experts=half, cache_share=0.5, moe_eviction="next-use"))
         out.append(
-            dict(moe_predictor=p, moe_cache_experts=half, cache_share=0.5, moe_cache_scope="per-layer", moe_eviction="lru")
+            dict(
+                moe_predictor=p,
+                moe_cache_experts=half,
+                cache_share=0.5,
+                moe_cache_scope="per-layer",
+                moe_eviction="lru",
+            )
         )
         out.append(
-            dict(moe_predictor=p, moe_cache_experts=half, cache_share=0.5, moe_expert_prefetch_k=2 * top_k, moe_eviction="lru")
+            dict(
+                moe_predictor=p,
+                moe_cache_experts=half,
+                cache_share=0.5,
+                moe_expert_prefetch_k=2 * top_k,
+                moe_eviction="lru",
+            )
         )
     for v in out:
         if v["moe_predictor"] == "learned":
