@@ -17,31 +17,43 @@ Perplexity: non-overlapping windows of `--window` (512) tokens, each scored on i
 context carried over from the previous window, no KV cache): a window of n tokens predicts its
 tokens 2..n, so 4096 tokens in 8 windows score 8 x 511 = 4088 predictions.
 ppl = exp(sum of token NLLs / number of predictions), NLL summed in float64.
+KL: mean over the same scored positions of KL(unquantized || variant) of the next-token
+distributions (nats/token), the unquantized model's log-probabilities kept from its own run. A
+finer fidelity measure than perplexity, whose changes under about 1% on 4088 predictions can go
+either way (int4-g32 without its code search scores below the unquantized model).
 
 Variants (a fresh model instance each: detach after a quantized attach keeps the dequantized weights):
 
     unquantized     no engine
     stream-fp32     attach(transport="copy", resident_layers=0)                     (sanity: must equal)
     int8            attach(..., weight_quant="int8")                                per-row scales
-    int4-g128       attach(..., weight_quant="int4", quant_group_size=128)          the default
+    int4-g32        attach(..., weight_quant="int4", quant_group_size=32)          the default
     int4-g64        attach(..., weight_quant="int4", quant_group_size=64)
-    int4-g32        attach(..., weight_quant="int4", quant_group_size=32)          (--groups)
+    int4-g128       attach(..., weight_quant="int4", quant_group_size=128)         (--groups)
+
+int4 is the engine's double-quantized format (torus_plugins/quant.py): 4-bit codes, per group a
+6-bit scale code and a 6-bit minimum code, per row two fp16 super-scales.
 
 `resident_layers=0`: every FFN layer goes through the slot ring on every forward pass, so the
 perplexity is that of the streamed path itself (quantized bytes copied, dequantized in the slot).
 
 Investigation (outside the engine, `--no-investigation` skips it): the same perplexity with the
-FFN weights replaced by fake-quantized copies in formats the engine does not have, to show what an
-int4 format needs on this checkpoint: asymmetric int4 (scale + minimum per group, i.e. Q4_1's own
-form) at groups 128/64/32, and the engine's symmetric g128 applied to down_proj only or to
-gate/up only. Their bytes/token are computed, not measured (fp16 scale + fp16 minimum per group).
+FFN weights replaced by fake-quantized copies (quantize then dequantize on the host):
+- the former engine int4 format (until the double-quantized one replaced it): fp16 scale +
+  fp16 minimum per group, codes chosen for the fp16-rounded values, at groups 32/64/128; its
+  bytes/token are computed (0.5 + 4/G bytes per weight, no padding), not measured;
+- the engine's int4 at the first `--groups` size without its +-1 code search (`refine=False`),
+  to show what the search buys;
+- the engine's int4 at the first `--groups` size applied on the host: a cross-check that must give
+  exactly the streamed variant's perplexity.
 
 Bytes per token: the engine's `streamed_bytes_per_pass` (bytes one forward pass moves over the
-link with every FFN layer streamed; quantized = integers + fp32 scales + alignment padding), and
+link with every FFN layer streamed; quantized = integers + metadata (int8: an fp32 scale per
+row; int4: 6-bit codes + the row's fp16 pair) + 256-byte alignment padding), and
 the measured `bytes_moved / forward_passes` as a cross-check. Reported relative to the
 unquantized float32 stream and to bf16 (= float32 / 2, the dtype a deployment would stream).
 
-Run:  python benchmarks/quant_quality.py [--tokens 4096] [--window 512] [--groups 128,64,32]
+Run:  python benchmarks/quant_quality.py [--tokens 4096] [--window 512] [--groups 32,64,128]
 Writes benchmarks/results/quant_quality.json (or --out). Exit 0 whether or not targets are met.
 """
 
@@ -86,13 +98,21 @@ def load_model(path: Path) -> Any:
     return model
 
 
-def perplexity(model: Any, ids: torch.Tensor, window: int) -> dict[str, Any]:
-    """Non-overlapping windows, each scored independently; NLL summed in float64."""
+def perplexity(
+    model: Any, ids: torch.Tensor, window: int, ref: list[torch.Tensor] | None = None, keep: bool = False
+) -> dict[str, Any]:
+    """Non-overlapping windows, each scored independently; NLL summed in float64.
+
+    `ref`: the unquantized model's log-probabilities per window (from `keep=True`): adds the mean
+    KL(reference || this model) over the scored positions. `keep`: return this run's log-probs
+    under "_logprobs" (the caller pops them: a few hundred MB, not for the JSON)."""
     nll = 0.0
+    kl = 0.0
     count = 0
     per_window = []
+    kept = []
     with torch.inference_mode():
-        for start in range(0, ids.numel(), window):
+        for i, start in enumerate(range(0, ids.numel(), window)):
             chunk = ids[start : start + window]
             if chunk.numel() < 2:
                 break
@@ -101,7 +121,17 @@ def perplexity(model: Any, ids: torch.Tensor, window: int) -> dict[str, Any]:
             nll += loss
             count += chunk.numel() - 1
             per_window.append(math.exp(loss / (chunk.numel() - 1)))
-    return {"ppl": math.exp(nll / count), "nll_sum": nll, "predictions": count, "ppl_per_window": per_window}
+            logp = torch.log_softmax(logits[:-1], dim=-1)
+            if ref is not None:
+                kl += F.kl_div(logp, ref[i], log_target=True, reduction="sum").double().item()
+            if keep:
+                kept.append(logp)
+    out: dict[str, Any] = {"ppl": math.exp(nll / count), "nll_sum": nll, "predictions": count}
+    out["kl_vs_unquantized"] = kl / count if ref is not None else None
+    out["ppl_per_window"] = per_window
+    if keep:
+        out["_logprobs"] = kept
+    return out
 
 
 FFN_MATS = ("gate_proj", "up_proj", "down_proj")
@@ -115,24 +145,25 @@ def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
     return w.reshape(rows, cols // gg, gg)
 
 
-def fake_asym_int4(g: int):
-    """Asymmetric round-to-nearest int4 (q in 0..15, per-group scale and minimum): Q4_1's form."""
+def former_int4(g: int):
+    """The engine's former int4 format: asymmetric, q in 0..15, an fp16 scale and an fp16 minimum
+    per group (Q4_1's own form), the codes chosen for the fp16-rounded values."""
 
     def f(w: torch.Tensor) -> torch.Tensor:
         wg = _grouped(w, g)
-        lo, hi = wg.amin(2, keepdim=True), wg.amax(2, keepdim=True)
-        s = ((hi - lo) / 15).clamp_min(1e-12)
-        return (torch.round((wg - lo) / s).clamp(0, 15) * s + lo).reshape(w.shape)
+        low = wg.amin(2, keepdim=True).to(torch.float16).float()
+        s = ((wg.amax(2, keepdim=True) - low) / 15.0).clamp_min(1e-7).to(torch.float16).float()
+        return (torch.round((wg - low) / s).clamp(0, 15) * s + low).reshape(w.shape)
 
     return f
 
 
-def fake_engine_quant(mode: str, g: int):
+def fake_engine_quant(mode: str, g: int, refine: bool = True):
     """The engine's own quantizer (torus_plugins.quant), round-tripped on the host."""
     from torus_plugins import quant
 
     def f(w: torch.Tensor) -> torch.Tensor:
-        q, s = quant.quantize(w, mode, g)
+        q, s = quant.quantize(w, mode, g, refine=refine)
         out = torch.empty_like(w)
         quant.dequantize_into(out, q, s, mode)
         return out
@@ -140,30 +171,36 @@ def fake_engine_quant(mode: str, g: int):
     return f
 
 
-def investigate(path: Path, ids: torch.Tensor, window: int, results: dict[str, Any]) -> dict[str, Any]:
-    """Perplexity with fake-quantized FFN weights in formats the engine lacks (no engine attached)."""
+def investigate(
+    path: Path, ids: torch.Tensor, window: int, results: dict[str, Any], ref: list[torch.Tensor], group: int
+) -> dict[str, Any]:
+    """Perplexity with fake-quantized FFN weights (no engine attached): the former int4 format,
+    the engine's int4 without its code search, and the engine's int4 as a cross-check."""
     model = load_model(path)
     layers = model.model.layers
     orig = {(i, n): getattr(layer.mlp, n).weight.data.clone() for i, layer in enumerate(layers) for n in FFN_MATS}
     n_weights = sum(w.numel() for w in orig.values())
     base = results["unquantized"]["ppl"]
+    positive_min = {str(g): sum(int((_grouped(w, g).amin(2) > 0).sum()) for w in orig.values()) for g in (32, 64, 128)}
     cases: list[tuple[str, Any, tuple[str, ...], float | None]] = []
-    for g in (128, 64, 32):
+    for g in (32, 64, 128):
         # bytes/weight: half a byte + fp16 scale + fp16 minimum per group (what Q4_1 stores)
-        cases.append((f"asym-int4-g{g}", fake_asym_int4(g), FFN_MATS, 0.5 + 4 / g))
-    cases.append(("engine-int4-g128 on down_proj only", fake_engine_quant("int4", 128), ("down_proj",), None))
-    cases.append(("engine-int4-g128 on gate/up only", fake_engine_quant("int4", 128), ("gate_proj", "up_proj"), None))
+        cases.append((f"former-int4-g{g} (fp16 scale + fp16 minimum per group)", former_int4(g), FFN_MATS, 0.5 + 4 / g))
+    cases.append(
+        (f"engine-int4-g{group} without the +-1 code search", fake_engine_quant("int4", group, False), FFN_MATS, None)
+    )
     # Cross-check: the engine's quantizer applied on the host must give the engine's perplexity.
-    cases.append(("engine-int4-g128 on the host (cross-check)", fake_engine_quant("int4", 128), FFN_MATS, None))
+    cases.append((f"engine-int4-g{group} on the host (cross-check)", fake_engine_quant("int4", group), FFN_MATS, None))
     out: dict[str, Any] = {}
     for name, fn, which, bpw in cases:
         for (i, n), w in orig.items():
             getattr(layers[i].mlp, n).weight.data = fn(w) if n in which else w
         t0 = time.perf_counter()
-        r = perplexity(model, ids, window)
+        r = perplexity(model, ids, window, ref=ref)
         entry: dict[str, Any] = {
             "ppl": r["ppl"],
             "ppl_rel_increase": r["ppl"] / base - 1.0,
+            "kl_vs_unquantized": r["kl_vs_unquantized"],
             "matrices": list(which),
             "eval_s": time.perf_counter() - t0,
         }
@@ -173,14 +210,16 @@ def investigate(path: Path, ids: torch.Tensor, window: int, results: dict[str, A
             entry["bytes_vs_bf16_estimate"] = bpw / 2.0
         out[name] = entry
         print(f"[investigation] {name:44s} ppl {r['ppl']:.4f} ({entry['ppl_rel_increase']:+.2%})", file=sys.stderr)
-    engine_g128 = results.get("int4-g128", {}).get("ppl")
-    out["_cross_check_equals_engine_int4_g128"] = (
-        None if engine_g128 is None else out["engine-int4-g128 on the host (cross-check)"]["ppl"] == engine_g128
+    streamed = results.get(f"int4-g{group}", {}).get("ppl")
+    out[f"_cross_check_equals_engine_int4_g{group}"] = (
+        None if streamed is None else out[f"engine-int4-g{group} on the host (cross-check)"]["ppl"] == streamed
     )
+    out["_groups_with_positive_minimum"] = positive_min
     out["_what"] = (
         "No engine attached: each FFN weight replaced by a fake-quantized copy (quantize then dequantize on the "
-        "host), perplexity measured the same way. Not a feature of torus-sparse; shows which int4 format the "
-        "checkpoint needs. Bytes are estimates (no alignment padding): fp16 scale + fp16 minimum per group."
+        "host), perplexity measured the same way. The former-int4 rows are the engine's int4 format before the "
+        "double-quantized one (bytes are estimates without alignment padding: fp16 scale + fp16 minimum per "
+        "group); the code-search row is the current format without its +-1 search over each group's 6-bit codes."
     )
     return out
 
@@ -201,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=4096, help="tokens of LICENSE scored (default 4096)")
     ap.add_argument("--window", type=int, default=512, help="non-overlapping window length (default 512)")
-    ap.add_argument("--groups", default="128,64,32", help="int4 group sizes (default 128,64,32)")
+    ap.add_argument(
+        "--groups", default="32,64,128", help="int4 group sizes (default 32,64,128; the first is cross-checked)"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all CPUs)")
     ap.add_argument("--text", type=Path, default=REPO / "LICENSE", help="fixed text (default: the repo's LICENSE)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -244,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {}
     ref_logits = None
+    ref_logprobs: list[torch.Tensor] | None = None  # the unquantized run's, for KL
     probe = ids[:64][None]
     for name, cfg in variants:
         # A fresh model per variant: detach after a quantized attach does not give the original
@@ -262,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         if eng is not None:
             eng.reset_stats()
         t0 = time.perf_counter()
-        r = perplexity(model, ids, args.window)
+        r = perplexity(model, ids, args.window, ref=ref_logprobs, keep=ref_logprobs is None)
         r["eval_s"] = time.perf_counter() - t0
+        if ref_logprobs is None:
+            ref_logprobs = r.pop("_logprobs")
+            r["kl_vs_unquantized"] = 0.0
         r["attach_s"] = attach_s if eng is not None else None
         r["config"] = (
             None
@@ -283,10 +328,16 @@ def main(argv: list[str] | None = None) -> int:
             tp.detach(model)
             r["detach_restored_weights_exactly"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
         results[name] = r
-        print(f"{name:12s} ppl {r['ppl']:.4f}  ({r['eval_s']:.1f} s)", file=sys.stderr, flush=True)
+        print(
+            f"{name:12s} ppl {r['ppl']:.4f}  KL {r['kl_vs_unquantized']:.5f}  ({r['eval_s']:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
         del model, eng, before
 
-    investigation = None if args.no_investigation else investigate(path, ids, args.window, results)
+    investigation = (
+        None if args.no_investigation else investigate(path, ids, args.window, results, ref_logprobs, groups[0])
+    )
 
     base_ppl = results["unquantized"]["ppl"]
     fp32_bytes = results["stream-fp32"]["streamed_bytes_per_pass"]
@@ -335,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
             f"context carried across windows; a window predicts its tokens 2..n); ppl = exp(sum NLL / "
             f"predictions), NLL in float64. Quantized variants: attach(transport='copy', resident_layers=0, "
             f"weight_quant=...), so every FFN layer is streamed quantized and dequantized in the slot on every "
-            f"pass. Bytes/token = engine streamed_bytes_per_pass (all 30 FFN layers streamed); bf16 = fp32 / 2."
+            f"pass. kl_vs_unquantized = mean KL(unquantized || variant) of the next-token distributions over the "
+            f"same predictions (nats/token). Bytes/token = engine streamed_bytes_per_pass (all 30 FFN layers "
+            f"streamed); bf16 = fp32 / 2."
         ),
         "targets": {
             "int8": "ppl within +1% of unquantized; bytes/token <= 0.52 x bf16",
@@ -350,15 +403,28 @@ def main(argv: list[str] | None = None) -> int:
         "engine_notes": engine_notes(results),
         "notes": [
             "The checkpoint is a float32 conversion of a Q4_1 GGUF: the FFN matrices already lie on an "
-            "asymmetric 4-bit grid with one scale and one minimum per 32 weights. 'unquantized' means 'no "
-            "further quantization by torus-sparse'. int8 per-row and int4 symmetric group-wise quantization "
-            "re-round those values onto a different grid, so the measured increase is the cost of that second "
-            "rounding; for a model trained and shipped in bf16 the int4 error would differ (usually smaller "
-            "relative to bf16 than here, where the weights carry Q4_1's outliers per 32-group).",
+            "asymmetric 4-bit grid with one fp16 scale and one fp16 minimum per 32 weights. 'unquantized' means "
+            "'no further quantization by torus-sparse'. int8 per row re-rounds those values onto a different "
+            "grid; int4 at group 32 keeps Q4_1's groups but can express each group's scale and minimum only as "
+            "6-bit multiples of the row's fp16 super-scales, so its increase is the cost of that approximation; "
+            "at groups 64/128 the 4-bit grid itself no longer matches. For a model trained and shipped in bf16 "
+            "the int4 error would differ.",
             "bf16 bytes = fp32 stream bytes / 2 (the engine streams the model in its load dtype; a bf16 model's "
-            "FFN would be exactly half). Quantized bytes include fp32 scales and 256-byte alignment padding.",
-            "int4 scale overhead: 4 bytes per group, so g128 = 0.5 + 4/128 = 0.531 bytes/weight (0.266 x bf16), "
-            "g64 = 0.5625 (0.281 x bf16), g32 = 0.625 (0.3125 x bf16).",
+            "FFN would be exactly half). Quantized bytes include the metadata (int8: an fp32 scale per row; "
+            "int4: 6-bit scale and minimum codes per group and an fp16 (d, dmin) pair per row) and 256-byte "
+            "alignment padding.",
+            "int4 size: 4 + 12/G + 32/(row length) bits per weight. SmolLM2-135M's gate/up rows hold 576 "
+            "weights, down rows 1536: g32 = 4.43 / 4.40 bits (0.276 x bf16 over the FFN), g64 = 4.24 / 4.21, "
+            "g128 = 4.18 / 4.11 (576 has no divisor 128: gate/up use group 96, `quant.group_size_for`).",
+            "int4 groups whose minimum is positive are encoded with minimum 0 (Q4_K's convention, the scale "
+            "then covers [0, max]); no 32-, 64- or 128-column group of this checkpoint's FFN has a positive "
+            "minimum, so no other convention was measured here.",
+            "History, the former int4 formats (same script, same text and windows): fp16 scale + fp16 minimum "
+            "per group, streamed (2026-11-27): g128 ppl 27.6482 (+18.6%) at 0.269 x bf16, g64 26.8158 (+15.0%) at "
+            "0.281 x, g32 23.3136 (+0.0%: the Q4_1 grid reproduced exactly) at 0.3125 x, so none met both "
+            "targets (the investigation's former-int4 rows re-measure it). Before that, symmetric int4 (q in "
+            "[-8, 7], scale = amax / 7, an fp32 scale per group): g128 31.3000 (+34.3%) at 0.269 x, g64 31.5489 "
+            "(+35.3%) at 0.281 x, g32 29.5011 (+26.5%) at 0.312 x.",
         ],
         "wall_s": time.perf_counter() - t_start,
         "loadavg_before": list(load_before),
@@ -386,6 +452,7 @@ def print_table(report: dict[str, Any]) -> None:
         "variant",
         "ppl",
         "Δppl",
+        "KL",
         "ppl target",
         "bytes/token",
         "× fp32",
@@ -404,6 +471,7 @@ def print_table(report: dict[str, Any]) -> None:
             name,
             f"{r['ppl']:.4f}",
             f"{r['ppl_rel_increase']:+.2%}",
+            f"{r['kl_vs_unquantized']:.4f}",
             verdict(r["ppl_pass"]),
             "-" if b is None else f"{b / 2**20:.2f} MiB",
             "-" if b is None else f"{r['bytes_vs_fp32']:.3f}",
@@ -415,8 +483,8 @@ def print_table(report: dict[str, Any]) -> None:
     console.print(t)
     inv = report.get("investigation")
     if inv:
-        t2 = Table(title="Investigation (no engine; FFN weights fake-quantized on the host): which int4 format fits")
-        for c in ("format", "matrices", "ppl", "Δppl", "bytes/weight", "× bf16 (est.)"):
+        t2 = Table(title="Investigation (no engine; FFN weights fake-quantized on the host)")
+        for c in ("format", "matrices", "ppl", "Δppl", "KL", "bytes/weight", "× bf16 (est.)"):
             t2.add_column(c, justify="left" if c in ("format", "matrices") else "right")
         for name, e in inv.items():
             if name.startswith("_"):
@@ -426,6 +494,7 @@ def print_table(report: dict[str, Any]) -> None:
                 "all FFN" if len(e["matrices"]) == 3 else "/".join(e["matrices"]),
                 f"{e['ppl']:.4f}",
                 f"{e['ppl_rel_increase']:+.2%}",
+                f"{e['kl_vs_unquantized']:.4f}",
                 f"{e['bytes_per_weight']:.3f}" if "bytes_per_weight" in e else "-",
                 f"{e['bytes_vs_bf16_estimate']:.3f}" if "bytes_vs_bf16_estimate" in e else "-",
             )

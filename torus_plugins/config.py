@@ -92,9 +92,12 @@ class TorusConfig:
         transfer_timeout_s: a transfer that does not finish in this time raises `TransferError`
             instead of hanging the caller.
         weight_quant: stream FFN weights quantized: "int8" (per-output-channel symmetric) or
-            "int4" (group-wise, two values per byte); dequantized on the device into the slot.
-            Resident layers are dequantized once. `None` (default): weights as loaded.
-        quant_group_size: columns per int4 scale (default 128).
+            "int4" (group-wise asymmetric, two values per byte, a 6-bit scale and minimum code
+            per group and two fp16 super-scales per row: about 4.4 bits per weight at group 32);
+            dequantized on the device into the slot. Resident layers are dequantized once.
+            `None` (default): weights as loaded.
+        quant_group_size: columns sharing one int4 scale and minimum code (default 32). A size
+            that does not divide a row falls back to the largest even divisor below it.
         moe_cache_experts: MoE models only: routed experts the device cache holds (all layers
             together with the "shared" scope). `None`: as many as the budget leaves room for
             (every expert when there is no budget). Must hold at least one layer's top-k.
@@ -124,7 +127,7 @@ class TorusConfig:
     pin_memory: bool | None = None
     transfer_timeout_s: float = 30.0
     weight_quant: str | None = None
-    quant_group_size: int = 128
+    quant_group_size: int = 32
     moe_cache_experts: int | None = None
     moe_cache_scope: str = "shared"
     moe_eviction: str = "next-use"

@@ -154,7 +154,7 @@ class HostStore:
     the bytes cross the link, and host memory shrinks by the same factor.
     """
 
-    def __init__(self, pin_memory: bool, quant: str | None = None, group_size: int = 128) -> None:
+    def __init__(self, pin_memory: bool, quant: str | None = None, group_size: int = 32) -> None:
         self.pin_memory = pin_memory
         self.quant = quant
         self.group_size = group_size

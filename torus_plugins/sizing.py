@@ -41,7 +41,7 @@ def measure(
     model: nn.Module,
     arch: Architecture,
     quant: str | None = None,
-    group_size: int = 128,
+    group_size: int = 32,
     experts: frozenset[int] | set[int] = frozenset(),
 ) -> ModelSizes:
     """experts: ids of routed-expert parameters (MoE), which stream separately: neither FFN
