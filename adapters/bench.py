@@ -64,6 +64,7 @@ class BenchSettings:
     prompt: str = DEFAULT_PROMPT
     lookaheads: tuple[int, ...] = (2,)
     weight_quants: tuple[str | None, ...] = (None,)
+    quant_group_size: int = TorusConfig.quant_group_size
     transport: str = "auto"
     link_bandwidth: str | float | None = None
     repeats: int = 3
@@ -84,6 +85,9 @@ class BenchSettings:
             raise ConfigError(f"--lookahead takes integers >= 1, got {list(self.lookaheads)!r}")
         if not self.weight_quants or any(q not in (None, "int8", "int4") for q in self.weight_quants):
             raise ConfigError(f"--weight-quant takes none, int8 or int4, got {list(self.weight_quants)!r}")
+        g = self.quant_group_size
+        if not isinstance(g, int) or isinstance(g, bool) or g < 2 or g % 2:
+            raise ConfigError(f"--quant-group-size must be an even integer >= 2, got {g!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ConfigError(f"--threads must be an integer >= 1, got {self.threads!r}")
         if not self.prompt.strip():
@@ -166,6 +170,7 @@ def torus_config(s: BenchSettings, env: Env, spec: VariantSpec, budget: int | No
         device=str(env.device),
         transport=env.transport,
         weight_quant=spec.weight_quant,
+        quant_group_size=s.quant_group_size,
         kv_reserve_tokens=s.kv_reserve_tokens,
         options=dict(env.options),
     )
@@ -522,6 +527,7 @@ def header(s: BenchSettings, env: Env, prompt_tokens: int) -> dict[str, Any]:
             "transport_options": env.options,
             "lookaheads": list(s.lookaheads),
             "weight_quants": [q or "none" for q in s.weight_quants],
+            "quant_group_size": s.quant_group_size,
             "kv_reserve_tokens": s.kv_reserve_tokens,
             "torch_threads": torch.get_num_threads(),
             "greedy": True,
@@ -695,6 +701,7 @@ def settings_from_args(args: Any) -> BenchSettings:
         prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt,
         lookaheads=tuple(args.lookahead or [2]),
         weight_quants=tuple(QUANT_NAMES[q] for q in quants),
+        quant_group_size=args.quant_group_size,
         transport=args.transport,
         link_bandwidth=args.link_bandwidth,
         repeats=args.repeats,

@@ -27,6 +27,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="compute device (default: cuda if available, else cpu)")
     g.add_argument("--kv-reserve-tokens", type=int, default=4096, help="KV-cache tokens the budget reserves")
     g.add_argument("--weight-quant", choices=["int8", "int4"], help="stream FFN weights quantized (default: as loaded)")
+    g.add_argument("--quant-group-size", type=int, default=32, help="columns per int4 scale/minimum code (default 32)")
     m = p.add_argument_group("MoE models (routed experts stream one expert at a time)")
     m.add_argument(
         "--moe-cache-experts", type=int, help="experts the device cache holds (default: what the budget fits)"
@@ -53,6 +54,7 @@ def _config_from(args: argparse.Namespace) -> TorusConfig:
         device=args.device,
         kv_reserve_tokens=args.kv_reserve_tokens,
         weight_quant=args.weight_quant,
+        quant_group_size=args.quant_group_size,
         moe_cache_experts=args.moe_cache_experts,
         moe_cache_scope=args.moe_cache_scope,
         moe_eviction=args.moe_eviction,
@@ -110,6 +112,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         resident_layers=args.resident_layers,
         kv_reserve_tokens=args.kv_reserve_tokens,
         weight_quant=args.weight_quant,
+        quant_group_size=args.quant_group_size,
         device=args.device,
     )
     plan = plan_model(args.model, config, bandwidth=args.bandwidth, device=args.device, dtype=args.dtype)
@@ -200,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--resident-layers", type=int)
     pl.add_argument("--kv-reserve-tokens", type=int, default=4096)
     pl.add_argument("--weight-quant", choices=["int8", "int4"])
+    pl.add_argument("--quant-group-size", type=int, default=32, help="columns per int4 scale/minimum code (default 32)")
     pl.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     pl.add_argument("--dtype", help="weight dtype to plan for (default: the checkpoint's), e.g. bfloat16")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -227,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt", default=None, help="the user's message (default: a fixed question)")
     b.add_argument("--lookahead", type=int, nargs="+", help="one or more lookaheads, e.g. 1 2 3 (default 2)")
     b.add_argument("--weight-quant", nargs="+", choices=["none", "int8", "int4"], help="one or more (default none)")
+    b.add_argument("--quant-group-size", type=int, default=32, help="columns per int4 scale/minimum code (default 32)")
     b.add_argument("--transport", default="auto", help="auto: cuda; CPU: copy (simulated-link with --link-bandwidth)")
     b.add_argument("--link-bandwidth", help="link bandwidth for the ceiling, e.g. 8GB/s; on the CPU also simulates it")
     b.add_argument("--repeats", type=int, default=3, help="timed runs per variant (default 3)")

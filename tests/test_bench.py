@@ -36,14 +36,16 @@ def run(tmp_path_factory):
 
     The quantized variants run before fp32 on purpose: detaching a quantized engine leaves lossy
     weights behind, so the fp32 variant is the original model only if the bench reloads the
-    checkpoint after them. (With int4 at group 128, the former default, those weights changed this
-    prompt's greedy text by token 10; at the default group 32 its 12 tokens still agree, so the
-    token check below no longer catches a missing reload by itself.)"""
+    checkpoint after them. int4 runs at group 128 here (`--quant-group-size`): coarse enough that
+    its dequantized weights change this prompt's greedy text within 12 tokens (the default group
+    32 is too faithful for that), so a missing reload shows as fp32 tokens differing from the
+    baseline's; the test below checks that int4 really did change them."""
     from transformers.utils import logging as hf_logging
 
     out = tmp_path_factory.mktemp("bench")
     bars = hf_logging.is_progress_bar_enabled()
     argv = ["bench", "--tokens", "12", "--lookahead", "1", "--weight-quant", "int8", "int4", "none"]
+    argv += ["--quant-group-size", "128"]
     argv += ["--link-bandwidth", "8GB/s", "--repeats", "1", "--out", str(out)]
     try:
         rc = main(argv)
@@ -85,6 +87,16 @@ def test_torus_streams_with_full_hit_rate_and_decodes_the_baselines_tokens(run):
 
 
 @pytest.mark.slow
+def test_lossy_int4_ran_before_fp32_and_the_bench_reloaded_the_checkpoint(run):
+    _, v, report, _ = run
+    assert report["settings"]["quant_group_size"] == 128
+    # int4 at group 128 changes the greedy text: the fp32 run after it can only match the
+    # baseline (checked above) if the bench reloaded the original weights in between.
+    assert v["torus la=1 int4"]["tokens"] != v["baseline"]["tokens"]
+    assert v["torus la=1"]["tokens"] == v["baseline"]["tokens"]
+
+
+@pytest.mark.slow
 def test_int8_moves_at_most_0_3x_the_fp32_bytes(run):
     _, v, _, _ = run
     fp32, int8 = v["torus la=1"], v["torus la=1 int8"]
@@ -115,6 +127,7 @@ def test_a_budget_too_small_is_one_clear_line_and_exit_2(tmp_path):
         ({"repeats": 0}, "--repeats"),
         ({"lookaheads": (0,)}, "--lookahead"),
         ({"weight_quants": ("fp8",)}, "--weight-quant"),
+        ({"quant_group_size": 7}, "--quant-group-size"),
     ],
 )
 def test_bad_settings_are_config_errors(kw, message):
