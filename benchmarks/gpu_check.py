@@ -25,7 +25,7 @@ Phases, all on ONE host model (no deepcopy; host RAM holds one copy plus the eng
     comparison): torus bf16 at lookahead 2, accelerate offload, torus int8 and int4 at lookahead
     2, then the other lookaheads (1, 3) of bf16, int8, int4.
     * torus-sparse: `attach(model, transport="cuda", vram_budget=B, lookahead=L, weight_quant=
-      None | "int8" | "int4", quant_group_size=128)`, B computed from the model's own sizes so
+      None | "int8" | "int4")` (int4 at the engine's default group size, 32), B computed from the model's own sizes so
       that --resident-ffn (default 4) bf16 FFN layers fit:
           B(L) = non-FFN bytes + KV reserve (kv_reserve_tokens x KV bytes/token)
                  + (L + 1) ring slots x layer bytes + resident_ffn x layer bytes + layer/2 slack
@@ -544,7 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--lookaheads", default="1,2,3", help="comma-separated lookaheads for the streamed runs")
     ap.add_argument("--quant", default="bf16,int8,int4", help="streamed weight formats: bf16 (none), int8, int4")
-    ap.add_argument("--quant-group-size", type=int, default=128, help="TorusConfig.quant_group_size for int4")
+    ap.add_argument(
+        "--quant-group-size",
+        type=int,
+        default=32,
+        help="TorusConfig.quant_group_size for int4 (default 32, the engine's: the size that meets the quality target)",
+    )
     ap.add_argument(
         "--accelerate-steps", type=int, default=4, help="decode steps timed for accelerate offload (default 4)"
     )

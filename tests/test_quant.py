@@ -184,6 +184,18 @@ def test_int4_streams_at_most_0_28_of_bf16_for_smollm2_shapes():
     assert 0.2759 <= ratio <= 0.28
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantizing_in_row_blocks_on_a_device_gives_the_same_bytes(mode):
+    """The engine quantizes on its CUDA device in row blocks (`device=`); on the CPU the same
+    blocked path must give exactly the whole-matrix result (rows are independent)."""
+    torch.manual_seed(0)
+    w = torch.randn(100, 96, dtype=torch.bfloat16)
+    q, meta = quant.quantize(w, mode, 32)
+    qb, metab = quant.quantize(w, mode, 32, device="cpu", row_block=7 * 96)  # 7-row blocks, 15 of them
+    assert torch.equal(q, qb) and torch.equal(meta, metab)
+    assert qb.device == w.device
+
+
 def test_group_size_falls_back_to_a_divisor():
     assert quant.group_size_for(4096, 128) == 128
     assert quant.group_size_for(32, 128) == 32

@@ -150,7 +150,8 @@ class ExpertStreamer:
         self.config, self.transport, self.device = config, transport, device
         self.predictor = predictor
         self.prefetch_k = prefetch_k
-        self.store = HostStore(pin_memory, config.weight_quant, config.quant_group_size)
+        qdev = device if device.type == "cuda" else None  # as the dense engine: quantize on the GPU
+        self.store = HostStore(pin_memory, config.weight_quant, config.quant_group_size, qdev)
         self.base: list[int] = []
         self._unit_layer: list[int] = []
         self._origins: list[list[tuple[nn.Parameter, torch.device]]] = []

@@ -117,7 +117,11 @@ def plan_packed(tensors: list[tuple[str, torch.Tensor]], quant: str | None, grou
 
 
 def _transfer_items(
-    tensors: list[tuple[str, torch.Tensor]], quant: str, group_size: int, materialize: bool
+    tensors: list[tuple[str, torch.Tensor]],
+    quant: str,
+    group_size: int,
+    materialize: bool,
+    quantize_device: torch.device | None = None,
 ) -> tuple[list[tuple[str, torch.Tensor]], tuple[tuple[str, int, int], ...]]:
     items: list[tuple[str, torch.Tensor]] = []
     recipe = []
@@ -127,7 +131,7 @@ def _transfer_items(
             items.append((name, t))
             continue
         if materialize:
-            q, scale = quantization.quantize(t, quant, group_size)
+            q, scale = quantization.quantize(t, quant, group_size, device=quantize_device)
         else:
             (q_shape, q_dtype), (s_shape, s_dtype) = quantization.packed_specs(tuple(t.shape), quant, group_size)
             q = torch.empty(q_shape, dtype=q_dtype, device="meta")
@@ -154,10 +158,20 @@ class HostStore:
     the bytes cross the link, and host memory shrinks by the same factor.
     """
 
-    def __init__(self, pin_memory: bool, quant: str | None = None, group_size: int = 32) -> None:
+    def __init__(
+        self,
+        pin_memory: bool,
+        quant: str | None = None,
+        group_size: int = 32,
+        quantize_device: torch.device | None = None,
+    ) -> None:
+        """quantize_device: where `quant`'s arithmetic runs (the results always live here, on
+        the host); the engine names its CUDA device, since the int4 code search is slow on a few
+        CPU cores."""
         self.pin_memory = pin_memory
         self.quant = quant
         self.group_size = group_size
+        self.quantize_device = quantize_device
         self.layers: list[PackedLayer] = []
         self.buffers: list[torch.Tensor | None] = []
         self._registered: set[int] = set()  # data_ptrs we page-locked and must unlock
@@ -184,7 +198,9 @@ class HostStore:
             packed = plan_packed(tensors, None, self.group_size)
             items = tensors
         else:
-            items, recipe = _transfer_items(tensors, self.quant, self.group_size, materialize=True)
+            items, recipe = _transfer_items(
+                tensors, self.quant, self.group_size, materialize=True, quantize_device=self.quantize_device
+            )
             packed = PackedLayer(plan_layout(tensors), plan_layout(items), recipe)
         buffer = self._allocate(packed.transfer.nbytes)
         for view, (_, t) in zip(packed.transfer.views(buffer), items):

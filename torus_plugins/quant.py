@@ -130,10 +130,27 @@ def _quantize_int4(w: torch.Tensor, group_size: int, refine: bool) -> tuple[torc
     return packed, meta
 
 
-def quantize(t: torch.Tensor, mode: str, group_size: int, refine: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(
+    t: torch.Tensor,
+    mode: str,
+    group_size: int,
+    refine: bool = True,
+    device: torch.device | str | None = None,
+    row_block: int = 1 << 22,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (packed integers, metadata) for a 2-D weight: int8 -> (int8 [rows, cols], fp32
     scale per row); int4 -> (uint8 [rows, cols / 2], uint8 [rows, meta bytes], see the module
-    docstring). `refine=False` skips int4's +-1 code search (for measuring what it buys)."""
+    docstring). `refine=False` skips int4's +-1 code search (for measuring what it buys).
+
+    `device`: do the arithmetic there (a GPU quantizes a 7B model's FFN in seconds where a few CPU
+    cores take minutes) and return the results on `t`'s device. Rows are independent in both
+    formats, so the weight goes over in blocks of about `row_block` elements: the device holds
+    one block's temporaries, never the whole matrix (the results equal the unblocked ones)."""
+    if device is not None:
+        rows = max(1, row_block // max(1, t.shape[1]))
+        parts = [quantize(t[r : r + rows].to(device), mode, group_size, refine) for r in range(0, t.shape[0], rows)]
+        home = t.device
+        return torch.cat([q.to(home) for q, _ in parts]), torch.cat([m.to(home) for _, m in parts])
     w = t.detach().to(torch.float32)
     if mode == "int8":
         scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
