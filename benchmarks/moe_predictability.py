@@ -5,7 +5,8 @@ the experts): is the shortfall in `moe_cache.json` the engine's, or the model's?
 answers from routing traces alone, with no cache and no engine timing in the way.
 
 Traces: greedy decoding (batch 1, KV cache, eager experts) of `moe_cache.py`'s prompts (the
-test set: the very tokens the engine benchmark decodes) and of a disjoint list of training
+test set: the same greedy continuations the engine benchmark decodes; 32 tokens each, of which the
+recorded moe_cache.json run decoded the first 24) and of a disjoint list of training
 prompts; forward hooks on each MoE layer's router (found through the registered MoE
 architecture's `expert_sites`, as the engine does) record its input and routed experts per
 decoded token.
