@@ -27,7 +27,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="compute device (default: cuda if available, else cpu)")
     g.add_argument("--kv-reserve-tokens", type=int, default=4096, help="KV-cache tokens the budget reserves")
     g.add_argument("--weight-quant", choices=["int8", "int4"], help="stream FFN weights quantized (default: as loaded)")
-    g.add_argument("--quant-group-size", type=int, default=32, help="columns per int4 scale/minimum code (default 32)")
+    g.add_argument(
+        "--quant-group-size",
+        type=int,
+        default=TorusConfig.quant_group_size,
+        help="columns per int4 scale/minimum code (default %(default)s)",
+    )
     m = p.add_argument_group("MoE models (routed experts stream one expert at a time)")
     m.add_argument(
         "--moe-cache-experts", type=int, help="experts the device cache holds (default: what the budget fits)"
@@ -203,7 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--resident-layers", type=int)
     pl.add_argument("--kv-reserve-tokens", type=int, default=4096)
     pl.add_argument("--weight-quant", choices=["int8", "int4"])
-    pl.add_argument("--quant-group-size", type=int, default=32, help="columns per int4 scale/minimum code (default 32)")
+    pl.add_argument(
+        "--quant-group-size",
+        type=int,
+        default=TorusConfig.quant_group_size,
+        help="columns per int4 scale/minimum code (default %(default)s)",
+    )
     pl.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     pl.add_argument("--dtype", help="weight dtype to plan for (default: the checkpoint's), e.g. bfloat16")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -231,7 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt", default=None, help="the user's message (default: a fixed question)")
     b.add_argument("--lookahead", type=int, nargs="+", help="one or more lookaheads, e.g. 1 2 3 (default 2)")
     b.add_argument("--weight-quant", nargs="+", choices=["none", "int8", "int4"], help="one or more (default none)")
-    b.add_argument("--quant-group-size", type=int, default=32, help="columns per int4 scale/minimum code (default 32)")
+    b.add_argument(
+        "--quant-group-size",
+        type=int,
+        default=TorusConfig.quant_group_size,
+        help="columns per int4 scale/minimum code (default %(default)s)",
+    )
     b.add_argument("--transport", default="auto", help="auto: cuda; CPU: copy (simulated-link with --link-bandwidth)")
     b.add_argument("--link-bandwidth", help="link bandwidth for the ceiling, e.g. 8GB/s; on the CPU also simulates it")
     b.add_argument("--repeats", type=int, default=3, help="timed runs per variant (default 3)")

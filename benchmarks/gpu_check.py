@@ -547,8 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--quant-group-size",
         type=int,
-        default=32,
-        help="TorusConfig.quant_group_size for int4 (default 32, the engine's: the size that meets the quality target)",
+        default=None,
+        help="TorusConfig.quant_group_size for int4 (default: the engine's, 32: the size that meets the quality target)",
     )
     ap.add_argument(
         "--accelerate-steps", type=int, default=4, help="decode steps timed for accelerate offload (default 4)"
@@ -586,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torus_plugins as tp
     from torus_plugins import TorusConfig
+
+    if args.quant_group_size is None:
+        args.quant_group_size = TorusConfig.quant_group_size
 
     has_cuda = torch.cuda.is_available()
     if not has_cuda and not args.tiny:

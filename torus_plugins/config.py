@@ -8,6 +8,10 @@ from typing import Any
 
 from .errors import ConfigError
 
+#: int4 columns per scale/minimum code: the size that meets the quality target on the embedded
+#: SmolLM2 (benchmarks/results/quant_quality.json). One definition for every default that names it.
+DEFAULT_QUANT_GROUP_SIZE = 32
+
 _UNITS = {
     "": 1,
     "b": 1,
@@ -127,7 +131,7 @@ class TorusConfig:
     pin_memory: bool | None = None
     transfer_timeout_s: float = 30.0
     weight_quant: str | None = None
-    quant_group_size: int = 32
+    quant_group_size: int = DEFAULT_QUANT_GROUP_SIZE
     moe_cache_experts: int | None = None
     moe_cache_scope: str = "shared"
     moe_eviction: str = "next-use"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import quant as quantization
+from .config import DEFAULT_QUANT_GROUP_SIZE
 
 #: Tensors start on this byte boundary inside a buffer, so kernels see the same alignment
 #: (and therefore take the same code paths) as they would for freshly allocated weights.
@@ -162,7 +163,7 @@ class HostStore:
         self,
         pin_memory: bool,
         quant: str | None = None,
-        group_size: int = 32,
+        group_size: int = DEFAULT_QUANT_GROUP_SIZE,
         quantize_device: torch.device | None = None,
     ) -> None:
         """quantize_device: where `quant`'s arithmetic runs (the results always live here, on

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .architecture import Architecture, FFNSite
+from .config import DEFAULT_QUANT_GROUP_SIZE
 from .errors import ConfigError
 from .host_store import PackedLayer, plan_packed
 
@@ -41,7 +42,7 @@ def measure(
     model: nn.Module,
     arch: Architecture,
     quant: str | None = None,
-    group_size: int = 32,
+    group_size: int = DEFAULT_QUANT_GROUP_SIZE,
     experts: frozenset[int] | set[int] = frozenset(),
 ) -> ModelSizes:
     """experts: ids of routed-expert parameters (MoE), which stream separately: neither FFN
