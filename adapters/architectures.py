@@ -8,6 +8,7 @@ README's "Adding an architecture".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 
@@ -65,6 +66,9 @@ class DecoderFFN:
             sites.append(FFNSite(entry=modules[0], exit=modules[-1], params=tuple(params)))
         return sites
 
+    def prepare_model(self, model: nn.Module) -> Callable[[], None] | None:
+        return disable_generate_compile(model)
+
     def kv_bytes_per_token(self, model: nn.Module) -> int:
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
@@ -74,6 +78,21 @@ class DecoderFFN:
         head_dim = getattr(cfg, "head_dim", None) or hidden // max(heads, 1)
         dtype_bytes = next(model.parameters()).element_size()
         return 2 * layers * kv_heads * head_dim * dtype_bytes
+
+
+def disable_generate_compile(model: nn.Module) -> Callable[[], None] | None:
+    """Switch off `generate()`'s automatic `torch.compile` (on CUDA with a static cache): a
+    compiled forward would not run the engine's hooks the way eager does. Returns the undo."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None or not hasattr(gen, "disable_compile"):
+        return None
+    before = gen.disable_compile
+    gen.disable_compile = True
+
+    def undo() -> None:
+        gen.disable_compile = before
+
+    return undo
 
 
 TRANSFORMERS_ARCHITECTURES: tuple[DecoderFFN, ...] = (

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from torus_plugins import ConfigError, ModelNotFoundError, TorusConfig, TorusError
+from torus_plugins import ConfigError, ModelNotFoundError, TorusConfig, TorusError, UnsupportedArchitectureError
 from torus_plugins.engine import Engine
 from torus_plugins.lifecycle import attach, detach, get_engine, is_attached
 from torus_plugins.plugins import resolve
@@ -297,7 +297,7 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
 
 # ---------------------------------------------------------------------- enable() / pipeline()
 _BYPASS: contextvars.ContextVar[bool] = contextvars.ContextVar("torus_bypass", default=False)
-_enabled_stack: list[TorusConfig] = []
+_enabled_stack: list[tuple[TorusConfig, bool]] = []  # (config, allow_unstreamed)
 _original_from_pretrained: Any = None
 _attached_by_enable: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -313,20 +313,36 @@ def _patched_from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
     if kwargs.pop("device_map", None) is not None:
         log.warning("torus-sparse is enabled and places weights itself; ignoring device_map")
     model = _original_from_pretrained.__func__(cls, *args, **kwargs)
-    config = _enabled_stack[-1]
+    config, allow_unstreamed = _enabled_stack[-1]
     if is_attached(model):
         return model
-    if not any(a.matches(model) for a in resolve().architectures):
-        log.warning("torus-sparse: no architecture plugin for %s; loaded without streaming", type(model).__name__)
+    if allow_unstreamed and not any(a.matches(model) for a in resolve().architectures):
+        # The caller opted in: a model no plugin knows loads as usual, with no budget applied.
+        log.warning(
+            "torus-sparse: no architecture plugin for %s; loaded WITHOUT streaming (allow_unstreamed=True), "
+            "so vram_budget does not apply to it",
+            type(model).__name__,
+        )
         return model
-    attach(model, config)
+    try:
+        attach(model, config)
+    except UnsupportedArchitectureError as exc:
+        raise UnsupportedArchitectureError(
+            f"{exc} Or, to load such models without streaming while enabled (the budget will not apply), "
+            f"pass allow_unstreamed=True to torus_plugins.enable()/enabled()."
+        ) from None
     _attached_by_enable.add(model)
     return model
 
 
-def enable(config: TorusConfig | None = None, **overrides: Any) -> None:
+def enable(config: TorusConfig | None = None, *, allow_unstreamed: bool = False, **overrides: Any) -> None:
     """From now on, every transformers `from_pretrained` (so `pipeline()` too) returns a model
-    with FFN weights streamed under `config`. Undo with `disable()`; calls nest."""
+    with FFN weights streamed under `config`. Undo with `disable()`; calls nest.
+
+    A model no architecture plugin knows raises `UnsupportedArchitectureError` from
+    `from_pretrained`, as `attach` would; with `allow_unstreamed=True` it loads unstreamed instead
+    (with a warning: the budget does not apply to it).
+    """
     global _original_from_pretrained
     from transformers import PreTrainedModel
 
@@ -334,7 +350,7 @@ def enable(config: TorusConfig | None = None, **overrides: Any) -> None:
     if _original_from_pretrained is None:
         _original_from_pretrained = PreTrainedModel.__dict__["from_pretrained"]
         PreTrainedModel.from_pretrained = classmethod(_patched_from_pretrained)
-    _enabled_stack.append(cfg)
+    _enabled_stack.append((cfg, bool(allow_unstreamed)))
 
 
 def disable() -> None:
@@ -354,10 +370,12 @@ def disable() -> None:
 
 
 @contextlib.contextmanager
-def enabled(config: TorusConfig | None = None, **overrides: Any) -> Iterator[TorusConfig]:
+def enabled(
+    config: TorusConfig | None = None, *, allow_unstreamed: bool = False, **overrides: Any
+) -> Iterator[TorusConfig]:
     """`with torus_plugins.enabled(vram_budget="2GB"): pipe = pipeline(...)`: enable for the block."""
-    enable(config, **overrides)
+    enable(config, allow_unstreamed=allow_unstreamed, **overrides)
     try:
-        yield _enabled_stack[-1]
+        yield _enabled_stack[-1][0]
     finally:
         disable()

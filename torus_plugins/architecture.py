@@ -39,6 +39,9 @@ class Architecture(Protocol):
     ffn_sites(model): one `FFNSite` per decoder layer, in execution order.
     kv_bytes_per_token(model): KV-cache bytes per token (all layers), for the budget's reserve;
         return 0 when unknown.
+    prepare_model(model) (optional): adjust the model's framework for streaming once it is
+        attached (the transformers rows switch off `generate()`'s auto-compile, which would
+        bypass the hooks) and return a callable that undoes it, or None.
     """
 
     name: str

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from .errors import ConfigError
@@ -26,6 +28,8 @@ _UNITS = {
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 SIZE_FORMS = "an integer number of bytes, or a string such as '6GB', '6GiB', '512MiB', '1.5 GB', '2000000000'"
+#: Larger than any memory or link: a value above it is a typo (or hostile input), not a size.
+MAX_BYTES = 2**60
 
 
 def parse_bytes(value: int | float | str, what: str = "size") -> int:
@@ -40,23 +44,39 @@ def parse_bytes(value: int | float | str, what: str = "size") -> int:
             raise ConfigError(f"{what}: {value!r} is not a finite size; use {SIZE_FORMS}")
         if value < 0:
             raise ConfigError(f"{what}: {value!r} is negative; use {SIZE_FORMS}")
-        return int(value)
-    if isinstance(value, str):
+        return _bounded(int(value), value, what)
+    if isinstance(value, str) and len(value) <= 64:
         m = _SIZE_RE.match(value)
         if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    raise ConfigError(f"{what}: cannot read {value!r}; use {SIZE_FORMS}")
+            # Decimal, not float: exact for long digit strings, and never an OverflowError.
+            return _bounded(int(Decimal(m.group(1)) * _UNITS[m.group(2).lower()]), value, what)
+    raise ConfigError(f"{what}: cannot read {_shown(value)}; use {SIZE_FORMS}")
+
+
+def _shown(value: object) -> str:
+    """`value` for an error message, cut short: untrusted input may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= 64 else f"{text[:40]}... ({len(text)} characters)"
+
+
+def _bounded(n: int, value: object, what: str) -> int:
+    if n > MAX_BYTES:
+        shown = repr(value) if len(repr(value)) <= 64 else f"a {len(str(value))}-digit value"
+        raise ConfigError(f"{what}: {shown} is larger than any machine (over 1 EiB); use {SIZE_FORMS}")
+    return n
 
 
 def parse_bandwidth(value: int | float | str, what: str = "bandwidth") -> float:
     """Bytes per second: 25e9, "25GB/s", "25 GiB/s", "25GB" (the "/s" is optional). Must be > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{what}: {value!r} is not a bandwidth; use bytes per second or e.g. '25GB/s', '12 GiB/s'")
     text = value.strip().removesuffix("/s").removesuffix("ps") if isinstance(value, str) else value
     try:
         bps = float(parse_bytes(text, what)) if isinstance(text, str) else float(text)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{what}: cannot read {value!r}; use bytes per second or e.g. '25GB/s', '12 GiB/s'") from exc
-    if not bps > 0 or bps == float("inf"):
-        raise ConfigError(f"{what}: {value!r} must be a positive, finite number of bytes per second, e.g. '25GB/s'")
+        raise ConfigError(f"{what}: cannot read {_shown(value)}; use bytes per second or e.g. '25GB/s', '12 GiB/s'") from exc
+    if not bps > 0 or bps > MAX_BYTES:
+        raise ConfigError(f"{what}: {_shown(value)} must be a positive, finite number of bytes per second, e.g. '25GB/s'")
     return bps
 
 
@@ -174,6 +194,12 @@ class TorusConfig:
             )
         if not isinstance(self.transport, str) or not self.transport:
             raise ConfigError(f"transport must be a name such as 'auto', 'copy', 'zero-copy', got {self.transport!r}")
+        if not isinstance(self.options, Mapping) or not all(isinstance(k, str) for k in self.options):
+            raise ConfigError(
+                f"options must be a dict of plugin settings by name, e.g. {{'link_bandwidth': '12GB/s'}}, "
+                f"got {self.options!r}"
+            )
+        object.__setattr__(self, "options", dict(self.options))
 
     @property
     def budget_bytes(self) -> int | None:

@@ -10,7 +10,7 @@ No pluggy call, no allocation and no host synchronisation happens there.
 from __future__ import annotations
 
 import logging
-import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,11 +22,13 @@ from .budget import ResidencyPlan, plan_residency
 from .config import TorusConfig
 from .errors import ConfigError, TransferError
 from .experts import ExpertStreamer, check_moe_transport, expert_param_ids, plan_experts, predict_context
+from .guards import PassLock, check_traceable_call, lock_points
 from .host_store import HostStore, materialize
 from .plugins import Registry
 from .prefetch import PrefetchContext
 from .sizing import measure
 from .slots import Slot, SlotRing
+from .stalls import StallLedger
 from .stats import EngineStats, LayerCounters, LayerStats, StatsEvent
 from .transfer import Transport, TransportOptions
 
@@ -75,6 +77,8 @@ class Engine:
         # MoE: routed experts stream one expert at a time through their own cache.
         self.expert_sites = list(arch.expert_sites(model)) if hasattr(arch, "expert_sites") else []
         self.experts: ExpertStreamer | None = None
+        #: held across each forward pass (see `guards`): threads take turns, each pass whole
+        self.pass_lock = PassLock()
         self.transport = self._make_transport()
         try:
             self._prepare()
@@ -110,6 +114,13 @@ class Engine:
         expert_ids = expert_param_ids(self.expert_sites)
         sizes = measure(self.model, self.arch, quant, group, expert_ids)
         self.sizes = sizes
+        if sizes.shared:
+            log.warning(
+                "torus-sparse: %d FFN layer(s) (%s) share weights with another module; they stay on the "
+                "device with the non-FFN weights instead of streaming",
+                len(sizes.shared),
+                ", ".join(map(str, sizes.shared)),
+            )
         self.sites: list[FFNSite] = sizes.sites
         self._params = sizes.params
         self._ffn_ids = {id(p) for ps in sizes.params for p in ps} | expert_ids
@@ -165,6 +176,7 @@ class Engine:
         (out of memory, say), everything done so far is undone and the error re-raised.
         """
         self._hooks: list[Any] = []
+        self._grad_flags: list[tuple[nn.Parameter, bool]] = []
         self._non_ffn_origins: list[_Origin] = []
         self._ffn_origin_device: list[torch.device] = []
         self._resident: dict[int, torch.Tensor] = {}
@@ -180,13 +192,23 @@ class Engine:
             # So `peak_device_bytes` reads "since attach" (reset_stats resets it again).
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            self._build(progress)
+            # Everything built here (host buffers, slots, cached views) outlives this call: made
+            # inside inference mode it would be an inference tensor, which a later no-grad or
+            # grad-enabled pass may neither write nor save for backward.
+            with torch.inference_mode(False):
+                self._build(progress)
         except BaseException:
             self.teardown()
             raise
+        # If the model is garbage-collected while attached, let queued copies finish before the
+        # host buffers they read are freed (and unregistered). Holds no reference to the model.
+        self._finalizer = weakref.finalize(
+            self.model, _drain, self.transport, [self.store] + ([self.experts.store] if self.experts else [])
+        )
 
     def _build(self, progress: Callable[[int, int], None] | None) -> None:
         dev = self.device
+        self._freeze_ffn_grads()
         self._placeholders: list[list[torch.Tensor]] = []
         resident = set(self.plan.resident)
         self.counters = [LayerCounters() for _ in self.sites]
@@ -229,6 +251,31 @@ class Engine:
                 self.store.pin_memory,
             )
             self.experts.build(progress)
+        self._install_pass_lock()
+        prepare = getattr(self.arch, "prepare_model", None)
+        self._undo_prepare = prepare(self.model) if prepare is not None else None
+
+    def _freeze_ffn_grads(self) -> None:
+        """Streamed and resident FFN weights do not require grad while attached (restored at
+        detach). A parameter that requires grad is what autocast caches a cast copy of for the
+        whole autocast region: for streamed weights that would be a device copy of every layer,
+        far past the budget. Gradients still flow to the inputs, so backward works."""
+        for ps in self._params:
+            for p in ps:
+                self._grad_flags.append((p, p.requires_grad))
+        for site in self.expert_sites:
+            for _, attr in site.params:
+                p = getattr(site.module, attr)
+                self._grad_flags.append((p, p.requires_grad))
+        for p, _ in self._grad_flags:
+            p.requires_grad_(False)
+
+    def _install_pass_lock(self) -> None:
+        streamed = [] if self.transport.zero_copy else [(self.sites[i].entry, self.sites[i].exit) for i in self.plan.streamed]
+        if not streamed and not self.expert_sites:
+            return  # nothing rebinds weights or keeps per-pass state: no lock needed
+        points = lock_points(self.model, streamed, [s.module for s in self.expert_sites])
+        self._hooks.extend(self.pass_lock.install(points))
 
     def _bind(self, layer: int, tensors: list[torch.Tensor]) -> None:
         for p, t in zip(self._params[layer], tensors):
@@ -255,8 +302,7 @@ class Engine:
         plan = self.plan
         self._active: Slot | None = None
         self._active_layer = -1
-        self._pending_stalls: list[tuple[int, Any]] = []
-        self._stall_lock = threading.Lock()
+        self._stalls = StallLedger(self._add_stall)
         self._aliases = bool(getattr(self.transport, "aliases_source", False))
         self.forward_passes = 0
         self.ring = SlotRing(
@@ -291,6 +337,7 @@ class Engine:
 
     def acquire(self, layer: int) -> None:
         """Make `layer`'s weights computable: a prefetch hit, or a synchronous load (a miss)."""
+        check_traceable_call(self.device)
         if self._active is not None:
             # The previous layer never reached its exit hook (an exception or an interrupt
             # inside its forward): release it now so its slot is fenced and reusable.
@@ -312,14 +359,7 @@ class Engine:
             if isinstance(exc, TransferError) or not isinstance(exc, Exception):
                 raise
             raise TransferError(f"copying FFN layer {layer} to {self.device} failed: {exc}") from exc
-        if type(waited) is float:
-            c.stall_s += waited
-        else:
-            # Only device-side stalls (CUDA) get here; the lock lets another thread read stats().
-            with self._stall_lock:
-                self._pending_stalls.append((layer, waited))
-            if len(self._pending_stalls) > 4096:
-                self._settle_stalls(only_finished=True)
+        self._stalls.record(layer, waited)
         views = ring.views(slot, layer, self.store.buffers[layer] if self._aliases else None)
         if views.dequantize:
             # On the compute stream, after the wait above: reads the landed bytes, writes the
@@ -350,6 +390,7 @@ class Engine:
                     return
                 self._issue(slot, layer)
 
+    @torch.inference_mode(False)  # the slot slice outlives this pass (see `build`)
     def _issue(self, slot: Slot, layer: int) -> None:
         src = self.store.buffers[layer]
         ready = self.transport.copy(slot.buffer[: src.numel()], src, slot.free)
@@ -357,26 +398,23 @@ class Engine:
         self.counters[layer].bytes_moved += src.numel()
 
     # ------------------------------------------------------------------ stats
-    def _settle_stalls(self, only_finished: bool = False) -> None:
-        """Fold device-side stall timings into the counters. `only_finished` keeps the hot path
-        free of host synchronisation: timings whose events have not completed stay pending."""
-        with self._stall_lock:
-            keep = []
-            for layer, pending in self._pending_stalls:
-                if only_finished and not pending.finished():
-                    keep.append((layer, pending))
-                else:
-                    self.counters[layer].stall_s += pending.seconds()
-            self._pending_stalls = keep
+    def _add_stall(self, layer: int, seconds: float) -> None:
+        self.counters[layer].stall_s += seconds
 
     def stats(self) -> EngineStats:
-        """A snapshot of the counters (settles device-side stall timings first)."""
-        self._settle_stalls()
+        """A snapshot of the counters (settles device-side stall timings first). Waits for a
+        forward pass running in another thread, so the counters are those of whole passes."""
+        with self.pass_lock:
+            return self._stats()
+
+    def _stats(self) -> EngineStats:
+        self._stalls.settle()
         resident = set(self.plan.resident)
         placement = "zero-copy" if self.transport.zero_copy else None
+        positions = self.sizes.positions
         layers = tuple(
             LayerStats(
-                i,
+                positions[i],
                 placement or ("resident" if i in resident else "streamed"),
                 c.hits,
                 c.misses,
@@ -415,7 +453,11 @@ class Engine:
         )
 
     def reset_stats(self) -> None:
-        self._settle_stalls()
+        with self.pass_lock:
+            self._reset_stats()
+
+    def _reset_stats(self) -> None:
+        self._stalls.settle()
         self.counters = [LayerCounters() for _ in self.sites]
         self.forward_passes = 0
         if self.experts is not None:
@@ -432,6 +474,17 @@ class Engine:
     def teardown(self) -> None:
         """Remove hooks and put every tensor back where it was, bit for bit (with `weight_quant`:
         the dequantized weights, see `detach`); free device buffers."""
+        with self.pass_lock, torch.inference_mode(False):
+            self._teardown()
+
+    def _teardown(self) -> None:
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()  # teardown drains and frees in order itself
+        undo = getattr(self, "_undo_prepare", None)
+        if undo is not None:
+            undo()
+            self._undo_prepare = None
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -461,4 +514,17 @@ class Engine:
                     t.data = t.data.to(o.device)
                 else:
                     o.owner._buffers[o.attr] = t.to(o.device)
+        for p, flag in self._grad_flags:
+            p.requires_grad_(flag)
+        self._grad_flags.clear()
         self.ring = SlotRing([], [])
+
+
+def _drain(transport: Transport, stores: list[HostStore]) -> None:
+    """Finalizer of a model collected while attached: copies first, then host memory."""
+    try:
+        transport.close()
+    except Exception:  # a finalizer must not raise; the memory is freed either way
+        log.exception("transport %s failed to close while its model was collected", transport.name)
+    for store in stores:
+        store.close()

@@ -41,3 +41,8 @@ class ModelNotFoundError(TorusError, FileNotFoundError):
 
 class PluginError(TorusError, RuntimeError):
     """A plugin registered something malformed or conflicting."""
+
+
+class IncompatibleModelError(TorusError, ValueError):
+    """The model is in a state the engine cannot stream from: hooked by accelerate, weights on the
+    meta device, or being compiled / captured into a CUDA graph."""

@@ -12,7 +12,6 @@ Hot path, once per MoE layer and forward pass (`ExpertStreamer.run`):
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable
 
 import torch
@@ -23,8 +22,10 @@ from .config import TorusConfig
 from .errors import ConfigError, TransferError
 from .expert_cache import ExpertCache, ExpertCachePlan, plan_expert_cache
 from .expert_predict import ExpertPredictContext, ExpertPredictor
+from .guards import check_traceable_call
 from .host_store import HostStore, PackedLayer, materialize, plan_packed
 from .slots import Slot
+from .stalls import StallLedger
 from .stats import ExpertCounters, ExpertLayerStats, ExpertStats
 from .transfer import Transport
 
@@ -158,8 +159,7 @@ class ExpertStreamer:
         self._restore: Callable[[], None] | None = None
         self._installed: list[nn.Module] = []
         self._aliases = bool(getattr(transport, "aliases_source", False))
-        self._pending_stalls: list[tuple[int, Any]] = []
-        self._stall_lock = threading.Lock()
+        self._stalls = StallLedger(self._add_stall)
         self.counters = [ExpertCounters() for _ in sites]
         self.forward_passes = 0
         self._active: tuple[Slot, int, list[torch.Tensor]] | None = None
@@ -209,6 +209,7 @@ class ExpertStreamer:
     # ------------------------------------------------------------------ hot path
     def run(self, j: int, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights, eager) -> torch.Tensor:
         """One MoE layer's routed experts: load what is missing, prefetch ahead, compute."""
+        check_traceable_call(self.device)
         self._release_active()
         cache = self.cache
         assert cache is not None
@@ -254,6 +255,7 @@ class ExpertStreamer:
             if j == len(self.sites) - 1:
                 self.forward_passes += 1
 
+    @torch.inference_mode(False)  # the slot slice outlives this pass
     def _load(self, ring, unit: int, keep: set[int], prefetched: bool) -> Slot | None:
         active = self._active[0] if self._active is not None else None
         slot = ring.victim(keep, active)
@@ -295,11 +297,7 @@ class ExpertStreamer:
             raise TransferError(
                 f"copying expert {expert} of MoE layer {self.sites[j].layer} to {self.device} failed: {exc}"
             ) from exc
-        if type(waited) is float:
-            self.counters[j].stall_s += waited
-        else:
-            with self._stall_lock:
-                self._pending_stalls.append((j, waited))
+        self._stalls.record(j, waited)
         if slot.layer != unit:  # the ordering rules make this impossible; never compute from it
             raise TransferError(f"expert cache slot {slot.index} holds unit {slot.layer}, expected {unit}")
         views = ring.views(slot, unit, self.store.buffers[unit] if self._aliases else None)
@@ -315,14 +313,11 @@ class ExpertStreamer:
             self._active = None
 
     # ------------------------------------------------------------------ stats
-    def _settle_stalls(self) -> None:
-        with self._stall_lock:
-            for j, pending in self._pending_stalls:
-                self.counters[j].stall_s += pending.seconds()
-            self._pending_stalls = []
+    def _add_stall(self, j: int, seconds: float) -> None:
+        self.counters[j].stall_s += seconds
 
     def stats(self) -> ExpertStats:
-        self._settle_stalls()
+        self._stalls.settle()
         layers = tuple(
             ExpertLayerStats(
                 layer=s.layer,
@@ -354,7 +349,7 @@ class ExpertStreamer:
         )
 
     def reset_stats(self) -> None:
-        self._settle_stalls()
+        self._stalls.settle()
         self.counters = [ExpertCounters() for _ in self.sites]
         self.forward_passes = 0
 

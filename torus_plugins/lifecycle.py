@@ -13,6 +13,7 @@ from torch import nn
 from .config import TorusConfig
 from .engine import Engine
 from .errors import AlreadyAttachedError, NotAttachedError, UnsupportedArchitectureError
+from .guards import check_not_hooked
 from .plugins import resolve
 
 _ATTR = "_torus_engine"
@@ -47,12 +48,14 @@ def attach(
     progress: ``progress(done, total)`` after each FFN layer is packed.
 
     Errors leave the model unchanged: `AlreadyAttachedError`, `UnsupportedArchitectureError`,
-    `ConfigError`, `BudgetTooSmallError`.
+    `ConfigError`, `BudgetTooSmallError`, `IncompatibleModelError` (accelerate hooks or weights on
+    the meta device: load the model without `device_map`).
     """
     if is_attached(model):
         raise AlreadyAttachedError(
             f"{type(model).__name__} already has a torus-sparse engine; call torus_plugins.detach(model) first"
         )
+    check_not_hooked(model)
     config = (config or TorusConfig()).replace(**overrides) if overrides else (config or TorusConfig())
     registry = resolve(plugin_manager)
     arch = next((a for a in registry.architectures if a.matches(model)), None)

@@ -22,6 +22,10 @@ class ModelSizes:
     slot_bytes: what a ring slot needs to hold each layer (landing + dequantized when quantized).
     non_ffn_bytes: everything that always stays on the device (tied weights counted once).
     kv_bytes_per_token: KV cache per token, all layers.
+    shared: positions (in the architecture's site list) of FFN layers left out of streaming
+        because a parameter of theirs also appears elsewhere in the model (a module shared by
+        several layers, or a weight tied to another): they stay on the device with the non-FFN
+        weights, since rebinding a shared parameter for one layer would rebind it for all.
     """
 
     sites: list[FFNSite]
@@ -32,6 +36,13 @@ class ModelSizes:
     slot_bytes: list[int]
     non_ffn_bytes: int
     kv_bytes_per_token: int
+    shared: tuple[int, ...] = ()
+
+    @property
+    def positions(self) -> list[int]:
+        """Each streamable site's position among all the architecture's sites (the decoder
+        layer, when nothing is shared): what stats report as a layer's number."""
+        return [i for i in range(len(self.sites) + len(self.shared)) if i not in self.shared]
 
     @property
     def ffn_bytes(self) -> int:
@@ -47,9 +58,25 @@ def measure(
 ) -> ModelSizes:
     """experts: ids of routed-expert parameters (MoE), which stream separately: neither FFN
     layers nor part of the non-FFN bytes."""
-    sites = arch.ffn_sites(model)
-    if not sites and not experts:
+    found = arch.ffn_sites(model)
+    if not found and not experts:
         raise ConfigError(f"architecture {arch.name!r} found no FFN layers in {type(model).__name__}")
+    # How many places hold each parameter: more than one means a shared module or a tied weight.
+    places: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        places[id(p)] = places.get(id(p), 0) + 1
+    shared = tuple(
+        i
+        for i, site in enumerate(found)
+        if any(places.get(id(getattr(owner, attr)), 0) > 1 for _, owner, attr in site.params)
+        or len({id(getattr(owner, attr)) for _, owner, attr in site.params}) < len(site.params)
+    )
+    sites = [site for i, site in enumerate(found) if i not in shared]
+    if not sites and not experts:
+        raise ConfigError(
+            f"every FFN layer of {type(model).__name__} shares its weights with another module; "
+            f"there is nothing torus-sparse can stream without changing the other users of those weights"
+        )
     params: list[list[nn.Parameter]] = []
     packed: list[PackedLayer] = []
     for site in sites:
@@ -75,4 +102,5 @@ def measure(
         slot_bytes=[pk.transfer.nbytes + (pk.compute.nbytes if pk.quantized else 0) for pk in packed],
         non_ffn_bytes=non_ffn,
         kv_bytes_per_token=int(arch.kv_bytes_per_token(model)),
+        shared=shared,
     )

@@ -15,6 +15,11 @@ import torch
 
 from .host_store import PackedLayer
 
+#: View sets a slot caches (one per layer or expert that has landed in it). A dense ring sees a
+#: few layers per slot; an expert cache may see every expert in every slot, so the cache keeps
+#: the most recent ones: rebuilding a view set costs a few microseconds.
+VIEWS_PER_SLOT = 16
+
 
 @dataclass(frozen=True)
 class SlotViews:
@@ -66,7 +71,11 @@ class SlotRing:
         slot (a transport that aliases the host store, see `Transport.aliases_source`)."""
         v = slot.views.get(layer)
         if v is None:
-            v = slot.views[layer] = self._make_views(slot.buffer, self._layers[layer], source)
+            if len(slot.views) >= VIEWS_PER_SLOT:
+                del slot.views[next(iter(slot.views))]  # the oldest
+            # Views outlive the pass that made them: never make them inference tensors.
+            with torch.inference_mode(False):
+                v = slot.views[layer] = self._make_views(slot.buffer, self._layers[layer], source)
         return v
 
     @staticmethod

@@ -1,0 +1,128 @@
+"""What keeps an attached model correct however it is called: threads, compilers, graph capture,
+models that another library already hooked.
+
+Concurrency contract: an attached model has one slot ring, one set of parameters that the hooks
+rebind, and one set of counters. A forward pass of the model (and so every `generate()` step) runs
+under the engine's `PassLock`: passes from different threads take turns, each one whole, so every
+thread gets exactly what it would get alone. The lock is taken by forward hooks on the model itself
+and on each module that holds streamed weights, so a direct call to a decoder layer or an MoE block
+is serialised too. It is re-entrant (a nested call from the same thread never deadlocks) and it is
+released even when a forward raises (`always_call`), so a failed pass never wedges other threads.
+Batching concurrent requests into one pass remains the server's job; the lock only makes separate
+calls correct.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import IncompatibleModelError
+
+
+class PassLock:
+    """A re-entrant lock held across one forward pass of an attached model."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> "PassLock":
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def install(self, modules: list[nn.Module]) -> list[Any]:
+        """Hold the lock from the first pre-hook to the last forward hook of each module.
+
+        The pre-hook is prepended so it runs before the engine's own pre-hooks (which bind
+        weights); the release hook runs last and also when the forward raises.
+        """
+        handles: list[Any] = []
+        for m in modules:
+            handles.append(m.register_forward_pre_hook(self._enter_hook, prepend=True))
+            handles.append(m.register_forward_hook(self._exit_hook, always_call=True))
+        return handles
+
+    def _enter_hook(self, module: nn.Module, args: Any) -> None:
+        self._lock.acquire()
+
+    def _exit_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._lock.release()
+
+
+def lock_points(model: nn.Module, sites: list[tuple[nn.Module, nn.Module]], expert_modules: list[nn.Module]) -> list[nn.Module]:
+    """The modules whose forward must hold the pass lock: the model, and for each streamed site the
+    smallest module whose forward covers both its entry and exit hooks (the FFN module itself when
+    entry is exit, else their closest common ancestor, e.g. OPT's decoder layer)."""
+    points: dict[int, nn.Module] = {id(model): model}
+    parents: dict[int, nn.Module] | None = None
+    for entry, exit_ in sites:
+        if entry is exit_:
+            points.setdefault(id(entry), entry)
+            continue
+        if parents is None:
+            parents = {id(child): mod for mod in model.modules() for child in mod.children()}
+        chain, m = [], entry
+        while m is not None:
+            chain.append(m)
+            m = parents.get(id(m))
+        m = exit_
+        ancestors = {id(x) for x in chain}
+        while m is not None and id(m) not in ancestors:
+            m = parents.get(id(m))
+        common = m if m is not None else model
+        points.setdefault(id(common), common)
+    for m in expert_modules:
+        points.setdefault(id(m), m)
+    return list(points.values())
+
+
+def check_traceable_call(device: torch.device) -> None:
+    """Refuse to run a streamed layer under `torch.compile` or CUDA-graph capture.
+
+    Both record the tensors a layer reads once and replay them later; the engine rebinds a
+    streamed parameter to a different slot on every pass, so a replay would compute from whatever
+    that slot holds by then: wrong text, with no error. Called on the hot path: both checks are
+    a flag read.
+    """
+    if torch.compiler.is_compiling():
+        raise IncompatibleModelError(
+            "a torus-sparse streamed layer is being traced by torch.compile; streamed weights move "
+            "between passes, so a compiled graph would read stale memory. Run the model uncompiled "
+            "(generate() auto-compile is switched off at attach; do not pass a compile_config)"
+        )
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise IncompatibleModelError(
+            "a torus-sparse streamed layer is being captured into a CUDA graph; streamed weights "
+            "move between passes, so a replayed graph would read stale memory. Run the model "
+            "without CUDA graphs (e.g. no static-cache compile, no cudagraph mode in your server)"
+        )
+
+
+def check_not_hooked(model: nn.Module) -> None:
+    """Refuse a model that accelerate (or another library using its hooks) already placed.
+
+    accelerate's hooks move weights in and out around each forward, and an offloaded weight is a
+    `meta` tensor whose real values live elsewhere: streaming from either would pack the wrong bytes.
+    """
+    hooked = [name or type(model).__name__ for name, m in model.named_modules() if hasattr(m, "_hf_hook")]
+    if hooked:
+        raise IncompatibleModelError(
+            f"{type(model).__name__} carries accelerate hooks ({len(hooked)} modules, first {hooked[0]!r}), "
+            f"as loading with device_map=... or accelerate's dispatch/offload leaves them. torus-sparse "
+            f"places weights itself: load the model without device_map (TorusModel.from_pretrained and "
+            f"enable() do), or remove the hooks first with "
+            f"accelerate.hooks.remove_hook_from_module(model, recurse=True) once every weight is in host memory"
+        )
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise IncompatibleModelError(
+            f"{type(model).__name__} has {len(meta)} parameters on the meta device (first {meta[0]!r}): "
+            f"their values are not in memory (offloaded, or the model was built empty). Load the model "
+            f"with its weights in host memory (no device_map, no offload) and attach again"
+        )
