@@ -51,6 +51,8 @@ def test_generate_json_stats_are_machine_readable():
         (["--model", "/nope/model"], "/nope/model"),
         (["--transport", "carrier-pigeon"], "available: copy, cuda, simulated-link, zero-copy"),
         (["--vram-budget", "1MB", "--transport", "copy"], "minimum is"),
+        (["--vram-budget", "1" + "0" * 400], "cannot read"),
+        (["--vram-budget", "9" * 400 + "GB"], "cannot read"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(args, message):

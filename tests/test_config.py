@@ -180,3 +180,31 @@ def test_replace_parses_and_validates_like_a_new_config():
         cfg.replace(vram_budget="lots")
     with pytest.raises(TypeError):
         cfg.replace(no_such_field=1)
+
+
+HUGE = ["1" + "0" * 400, "9" * 400 + "GB", 10**400, 2**61, 1e300]
+
+
+@pytest.mark.parametrize("value", HUGE, ids=["digits", "digits-GB", "int", "2^61", "float"])
+def test_absurdly_large_sizes_and_bandwidths_are_config_errors(value):
+    from torus_plugins.config import parse_bandwidth
+
+    with pytest.raises(ConfigError) as err:
+        TorusConfig(vram_budget=value)
+    assert len(str(err.value)) < 400  # the message never echoes megabytes of input
+    with pytest.raises(ConfigError):
+        parse_bandwidth(value if not isinstance(value, str) else value + "/s")
+
+
+@pytest.mark.parametrize("value", [True, False, None, [1], {"a": 1}])
+def test_bandwidth_rejects_non_numbers(value):
+    from torus_plugins.config import parse_bandwidth
+
+    with pytest.raises(ConfigError, match="bandwidth"):
+        parse_bandwidth(value)
+
+
+@pytest.mark.parametrize("options", [None, [1, 2], "x", {1: "a"}])
+def test_options_must_be_a_dict_by_name(options):
+    with pytest.raises(ConfigError, match="options must be a dict"):
+        TorusConfig(options=options)

@@ -345,3 +345,154 @@ def test_simulated_link_modes_compute_the_same_and_pace_the_ring(tiny_llama, mod
     with pytest.raises(tp.ConfigError, match="link_bandwidth"):
         tp.attach(tiny_llama, tp.TorusConfig(transport="simulated-link", options={"link_bandwidth": "fast"}))
     assert not tp.is_attached(tiny_llama)
+
+
+# ---------------------------------------------------------------- grad modes, shared weights, GC
+GRAD_MODES = {"inference": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("attach_mode", ["inference", "no_grad"])
+def test_any_sequence_of_grad_modes_works_and_matches(quant, dtype, attach_mode):
+    """Views and slots made inside inference mode would be inference tensors: a later no-grad
+    pass could not write them, a grad-enabled one could not save them for backward."""
+    from conftest import build_tiny
+
+    model = build_tiny("llama").to(dtype)
+    cfg = tp.TorusConfig(transport="copy", resident_layers=1, weight_quant=quant, quant_group_size=16)
+    with GRAD_MODES[attach_mode]():
+        tp.attach(model, cfg)
+    with torch.no_grad():
+        ref = model(PROMPT).logits
+    for mode in ["inference", "no_grad", "grad", "inference", "grad", "no_grad"]:
+        with GRAD_MODES[mode]():
+            out = model(PROMPT).logits
+        assert torch.equal(out.detach(), ref), mode
+    with torch.inference_mode():
+        greedy(model, 3)
+    with torch.no_grad():
+        greedy(model, 3)
+    tp.detach(model)
+
+
+@pytest.mark.parametrize(
+    "arch,cfg",
+    [
+        ("llama", dict(resident_layers=0)),
+        ("llama", dict(resident_layers=0, weight_quant="int8")),
+        ("mixtral", dict(moe_cache_experts=8)),  # a quarter of the experts: slots are reused
+    ],
+)
+def test_backward_through_streamed_layers_equals_the_plain_model(arch, cfg):
+    """Autograd saves the weights a layer used; a streamed weight is a slot that later layers
+    overwrite, so the engine must save a copy for backward."""
+    from conftest import build_tiny
+
+    def input_grad(model):
+        emb = model.get_input_embeddings()(PROMPT).detach().requires_grad_(True)
+        model(inputs_embeds=emb).logits.square().sum().backward()
+        return emb.grad
+
+    model = build_tiny(arch)
+    with torch.inference_mode():
+        tp.attach(model, tp.TorusConfig(transport="copy", **cfg))
+        model(PROMPT)  # views first built inside inference mode
+    got = input_grad(model)
+    tp.detach(model)  # with int8: the dequantized weights the engine computed with
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert torch.equal(got, input_grad(model))
+
+
+def test_layers_sharing_one_ffn_module_stay_resident_and_detach_restores_them():
+    from conftest import build_tiny
+
+    model = build_tiny("llama")
+    model.model.layers[2].mlp = model.model.layers[0].mlp  # layers 0 and 2 share one FFN
+    ref_logits, ref_tokens = logits(model), greedy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = tp.attach(model, tp.TorusConfig(transport="copy", resident_layers=0))
+    assert engine.sizes.shared == (0, 2)
+    assert [s.layer for s in engine.stats().layers] == [1, 3]  # numbered as decoder layers
+    assert torch.equal(logits(model), ref_logits)
+    assert torch.equal(greedy(model), ref_tokens)
+    assert engine.stats().bytes_moved > 0  # layers 1 and 3 really stream
+    tp.detach(model)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.model.layers[2].mlp is model.model.layers[0].mlp
+
+
+def test_a_weight_tied_inside_one_ffn_is_not_streamed():
+    from conftest import build_tiny
+
+    model = build_tiny("llama")
+    mlp = model.model.layers[1].mlp
+    mlp.up_proj.weight = mlp.gate_proj.weight
+    ref = logits(model)
+    engine = tp.attach(model, tp.TorusConfig(transport="copy", resident_layers=0))
+    assert engine.sizes.shared == (1,)
+    assert torch.equal(logits(model), ref)
+    tp.detach(model)
+    assert mlp.up_proj.weight is mlp.gate_proj.weight
+    assert torch.equal(logits(model), ref)
+
+
+def test_streamed_weights_do_not_require_grad_so_autocast_caches_no_copy_of_them():
+    """Autocast caches a cast copy of every weight that requires grad for its whole region: for
+    streamed weights that is a device copy of every layer, past the budget."""
+    import gc
+
+    import psutil
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(
+        vocab_size=96, hidden_size=512, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=2,
+    )
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    ffn_bf16 = 8 * 3 * 512 * 4096 * 2
+    proc = psutil.Process()
+
+    def growth_inside_autocast() -> int:
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            model(PROMPT)  # warm the allocator
+        gc.collect()
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            r0 = proc.memory_info().rss
+            model(PROMPT)
+            model(PROMPT)
+            return proc.memory_info().rss - r0
+
+    plain = growth_inside_autocast()
+    assert plain > 0.5 * ffn_bf16  # the cache exists: this run can see it
+    grads = [p.requires_grad for p in model.parameters()]
+    engine = tp.attach(model, tp.TorusConfig(transport="copy", resident_layers=0))
+    assert not any(p.requires_grad for ps in engine._params for p in ps)
+    assert growth_inside_autocast() < 0.15 * ffn_bf16
+    tp.detach(model)
+    assert [p.requires_grad for p in model.parameters()] == grads
+
+
+def test_a_model_collected_while_attached_drains_its_transport_first():
+    import gc
+    import weakref
+
+    from conftest import build_tiny
+
+    model = build_tiny("llama")
+    engine = tp.attach(model, tp.TorusConfig(transport="copy", resident_layers=0))
+    with torch.no_grad():
+        model(PROMPT)  # leaves prefetches of the next pass queued
+    transport, store = engine.transport, engine.store
+    closed = []
+    close = transport.close
+    transport.close = lambda: (closed.append(len(store.buffers) and store.buffers[0] is not None), close())
+    ref = weakref.ref(model)
+    del model, engine
+    gc.collect()
+    assert ref() is None
+    assert closed == [True]  # closed once, while the host buffers still existed
+    assert all(b is None for b in store.buffers)  # then the host memory was released

@@ -154,3 +154,30 @@ def test_views_use_the_layer_layout_and_are_cached(store):
     # The cached views follow the slot's bytes when a new copy lands.
     slot.buffer[: store.layouts[3].nbytes].copy_(store.buffers[3])
     assert torch.equal(w, torch.full((4, 4), 3.0))
+
+
+def test_view_cache_is_bounded_per_slot(store):
+    """An expert cache may land every unit in every slot: the cache keeps the latest ones only."""
+    from torus_plugins.slots import VIEWS_PER_SLOT
+
+    many = HostStore(pin_memory=False)
+    for i in range(VIEWS_PER_SLOT * 3):
+        many.add_layer([("w", torch.full((2, 2), float(i)))])
+    ring = SlotRing([torch.zeros(many.layouts[0].nbytes, dtype=torch.uint8)], many.layers)
+    slot = ring.slots[0]
+    for i in range(len(many.layers)):
+        slot.buffer.copy_(many.buffers[i])
+        ring.assign(slot, i, ready=None)
+        (w,) = ring.views(slot, i).bind
+        assert torch.equal(w, torch.full((2, 2), float(i)))
+        assert len(slot.views) <= VIEWS_PER_SLOT
+    assert set(slot.views) == set(range(len(many.layers) - VIEWS_PER_SLOT, len(many.layers)))
+
+
+def test_views_built_in_inference_mode_are_normal_tensors(store):
+    ring = _ring(store)
+    slot = ring.slots[0]
+    with torch.inference_mode():
+        w, _ = ring.views(slot, 1).bind
+    assert not w.is_inference()
+    w.add_(0)  # writable outside inference mode (dequantization writes into such views)

@@ -148,3 +148,17 @@ def test_unknown_architecture_names_supported_and_the_hook():
         tp.attach(bert)
     msg = str(err.value)
     assert "'bert'" in msg and "llama" in msg and "torus_register_architectures" in msg
+
+
+def test_enabled_refuses_a_model_no_plugin_knows_unless_opted_in(tmp_path):
+    """Silently loading unstreamed would ignore the budget: it is an error, or an explicit opt-in."""
+    codegen = transformers.CodeGenForCausalLM(
+        transformers.CodeGenConfig(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32, rotary_dim=4)
+    )
+    codegen.save_pretrained(tmp_path)
+    with tp.enabled(transport="copy"), pytest.raises(tp.UnsupportedArchitectureError) as err:
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert "'codegen'" in str(err.value) and "allow_unstreamed=True" in str(err.value)
+    with tp.enabled(transport="copy", allow_unstreamed=True):
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not tp.is_attached(model)

@@ -275,6 +275,10 @@ class Engine:
         if not streamed and not self.expert_sites:
             return  # nothing rebinds weights or keeps per-pass state: no lock needed
         points = lock_points(self.model, streamed, [s.module for s in self.expert_sites])
+        slots = [s.buffer for s in self.ring.slots]
+        if self.experts is not None and self.experts.cache is not None:
+            slots += [s.buffer for r in self.experts.cache.rings for s in r.slots]
+        self.pass_lock.volatile = {b.untyped_storage().data_ptr() for b in slots}
         self._hooks.extend(self.pass_lock.install(points))
 
     def _bind(self, layer: int, tensors: list[torch.Tensor]) -> None:

@@ -24,10 +24,21 @@ from .errors import IncompatibleModelError
 
 
 class PassLock:
-    """A re-entrant lock held across one forward pass of an attached model."""
+    """A re-entrant lock held across one forward pass of an attached model.
+
+    It also keeps backward correct: autograd saves the weights a layer computed with, and a
+    streamed weight is a view of a slot that the next layers overwrite. During a grad-enabled
+    pass, every tensor autograd saves whose memory is one of the `volatile` storages (the slots)
+    is saved as a copy instead, so backward sees the weights the forward used. Passes without
+    grad (inference mode, no_grad) pay nothing.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
+        self._depth = 0  # nesting of the holding thread (only it touches this)
+        self._saved_hooks: Any = None
+        #: storage data pointers of the device slots: memory that is reused between layers
+        self.volatile: set[int] = set()
 
     def __enter__(self) -> "PassLock":
         self._lock.acquire()
@@ -50,9 +61,28 @@ class PassLock:
 
     def _enter_hook(self, module: nn.Module, args: Any) -> None:
         self._lock.acquire()
+        self._depth += 1
+        if self._depth == 1 and self.volatile and torch.is_grad_enabled():
+            self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+            self._saved_hooks.__enter__()
 
     def _exit_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._saved_hooks is not None:
+            hooks, self._saved_hooks = self._saved_hooks, None
+            hooks.__exit__(None, None, None)
         self._lock.release()
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            in_slot = t.untyped_storage().data_ptr() in self.volatile
+        except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, nested)
+            return t
+        return t.detach().clone() if in_slot else t
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def lock_points(model: nn.Module, sites: list[tuple[nn.Module, nn.Module]], expert_modules: list[nn.Module]) -> list[nn.Module]:
