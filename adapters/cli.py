@@ -3,7 +3,7 @@
 torus-sparse generate "What is the capital of France?"     # embedded default model
 torus-sparse generate --model ./my-model --vram-budget 6GB --lookahead 3 "Hello"
 torus-sparse chat --system "Answer briefly."                # interactive chat (/help for commands)
-torus-sparse serve --api-key "$KEY"                         # OpenAI + TGI HTTP server on 127.0.0.1:8000
+torus-sparse serve --api-key-file key.txt                   # OpenAI + TGI HTTP server on 127.0.0.1:8000
 torus-sparse plugins                                        # what plugins registered
 """
 
@@ -168,25 +168,36 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from torus_plugins import ConfigError, TorusModel
 
     from .server import ServerSettings, serve
+    from .server.auth import resolve_api_key
+    from .server.hosts import allowed_hosts_for, is_loopback
     from .server.run import default_model_name
 
     try:
         settings = ServerSettings(
             model_name=args.served_model_name or default_model_name(args.model),
-            api_key=args.api_key or os.environ.get("TORUS_SPARSE_API_KEY") or None,
+            api_key=resolve_api_key(args.api_key, args.api_key_file, os.environ),
+            allowed_hosts=allowed_hosts_for(args.host, tuple(args.allowed_host)),
+            docs=args.docs,
             max_batch_size=args.max_batch_size,
             max_pending=args.max_pending,
             max_body_bytes=args.max_body_bytes,
             context_length=args.context_length,
+            max_total_tokens=args.max_total_tokens,
+            max_input_tokens=args.max_input_tokens,
             max_tokens_limit=args.max_tokens_limit,
             default_max_tokens=args.default_max_tokens,
+            shutdown_timeout=args.shutdown_timeout,
+            timeout_keep_alive=args.timeout_keep_alive,
+            header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout,
+            limit_concurrency=args.limit_concurrency or None,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     err = Console(stderr=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+    if not is_loopback(args.host) and not settings.api_key:
         err.print(
-            f"[yellow]warning:[/yellow] serving on {args.host} without --api-key: anyone who can reach it can use it"
+            f"[yellow]warning:[/yellow] serving on {args.host} without an API key: anyone who can reach it can use it"
         )
     hf_logging.disable_progress_bar()
     with err.status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}…"):
@@ -194,7 +205,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     err.print(
         f"serving [bold]{settings.model_name}[/bold] at http://{args.host}:{args.port} (OpenAI: /v1, TGI: /generate)"
     )
-    serve(tm, settings, args.host, args.port, log_level=args.log_level)
+    try:
+        serve(tm, settings, args.host, args.port, log_level=args.log_level)
+    except ValueError as exc:  # limits the loaded model contradicts (e.g. over its context length)
+        raise ConfigError(str(exc)) from None
     return 0
 
 
@@ -274,15 +288,53 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument(
-        "--api-key", help="require 'Authorization: Bearer <key>' (default: $TORUS_SPARSE_API_KEY; unset: none)"
+        "--api-key",
+        help="require 'Authorization: Bearer <key>' (visible in the process list: prefer --api-key-file or "
+        "$TORUS_SPARSE_API_KEY; none of them set: no key)",
     )
+    sv.add_argument("--api-key-file", help="read the key from this file (surrounding whitespace dropped)")
+    sv.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host header is NAME (repeatable; *.example.com for subdomains; * for "
+        "any). Bound to loopback, only loopback names are answered otherwise (DNS rebinding defence)",
+    )
+    sv.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (scripts from a CDN)")
     sv.add_argument("--served-model-name", help="the model id clients see (default: the model's name)")
-    sv.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
-    sv.add_argument("--max-pending", type=int, default=64, help="requests accepted at once; more get 429 (default 64)")
-    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
-    sv.add_argument("--context-length", type=int, help="prompt + reply tokens (default: the model's)")
-    sv.add_argument("--max-tokens-limit", type=int, help="most tokens one request may ask for (default: the context)")
-    sv.add_argument("--default-max-tokens", type=int, default=256, help="when a request names no limit (default 256)")
+    lim = sv.add_argument_group("limits")
+    lim.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
+    lim.add_argument("--max-pending", type=int, default=64, help="requests accepted at once; more get 429 (default 64)")
+    lim.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
+    lim.add_argument("--context-length", type=int, help="the model's window in tokens (default: the model's)")
+    lim.add_argument(
+        "--max-total-tokens", type=int, help="prompt + reply tokens per request (default: the context length)"
+    )
+    lim.add_argument(
+        "--max-input-tokens", type=int, help="longest prompt in tokens (default: --max-total-tokens minus 1)"
+    )
+    lim.add_argument("--max-tokens-limit", type=int, help="most tokens one request may ask for (default: the context)")
+    lim.add_argument("--default-max-tokens", type=int, default=256, help="when a request names no limit (default 256)")
+    lim.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="seconds running generations get after SIGTERM/Ctrl+C before they end with an error (default 10)",
+    )
+    lim.add_argument(
+        "--timeout-keep-alive", type=int, default=5, help="seconds an idle keep-alive connection stays (default 5)"
+    )
+    lim.add_argument(
+        "--header-timeout", type=float, default=10.0, help="seconds to send a request head, else closed (default 10)"
+    )
+    lim.add_argument("--body-timeout", type=float, default=30.0, help="seconds to send a body, else 408 (default 30)")
+    lim.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=512,
+        help="connections or requests at once beyond which uvicorn answers 503 (default 512; 0: no cap)",
+    )
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _config_args(sv)
     sv.set_defaults(func=_cmd_serve)

@@ -2,7 +2,9 @@
 
 The model and its scheduler are loaded once per process and shared by every app (several test
 modules import these fixtures; the objects behind them are cached here, so nothing loads twice).
-Servers run uvicorn in a daemon thread on an ephemeral port.
+Servers run `torus-sparse serve`'s uvicorn server in a daemon thread on an ephemeral port. Where
+the answers' content does not matter, `tiny_model()` (a random-init two-layer Llama with
+SmolLM2's tokenizer, streamed through the copy ring) keeps a test independent of the shared one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import requests
 # most layers stay resident, which keeps the CPU tests quick.
 STREAM_CONFIG = dict(transport="copy", resident_layers=26, lookahead=2)
 API_KEY = "test-key-123"
+LIMITS = {"max_input_tokens": 32, "max_total_tokens": 40}
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,6 +33,31 @@ def _model() -> Any:
 
 
 @functools.lru_cache(maxsize=None)
+def tiny_model() -> Any:
+    import torch
+    import transformers as T
+
+    from torus_adapters.default_model import default_model_path
+    from torus_plugins import TorusConfig, TorusModel, attach
+
+    tokenizer = T.AutoTokenizer.from_pretrained(str(default_model_path()))
+    torch.manual_seed(0)
+    config = T.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    attach(model, TorusConfig(transport="copy", resident_layers=0))
+    return TorusModel(model, tokenizer)
+
+
+@functools.lru_cache(maxsize=None)
 def _scheduler() -> Any:
     from torus_adapters.server import Scheduler
 
@@ -37,10 +65,11 @@ def _scheduler() -> Any:
 
 
 class ServerThread:
-    """uvicorn serving `app` on 127.0.0.1:<free port> in a daemon thread."""
+    """`torus-sparse serve`'s uvicorn server (limits, drain) for `app` on 127.0.0.1:<free port>, in a
+    daemon thread."""
 
     def __init__(self, app: Any) -> None:
-        import uvicorn
+        from torus_adapters.server.run import make_server
 
         self.app = app
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -48,7 +77,7 @@ class ServerThread:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.server = make_server(app, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -66,11 +95,23 @@ class ServerThread:
 def _server(kind: str) -> ServerThread:
     from torus_adapters.server import ServerSettings, create_app
 
+    from torus_adapters.server.hosts import allowed_hosts_for
+
+    loopback = allowed_hosts_for("127.0.0.1")  # what `serve` answers on 127.0.0.1
     settings = {
-        "main": ServerSettings(model_name="smollm2-test", max_body_bytes=64 * 1024),
-        "keyed": ServerSettings(model_name="smollm2-test", api_key=API_KEY),
+        "main": ServerSettings(model_name="smollm2-test", max_body_bytes=64 * 1024, allowed_hosts=loopback),
+        "keyed": ServerSettings(model_name="smollm2-test", api_key=API_KEY, allowed_hosts=loopback, docs=True),
         # schemathesis: tiny generations, so hundreds of generated requests stay cheap
-        "fuzz": ServerSettings(model_name="smollm2-test", max_tokens_limit=2, default_max_tokens=2),
+        "fuzz": ServerSettings(model_name="smollm2-test", max_tokens_limit=2, default_max_tokens=2, docs=True),
+        # small token limits, short connection deadlines, extra Host names
+        "limits": ServerSettings(
+            model_name="smollm2-test",
+            max_input_tokens=LIMITS["max_input_tokens"],
+            max_total_tokens=LIMITS["max_total_tokens"],
+            header_timeout=0.5,
+            body_timeout=0.5,
+            allowed_hosts=allowed_hosts_for("127.0.0.1", ("myhost.example", "*.corp.example")),
+        ),
     }[kind]
     return ServerThread(create_app(_model(), settings, scheduler=_scheduler()))
 
@@ -94,6 +135,13 @@ def keyed_server() -> str:
 @pytest.fixture(scope="session")
 def fuzz_server() -> str:
     return _server("fuzz").url
+
+
+@pytest.fixture(scope="session")
+def limits_server() -> str:
+    """No key; prompts of at most 32 tokens, 40 in all; 0.5 s for a request head or body; also
+    answers Host myhost.example and *.corp.example."""
+    return _server("limits").url
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -54,8 +55,10 @@ def test_stream_ends_with_done(server):  # noqa: F811
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines(decode_unicode=True) if line]
     assert lines[-1] == "data: [DONE]"
-    first = json.loads(lines[0].removeprefix("data: "))
-    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:])  # as OpenAI: in the first chunk only
+    assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
 def test_completions_plain_streamed_echo_and_stop(client):
@@ -81,6 +84,58 @@ def test_completions_plain_streamed_echo_and_stop(client):
 def test_seeded_sampling_repeats(client):
     kw = dict(model="x", prompt="Once upon a time", max_tokens=4, temperature=1.0, top_p=0.9, seed=1234)
     assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+
+
+PARIS = 7042  # " Paris" in SmolLM2's vocabulary
+
+
+def test_logit_bias_bans_and_forces_tokens_each_request_its_own(client, server_model):  # noqa: F811
+    # Alone, greedy: "The capital of France is Paris." Three requests share decode steps: one
+    # unbiased, one that bans " Paris", one that forces " Hello"; each gets its own answer.
+    plain = dict(model="x", messages=QUESTION, max_tokens=6, temperature=0)
+
+    def chat(**bias):
+        reply = client.chat.completions.create(**plain, **bias)
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(3) as pool:
+        unbiased, banned, forced = pool.map(
+            lambda kw: chat(**kw), [{}, {"logit_bias": {str(PARIS): -100}}, {"logit_bias": {"38699": 100}}]
+        )
+    assert unbiased == server_model.generate(QUESTION, max_new_tokens=6) and "Paris" in unbiased
+    assert "Paris" not in banned and banned.startswith("The capital of France is")
+    assert forced == " Hello" * 6
+    completion = client.completions.create(
+        model="x", prompt="The capital of France is", max_tokens=2, temperature=0, logit_bias={str(PARIS): -100}
+    )
+    assert "Paris" not in completion.choices[0].text
+    assert "Paris" in client.completions.create(model="x", prompt="The capital of France is", max_tokens=2, temperature=0).choices[0].text
+
+
+UNSUPPORTED = {
+    "functions": dict(functions=[{"name": "f", "parameters": {"type": "object"}}]),
+    "function_call": dict(function_call={"name": "f"}),
+    "parallel_tool_calls": dict(parallel_tool_calls=False),
+    "reasoning_effort": dict(reasoning_effort="low"),
+    "store": dict(store=True),
+    "frobnicate": dict(extra_body={"frobnicate": 1}),
+    "logit_bias": dict(logit_bias={"Paris": -100}),
+}
+
+
+@pytest.mark.parametrize("field", UNSUPPORTED, ids=list(UNSUPPORTED))
+def test_fields_the_server_does_not_honour_are_refused_by_name(client, field):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="x", messages=QUESTION, max_tokens=1, **UNSUPPORTED[field])
+    error = info.value.body  # OpenAI's error object
+    assert error["param"] == field and error["message"].startswith(field), error
+
+
+def test_logit_bias_keys_and_values_are_checked(client):
+    for bias in ({"49152": 1}, {"007": 1}, {"-1": 1}, {"5": 100.5}, {"5": True}):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="x", prompt="Hi", max_tokens=1, logit_bias=bias)
+        assert info.value.param is not None and info.value.param.startswith("logit_bias"), bias
 
 
 def test_models(client):

@@ -1,7 +1,9 @@
 """The FastAPI app: both wire formats over one model, plus `/health`, `/metrics` and the middleware.
 
-Middleware, outermost first: HTTP metrics, API key (when set), body-size limit. Errors raised in
-routes go through `errors.install_handlers`, so each client gets the error body it parses.
+Middleware, outermost first: HTTP metrics, Host check (when `allowed_hosts` is set), API key (when
+set), body-size and body-time limit. Errors raised in routes go through `errors.install_handlers`,
+so each client gets the error body it parses. `/docs`, `/redoc` and `/openapi.json` exist only
+with `docs=True` (their pages load their scripts from a CDN).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from . import openai_routes, tgi_routes
 from .auth import ApiKeyMiddleware
 from .body_limit import BodyLimitMiddleware
 from .errors import error_docs, install_handlers, is_openai_path
+from .hosts import HostCheckMiddleware
 from .metrics import CONTENT_TYPE, HttpMetricsMiddleware, ServerMetrics
+from .request_model import REQUEST_MODELS
 from .scheduler import Scheduler
 from .service import ClientGone, ModelService
 from .settings import ServerSettings
@@ -55,6 +59,9 @@ def create_app(tm: Any, settings: ServerSettings | None = None, *, scheduler: Sc
         description="OpenAI- and Text-Generation-Inference-compatible server for a model whose FFN weights stream "
         "from host memory.",
         lifespan=lifespan,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
     )
     app.state.service = service
     install_handlers(app)
@@ -65,11 +72,13 @@ def create_app(tm: Any, settings: ServerSettings | None = None, *, scheduler: Sc
     app.include_router(tgi_routes.build_router(service))
     _common_routes(app, metrics)
 
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes, timeout=settings.body_timeout)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    if settings.allowed_hosts is not None and "*" not in settings.allowed_hosts:
+        app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
-    _finish_openapi(app, service.max_tokens_limit, bool(settings.api_key))
+    _finish_openapi(app, service.max_tokens_limit, service.vocab_size, bool(settings.api_key))
     return app
 
 
@@ -96,8 +105,26 @@ def _common_routes(app: FastAPI, metrics: ServerMetrics) -> None:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
 
-def _finish_openapi(app: FastAPI, max_tokens: int, secured: bool) -> None:
-    """Complete the OpenAPI document: event payload schemas, the token limit, bearer auth."""
+def decimal_below(n: int) -> str:
+    """A regular expression matching exactly the decimal numbers 0 .. n-1, without leading zeros."""
+    top = str(n - 1)
+    alts = ["[0-9]"] if len(top) > 1 else [f"[0-{top}]"]
+    alts += [f"[1-9][0-9]{{{k - 1}}}" for k in range(2, len(top))]
+    if len(top) > 1:
+        for i, digit in enumerate(top):
+            low = "1" if i == 0 else "0"
+            if digit > low:
+                high = str(int(digit) - 1)
+                span = low if high == low else f"[{low}-{high}]"
+                rest = len(top) - i - 1
+                alts.append(top[:i] + span + (f"[0-9]{{{rest}}}" if rest else ""))
+        alts.append(top)
+    return "^(?:" + "|".join(dict.fromkeys(alts)) + ")$"
+
+
+def _finish_openapi(app: FastAPI, max_tokens: int, vocab_size: int, secured: bool) -> None:
+    """Complete the OpenAPI document: request bodies the routes parse themselves, event payload
+    schemas, the token limit, the token ids `logit_bias` accepts, bearer auth."""
     plain = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -105,18 +132,23 @@ def _finish_openapi(app: FastAPI, max_tokens: int, secured: bool) -> None:
             return app.openapi_schema
         schema = plain()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for name, model in EVENT_MODELS.items():  # what the event streams' `data` carries
-            if name not in components:
-                extra = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
-                for def_name, definition in extra.pop("$defs", {}).items():
-                    components.setdefault(def_name, definition)
-                components[name] = extra
+        for models, mode in ((REQUEST_MODELS, "validation"), (EVENT_MODELS, "serialization")):
+            for name, model in models.items():
+                if name not in components:
+                    extra = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
+                    for def_name, definition in extra.pop("$defs", {}).items():
+                        components.setdefault(def_name, definition)
+                    components[name] = extra
         for component in components.values():
             for name, prop in component.get("properties", {}).items():
                 if name in _TOKEN_LIMIT_FIELDS:
                     for branch in prop.get("anyOf", [prop]):
                         if branch.get("type") == "integer":
                             branch["maximum"] = max_tokens
+                if name == "logit_bias":
+                    for branch in prop.get("anyOf", [prop]):
+                        if branch.get("type") == "object":
+                            branch["propertyNames"] = {"pattern": decimal_below(vocab_size)}
         for path, ops in schema.get("paths", {}).items():
             if is_openai_path(path):  # FastAPI documents a 422 it would send; these routes answer 400
                 for op in ops.values():

@@ -1,20 +1,24 @@
-"""Refuse request bodies over the limit with 413, before any route parses them.
+"""Refuse request bodies over the limit with 413, and bodies that do not arrive within `timeout`
+seconds with 408, before any route parses them.
 
 The body is read here (at most `limit` bytes are ever held) and replayed to the app; after the
-replay, `receive` passes through, so routes still see the client's disconnect.
+replay, `receive` passes through, so routes still see the client's disconnect. (uvicorn has no
+body timeout of its own: a client could otherwise hold a request open forever, a byte at a time.)
 """
 
 from __future__ import annotations
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, error_response
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout: float = 30.0) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -31,16 +35,30 @@ class BodyLimitMiddleware:
                 await self._refuse(scope, receive, send, self._too_large(size))
                 return
         body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.limit:
-                await self._refuse(scope, receive, send, self._too_large(None))
-                return
-            if not message.get("more_body", False):
-                break
+        too_large = False
+        with anyio.move_on_after(self.timeout) as late:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                if len(body) > self.limit:
+                    too_large = True
+                    break
+                if not message.get("more_body", False):
+                    break
+        if too_large:
+            await self._refuse(scope, receive, send, self._too_large(None))
+            return
+        if late.cancelled_caught:
+            err = ApiError(
+                408,
+                f"the request body did not arrive within {self.timeout:g} s ({len(body)} bytes came)",
+                code="request_timeout",
+                tgi_status=408,
+            )
+            await self._refuse(scope, receive, send, err)
+            return
         replayed = False
 
         async def replay() -> Message:

@@ -4,11 +4,15 @@ Routes under `/v1/` answer OpenAI's error object, `{"error": {"message", "type",
 (400 for bad input). Every other route answers TGI's `{"error": msg, "error_type": kind}` (422 for
 bad input), which `text_generation` and `huggingface_hub` turn into typed exceptions; FastAPI's
 default `{"detail": ...}` would break both.
+
+Messages are written for the client: an unexpected exception's text (which can name files,
+layers or devices) goes to the server log under a reference, and the client gets the reference.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,7 +24,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger(__name__)
 
 _OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
-_TGI_TYPES = {401: "unauthorized", 404: "not_found", 405: "not_found", 429: "overloaded", 424: "generation"}
+_TGI_TYPES = {
+    401: "unauthorized",
+    404: "not_found",
+    405: "not_found",
+    429: "overloaded",
+    503: "overloaded",
+    424: "generation",
+}
 
 
 def is_openai_path(path: str) -> bool:
@@ -54,6 +65,23 @@ class ApiError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def shutting_down(message: str = "the server is shutting down; retry on another replica or later") -> ApiError:
+    return ApiError(503, message, code="server_shutting_down", tgi_status=503, tgi_type="overloaded")
+
+
+def log_reference(logger: logging.Logger, what: str) -> str:
+    """Log the exception being handled (traceback and all) under a new short reference; return it."""
+    ref = secrets.token_hex(4)
+    logger.exception("%s (reference %s)", what, ref)
+    return ref
+
+
+def internal_error(what: str) -> ApiError:
+    """Log the exception being handled; the client's message names only the reference."""
+    ref = log_reference(log, what)
+    return ApiError(500, f"internal server error (reference {ref}; the server log has the details)", tgi_type="generation")
 
 
 def openai_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -92,9 +120,17 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     if not where:
         if e.get("type") == "missing":
             return "a JSON request body is required", None
-        return "the request body must be a JSON object (send it with Content-Type: application/json)", None
+        return "the request body must be a JSON object", None
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    return f"{where}: {e.get('msg')}{more}", where
+    msg = _PLAIN.get(e.get("type", ""), e.get("msg"))
+    return f"{where}: {msg}{more}", where
+
+
+#: Clearer words than pydantic's for the errors that mean "this server does not do that".
+_PLAIN = {
+    "extra_forbidden": "unknown parameter: this server does not support it (leave it out)",
+    "none_required": "not supported by this server (leave it out or send null)",
+}
 
 
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
@@ -115,9 +151,7 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s", request.url.path)
-    err = ApiError(500, f"internal error: {type(exc).__name__}", tgi_type="generation")
-    return error_response(request.url.path, err)
+    return error_response(request.url.path, internal_error(f"unhandled error on {request.url.path}"))
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -152,15 +186,19 @@ def error_docs(openai: bool) -> dict[int | str, dict[str, Any]]:
     """`responses=` entries documenting every error status a route can answer."""
     model = OpenAIError if openai else TGIError
     statuses = {
-        400: "Malformed or invalid request" if openai else "Malformed request",
+        400: "Malformed or invalid request, or a Host header the server does not answer"
+        if openai
+        else "Malformed request, or a Host header the server does not answer",
         401: "Missing or wrong API key (only when the server has one)",
         404: "Not found",
         405: "Method not allowed",
+        408: "The request body did not arrive in time",
         413: "Request body too large",
         422: "Invalid request",
         424: "Generation failed",
         429: "Too many requests in flight",
         500: "Internal error",
+        503: "The server is shutting down",
     }
     if openai:  # these routes answer 400 for any bad input and 500 when generation fails
         statuses.pop(422)

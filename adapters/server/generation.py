@@ -17,6 +17,9 @@ from .sampling import SamplingParams
 #: Why a generation ended. The first three are normal ends; TGI spells them this way.
 EOS, LENGTH, STOP = "eos_token", "length", "stop_sequence"
 CANCELLED, ERROR = "cancelled", "error"
+#: What made a generation end in ERROR (`Step.cause`): the model raised, or the server is shutting
+#: down. Routes answer the first with 500 (TGI 424 "generation"), the second with 503 ("overloaded").
+MODEL_FAILED, SHUTTING_DOWN = "model_failed", "shutting_down"
 
 
 @dataclass(frozen=True)
@@ -46,12 +49,15 @@ class Step:
     """One report from the scheduler: a token, an end, or both (the last token carries the end).
 
     stop_at: when finish_reason is "stop_sequence", where the stop string starts in the reply text.
+    error / cause: when finish_reason is "error", a message fit for the client (never an exception's
+    text: that goes to the server log) and `MODEL_FAILED` or `SHUTTING_DOWN`.
     """
 
     token: Token | None
     finish_reason: str | None = None
     stop_at: int | None = None
     error: str | None = None
+    cause: str | None = None
 
 
 @dataclass
@@ -77,7 +83,12 @@ class Completion:
 
 
 class GenerationFailed(Exception):
-    """The model raised while generating this request (the server keeps serving)."""
+    """The generation ended in an error: the model raised, or the server is shutting down."""
+
+    def __init__(self, message: str, cause: str | None = MODEL_FAILED) -> None:
+        super().__init__(message)
+        self.message = message
+        self.cause = cause or MODEL_FAILED
 
 
 class Handle:
@@ -94,10 +105,23 @@ class Handle:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
+    @property
+    def closed(self) -> bool:
+        """Finished or cancelled: nobody will read further steps."""
+        return self.done or self._cancel.is_set()
+
     def cancel(self) -> None:
         """Ask the scheduler to drop this request (no-op once it has finished)."""
         if not self.done:
             self._cancel.set()
+
+    def abort(self, message: str, cause: str = SHUTTING_DOWN) -> None:
+        """End the generation now with an error step (call on the handle's event loop); the
+        scheduler drops the request before its next decode step."""
+        if self.closed:
+            return
+        self._cancel.set()
+        self._queue.put_nowait(Step(None, ERROR, error=message, cause=cause))
 
     def deliver(self, step: Step) -> None:
         """Called from the scheduler thread. Raises RuntimeError if the event loop has closed."""
@@ -119,7 +143,7 @@ class Handle:
             if last.token is not None:
                 tokens.append(last.token)
         if last.finish_reason == ERROR:
-            raise GenerationFailed(last.error or "generation failed")
+            raise GenerationFailed(last.error or "generation failed", last.cause)
         return Completion(
             tokens=tokens,
             finish_reason=last.finish_reason or CANCELLED,

@@ -2,6 +2,11 @@
 
 Each app has its own registry (several apps can live in one process, as in the tests). Scheduler
 counters and engine stats are read when Prometheus scrapes, never on the token path.
+
+Every label value comes from a closed set, whatever clients send: the route template a router
+matched (else "other"), a standard method (else "other"), and the status the server answered. A
+request whose client left before any answer counts as 499 ("client closed request", nginx's
+code), not as a 500.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .generation import CANCELLED, EOS, ERROR, LENGTH, STOP
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+CLIENT_CLOSED = 499
 
 
 class _ModelCollector:
@@ -104,7 +111,7 @@ class ServerMetrics:
 
 
 class HttpMetricsMiddleware:
-    """Counts answers by route template (paths no route matched count as "other", to bound label values)."""
+    """Counts answers by route template, method and status (each from a closed set)."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
         self.app = app
@@ -114,7 +121,8 @@ class HttpMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500
+        status: int | None = None
+        client_left = False
         start = time.perf_counter()
 
         async def send_status(message: Message) -> None:
@@ -123,9 +131,21 @@ class HttpMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        async def watch_receive() -> Message:
+            nonlocal client_left
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                client_left = True
+            return message
+
+        raised = True
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, watch_receive, send_status)
+            raised = False
         finally:
+            if status is None:  # nothing was answered: the client left, or the app failed
+                status = CLIENT_CLOSED if client_left and not raised else 500
             route = getattr(scope.get("route"), "path", None) or "other"  # set by the router that matched
-            self.metrics.http_requests.labels(route, scope["method"], str(status)).inc()
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.metrics.http_requests.labels(route, method, str(status)).inc()
             self.metrics.http_seconds.labels(route).observe(time.perf_counter() - start)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -27,8 +28,9 @@ from .openai_schemas import (
     _Request,
 )
 from .openai_schemas import Completion as CompletionBody
+from .request_model import body_doc, parse
 from .sampling import SamplingParams
-from .service import ModelService, stop_strings
+from .service import ModelService, failure, stop_strings
 from .sse import DONE, EventStream, openai_event, stream_docs
 
 
@@ -36,7 +38,7 @@ def _finish(reason: str) -> str:
     return "length" if reason == LENGTH else "stop"
 
 
-def _sampling(body: _Request) -> SamplingParams:
+def _sampling(service: ModelService, body: _Request) -> SamplingParams:
     return SamplingParams(
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
@@ -45,6 +47,7 @@ def _sampling(body: _Request) -> SamplingParams:
         repetition_penalty=body.repetition_penalty or 1.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
+        logit_bias=service.logit_bias(body.logit_bias),
     )
 
 
@@ -52,8 +55,9 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _stream_error(message: str) -> str:
-    return openai_event(openai_body(500, message))
+def _stream_error(err: ApiError) -> str:
+    """The event that ends a stream that failed: OpenAI's error object (the `openai` client raises it)."""
+    return openai_event(openai_body(err.status, err.message, err.param, err.code))
 
 
 class _Meta:
@@ -83,13 +87,13 @@ class _Reply:
         self.handle = handle
         self.hold = HoldBack(stop)
         self.tokens = 0
-        self.error: str | None = None
+        self.error: ApiError | None = None
 
     async def pieces(self) -> AsyncIterator[tuple[str, str | None]]:
         hold = self.hold
         async for step in self.handle.steps():
             if step.finish_reason in (CANCELLED, ERROR):
-                self.error = step.error or "generation was cancelled"
+                self.error = failure(step) if step.finish_reason == ERROR else ApiError(500, "generation was cancelled")
                 return
             assert step.token is not None
             self.tokens += 1
@@ -102,9 +106,38 @@ class _Reply:
                 yield hold.push(text) + hold.finish(), step.finish_reason
 
 
+@dataclass
+class _Prepared:
+    """A request parsed, tokenized and checked (in a worker thread), ready to start."""
+
+    body: ChatCompletionRequest | CompletionRequest
+    gen: GenerationRequest
+    echo: str = ""
+
+
 def build_router(service: ModelService) -> APIRouter:
     router = APIRouter(tags=["OpenAI"])
     errors_doc = error_docs(openai=True)
+
+    def prepare_chat(raw: bytes) -> _Prepared:
+        body = parse(ChatCompletionRequest, raw)
+        prompt = service.encode_chat([m.model_dump(include={"role", "content"}) for m in body.messages])
+        wanted, param = (
+            (body.max_completion_tokens, "max_completion_tokens")
+            if body.max_completion_tokens
+            else (body.max_tokens, "max_tokens")
+        )
+        limit = service.max_new_tokens(len(prompt), wanted, param, prompt_param="messages")
+        return _Prepared(body, GenerationRequest(tuple(prompt), limit, _sampling(service, body), stop_strings(body.stop)))
+
+    def prepare_completion(raw: bytes) -> _Prepared:
+        body = parse(CompletionRequest, raw)
+        text = body.prompt[0] if isinstance(body.prompt, list) else body.prompt  # the schema allows one
+        prompt = service.encode_text(text)
+        # OpenAI's default for completions is 16 tokens
+        limit = service.max_new_tokens(len(prompt), body.max_tokens, default=16, prompt_param="prompt")
+        gen = GenerationRequest(tuple(prompt), limit, _sampling(service, body), stop_strings(body.stop))
+        return _Prepared(body, gen, echo=text if body.echo else "")
 
     @router.post(
         "/v1/chat/completions",
@@ -117,20 +150,14 @@ def build_router(service: ModelService) -> APIRouter:
             ),
             **errors_doc,
         },
+        openapi_extra=body_doc(ChatCompletionRequest),
         summary="Chat completion (OpenAI format)",
     )
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        prompt = service.encode_chat([m.model_dump(include={"role", "content"}) for m in body.messages])
-        wanted, param = (
-            (body.max_completion_tokens, "max_completion_tokens")
-            if body.max_completion_tokens
-            else (body.max_tokens, "max_tokens")
-        )
-        gen = GenerationRequest(
-            tuple(prompt), service.max_new_tokens(len(prompt), wanted, param), _sampling(body), stop_strings(body.stop)
-        )
+    async def chat_completions(request: Request):
+        ready = await service.prepare(request, prepare_chat)
+        body, gen = ready.body, ready.gen
         handle = service.start(gen)
-        meta = _Meta(service, "chatcmpl", len(prompt))
+        meta = _Meta(service, "chatcmpl", len(gen.prompt_ids))
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventStream(_chat_events(handle, gen.stop, meta, usage), handle)
@@ -157,30 +184,24 @@ def build_router(service: ModelService) -> APIRouter:
             ),
             **errors_doc,
         },
+        openapi_extra=body_doc(CompletionRequest),
         summary="Text completion (OpenAI format)",
     )
-    async def completions(body: CompletionRequest, request: Request):
-        text = body.prompt[0] if isinstance(body.prompt, list) else body.prompt  # the schema allows one
-        prompt = service.encode_text(text)
-        gen = GenerationRequest(
-            tuple(prompt),
-            service.max_new_tokens(len(prompt), body.max_tokens, default=16),  # OpenAI's default for completions
-            _sampling(body),
-            stop_strings(body.stop),
-        )
+    async def completions(request: Request):
+        ready = await service.prepare(request, prepare_completion)
+        body, gen = ready.body, ready.gen
         handle = service.start(gen)
-        meta = _Meta(service, "cmpl", len(prompt))
-        echo = text if body.echo else ""
+        meta = _Meta(service, "cmpl", len(gen.prompt_ids))
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(_completion_events(handle, gen.stop, meta, usage, echo), handle)
+            return EventStream(_completion_events(handle, gen.stop, meta, usage, ready.echo), handle)
         done: Completion = await service.complete(handle, request)
         return {
             **meta.head("text_completion"),
             "choices": [
                 {
                     "index": 0,
-                    "text": echo + done.text_before_stop,
+                    "text": ready.echo + done.text_before_stop,
                     "logprobs": None,
                     "finish_reason": _finish(done.finish_reason),
                 }
@@ -213,21 +234,21 @@ def _card(service: ModelService) -> dict:
 async def _chat_events(handle: Handle, stop: tuple[str, ...], meta: _Meta, usage: bool) -> AsyncIterator[str]:
     head = meta.head("chat.completion.chunk")
 
-    def chunk(content: str | None, finish: str | None = None) -> str:
-        delta = {"role": "assistant", "content": content}
+    def chunk(delta: dict, finish: str | None = None) -> str:
         return openai_event(
             {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
         )
 
-    yield chunk("")
+    yield chunk({"role": "assistant", "content": ""})  # as OpenAI: the role once, in the first chunk
     reply = _Reply(handle, stop)
     async for text, reason in reply.pieces():
         if text:
-            yield chunk(text)
+            yield chunk({"content": text})
         if reason is not None:
-            yield chunk(None, _finish(reason))
+            yield chunk({}, _finish(reason))
     if reply.error:
         yield _stream_error(reply.error)
+        yield DONE
         return
     if usage:
         yield openai_event({**head, "choices": [], "usage": _usage(meta.prompt_tokens, reply.tokens)})
@@ -254,6 +275,7 @@ async def _completion_events(
             yield chunk(text)
     if reply.error:
         yield _stream_error(reply.error)
+        yield DONE
         return
     if usage:
         yield openai_event({**head, "choices": [], "usage": _usage(meta.prompt_tokens, reply.tokens)})

@@ -1,7 +1,9 @@
-"""Request and response bodies of the OpenAI-compatible routes (the fields this server honours).
+"""Request and response bodies of the OpenAI-compatible routes.
 
-Unknown fields are ignored, as OpenAI-compatible servers do; fields that would change the answer
-but are not supported (tools, logprobs, n > 1, ...) are accepted only at their neutral value.
+Every field OpenAI defines is either honoured or refused with a 400 that names it: unknown keys
+are refused (`StrictRequestModel`), and fields this server does not implement (tools, logprobs,
+reasoning, audio, n > 1, ...) are accepted only at their neutral value. Fields that cannot change
+the answer (`user`, `metadata`, `safety_identifier`, `prompt_cache_key`) are accepted and unused.
 """
 
 from __future__ import annotations
@@ -10,22 +12,25 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from .request_model import RequestModel
+from .request_model import StrictRequestModel
 
 Role = Literal["system", "user", "assistant", "tool"]
 StopString = Annotated[str, Field(max_length=256)]
 FinishReason = Literal["stop", "length"]
+#: The most `logit_bias` entries one request may carry.
+MAX_LOGIT_BIAS = 1024
+Unsupported = Annotated[None, Field(description="Not supported: leave it out (or null).")]
 
 
-class StreamOptions(RequestModel):
+class StreamOptions(StrictRequestModel):
     include_usage: bool | None = False
 
 
-class ResponseFormat(RequestModel):
+class ResponseFormat(StrictRequestModel):
     type: Literal["text"] = "text"
 
 
-class _Request(RequestModel):
+class _Request(StrictRequestModel):
     model: str | None = Field(None, description="Any name is accepted; the served model answers.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy (default 1).")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -33,31 +38,59 @@ class _Request(RequestModel):
     n: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(
+    stop: StopString | Annotated[list[StopString], Field(max_length=4, fail_fast=True)] | None = Field(
         None, description="Up to 4 strings; the reply ends before the first."
     )
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="Extension: HF-style penalty.")
-    user: str | None = None
+    logit_bias: (
+        Annotated[
+            dict[str, Annotated[float, Field(ge=-100.0, le=100.0, strict=True)]],
+            Field(max_length=MAX_LOGIT_BIAS, fail_fast=True),
+        ]
+        | None
+    ) = Field(
+        None,
+        description="Token id (as a decimal string) -> bias added to its logit before sampling: "
+        "-100 bans the token, 100 all but forces it.",
+    )
+    user: str | None = Field(None, description="Accepted; not used.")
 
 
-class ChatMessage(RequestModel):
+class ChatMessage(StrictRequestModel):
     role: Role
     content: str
     name: str | None = None
 
 
 class ChatCompletionRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Annotated[list[ChatMessage], Field(min_length=1, fail_fast=True)]
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: Literal[False] | None = Field(None, description="Not supported: only false.")
     top_logprobs: int | None = Field(None, ge=0, le=0, description="Not supported: only 0.")
     tools: list[Any] | None = Field(None, max_length=0, description="Not supported: only empty.")
     tool_choice: Literal["none", "auto"] | None = None
+    parallel_tool_calls: Unsupported = None
+    functions: list[Any] | None = Field(None, max_length=0, description="Not supported (legacy): only empty.")
+    function_call: Literal["none", "auto"] | None = Field(None, description="Legacy; no functions are supported.")
     response_format: ResponseFormat | None = None
+    reasoning_effort: Unsupported = None
+    verbosity: Unsupported = None
+    modalities: Annotated[list[Literal["text"]], Field(max_length=1)] | None = None
+    audio: Unsupported = None
+    prediction: Unsupported = None
+    web_search_options: Unsupported = None
+    tool_prompt: Unsupported = None
+    store: Literal[False] | None = Field(None, description="Nothing is stored: only false.")
+    service_tier: Literal["auto", "default"] | None = None
+    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = Field(
+        None, description="Accepted; not used."
+    )
+    safety_identifier: str | None = Field(None, description="Accepted; not used.")
+    prompt_cache_key: str | None = Field(None, description="Accepted; not used.")
 
 
 class CompletionRequest(_Request):
@@ -102,7 +135,9 @@ class ChatCompletion(BaseModel):
 
 
 class ChatDelta(BaseModel):
-    role: Literal["assistant"] = "assistant"
+    """What one chunk adds: the first names the role, the last (with `finish_reason`) is empty."""
+
+    role: Literal["assistant"] | None = None
     content: str | None = None
 
 

@@ -1,21 +1,49 @@
-"""Base class of request bodies: unknown keys ignored, and no boolean where a number belongs.
+"""Base classes of request bodies, and parsing a body from its bytes (off the event loop).
 
 Pydantic's lax mode reads `true` as 1 for a number field; the JSON schema we publish says a
 number, and clients that send `"temperature": true` have a bug worth a 4xx, not a silent 1.0.
+`RequestModel` ignores unknown keys (the TGI routes: TGI's clients send fields of newer
+versions); `StrictRequestModel` refuses them with a 400 that names the key (the OpenAI routes:
+a field this server does not implement must not be dropped without a word).
+
+Routes take the raw `Request` and call `parse(model, body)` in a worker thread (see
+`ModelService.prepare`), so a hostile body cannot hold the event loop; lists and maps are
+declared `fail_fast`, so a megabyte of wrong items costs one error, not a million.
+`body_doc(model)` documents the body in the OpenAPI schema as FastAPI would have.
 """
 
 from __future__ import annotations
 
+import types
 import typing
-from typing import Any
+from typing import Any, Iterator, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+
+from .errors import bad_request, validation_message
+
+T = TypeVar("T", bound=BaseModel)
+
+#: Request models whose JSON schema `app` adds to the OpenAPI components (see `body_doc`).
+REQUEST_MODELS: dict[str, type[BaseModel]] = {}
 
 
-def _allows_bool(annotation: Any) -> bool:
-    if annotation is bool or annotation is Any or isinstance(annotation, bool):  # bool, or Literal[False]
-        return True
-    return any(_allows_bool(a) for a in typing.get_args(annotation))
+def _choices(annotation: Any) -> Iterator[Any]:
+    """The types (and Literal values) a field's value may take at its top level."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        yield from _choices(typing.get_args(annotation)[0])
+    elif origin in (typing.Union, types.UnionType, typing.Literal):
+        for arg in typing.get_args(annotation):
+            yield from (_choices(arg) if origin is not typing.Literal else (arg,))
+    else:
+        yield annotation
+
+
+def _number_refusing_bool(annotation: Any) -> bool:
+    choices = list(_choices(annotation))
+    number = any(c is int or c is float for c in choices)
+    return number and not any(c is bool or c is Any or isinstance(c, bool) for c in choices)
 
 
 class RequestModel(BaseModel):
@@ -24,6 +52,28 @@ class RequestModel(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, bool) and not _allows_bool(cls.model_fields[info.field_name].annotation):
+        if isinstance(value, bool) and _number_refusing_bool(cls.model_fields[info.field_name].annotation):
             raise ValueError("expected a number, got a boolean")
         return value
+
+
+class StrictRequestModel(RequestModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def parse(model: type[T], body: bytes) -> T:
+    """Validate a JSON body; `ApiError` 400 (TGI: 422) with one readable sentence when it is wrong."""
+    if not body.strip():
+        raise bad_request("a JSON request body is required")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        message, param = validation_message(exc.errors(include_url=False, include_context=True, include_input=False))
+        raise bad_request(message, param) from None
+
+
+def body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra=` for a route that parses `model` itself: the required JSON request body."""
+    REQUEST_MODELS[model.__name__] = model
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

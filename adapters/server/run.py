@@ -1,11 +1,32 @@
-"""Run the server with uvicorn (what `torus-sparse serve` calls)."""
+"""Run the server with uvicorn (what `torus-sparse serve` calls), with its limits and its drain.
+
+- Limits: uvicorn's keep-alive timeout and concurrency cap (`timeout_keep_alive`,
+  `limit_concurrency`: beyond it uvicorn answers 503), h11's 16 KiB cap on a request head, and a
+  deadline for the head itself (`header_timeout`), which uvicorn lacks: a connection that has not
+  sent a complete request head that long after it opened (or after its previous answer) is
+  closed, so half-open and slow-loris sockets do not pile up. Slow bodies get 408 in `body_limit`.
+- Shutdown (SIGTERM, Ctrl+C): uvicorn stops accepting at once; `ModelService.drain` gives the
+  generations in flight `shutdown_timeout` seconds, then ends each remaining one with an error
+  its client parses (an error event, or 503 / TGI "overloaded"), which leaves uvicorn's own
+  grace nothing to cut.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import math
 import os
+import socket
 from typing import Any
 
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .hosts import allowed_hosts_for
 from .settings import ServerSettings
+
+#: Seconds uvicorn waits, after the drain's grace, for the error events and 503s to be written.
+_FLUSH_S = 5
 
 
 def default_model_name(model_arg: str | None) -> str:
@@ -18,13 +39,83 @@ def default_model_name(model_arg: str | None) -> str:
     return name.removesuffix(".gguf") or model_arg
 
 
+def header_deadline_protocol(timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing connections that take over `timeout` s to send a request head."""
+
+    class HeaderDeadlineProtocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()  # the next request's head gets the same time
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            cycle = self.cycle  # replaced by uvicorn when a complete request head arrives
+
+            def expire() -> None:
+                if self.cycle is cycle and not self.transport.is_closing():
+                    self.transport.close()
+
+            self._deadline = self.loop.call_later(timeout, expire)
+
+    return HeaderDeadlineProtocol
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, draining the app's generations when it shuts down."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self.service = app.state.service
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        drain = asyncio.ensure_future(self.service.drain(self.service.settings.shutdown_timeout))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if not drain.done():
+                drain.cancel()
+
+
+def make_server(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> Server:
+    """A uvicorn server for an app made by `create_app`, with the limits in its `ServerSettings`."""
+    settings: ServerSettings = app.state.service.settings
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=header_deadline_protocol(settings.header_timeout),
+        timeout_keep_alive=settings.timeout_keep_alive,
+        limit_concurrency=settings.limit_concurrency,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout) + _FLUSH_S,
+    )
+    return Server(config, app)
+
+
 def serve(
     tm: Any, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
 ) -> None:
-    """Serve `tm` until interrupted (Ctrl+C stops uvicorn, then the scheduler)."""
-    import uvicorn
+    """Serve `tm` until SIGTERM or Ctrl+C (then drain, see above). When `settings.allowed_hosts`
+    is None and `host` is a loopback address, only loopback Host names are answered."""
+    from dataclasses import replace
 
     from .app import create_app
 
-    # Streams still open at Ctrl+C get 5 s to finish; then they are closed (and their generations cancelled).
-    uvicorn.run(create_app(tm, settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    if settings.allowed_hosts is None:
+        settings = replace(settings, allowed_hosts=allowed_hosts_for(host))
+    try:
+        make_server(create_app(tm, settings), host, port, log_level).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it handled (as `uvicorn.run` would, swallow it)
+        pass

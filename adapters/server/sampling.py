@@ -2,7 +2,7 @@
 
 Every sequence carries its own `SamplingParams` and its own `torch.Generator`, so a seeded request
 draws the same tokens whether it runs alone or shares a batch. The reported log-probability is the
-model's own (`log_softmax` of the raw logits), whatever temperature or penalty chose the token.
+model's own (`log_softmax` of the raw logits), whatever temperature, penalty or bias chose the token.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ class SamplingParams:
 
     repetition_penalty: HF-style, over prompt and output (> 1 discourages repeats; 1 is off).
     frequency_penalty / presence_penalty: OpenAI-style, over the output so far (0 is off).
+    logit_bias: OpenAI-style (token id, bias) pairs added to the raw logits, before penalties and
+    temperature: -100 bans a token, +100 all but forces it (greedy requests included).
     """
 
     temperature: float = 0.0
@@ -34,6 +36,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -42,6 +45,11 @@ class SamplingParams:
     @property
     def penalised(self) -> bool:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
+    def adjusted(self) -> bool:
+        """Whether anything changes the logits before the choice (penalties or a bias)."""
+        return self.penalised or bool(self.logit_bias)
 
 
 class RowSampler:
@@ -56,6 +64,10 @@ class RowSampler:
             self.generator.manual_seed(self.seed)
         self._seen = set(prompt_ids) if params.repetition_penalty != 1.0 else set()
         self._output: Counter[int] = Counter()
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias)
+            self._bias = (torch.tensor(ids, device=device), torch.tensor(values, dtype=torch.float32, device=device))
 
     def record(self, token_id: int) -> None:
         if self.params.penalised:
@@ -67,8 +79,11 @@ class RowSampler:
         """Pick a token from one row of logits (1-D, float32)."""
         p = self.params
         x = logits
-        if p.penalised:
+        if p.adjusted:
             x = logits.clone()
+        if self._bias is not None:
+            x[self._bias[0]] += self._bias[1]
+        if p.penalised:
             if p.repetition_penalty != 1.0 and self._seen:
                 idx = torch.tensor(sorted(self._seen), device=x.device)
                 vals = x[idx]
@@ -101,7 +116,7 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> tuple[lis
     logprobs = torch.log_softmax(logits, dim=-1)
     ids = torch.argmax(logits, dim=-1).tolist()
     for i, row in enumerate(rows):
-        if not row.params.greedy or row.params.penalised:
+        if not row.params.greedy or row.params.adjusted:
             ids[i] = row.choose(logits[i])
     chosen = logprobs.gather(1, torch.tensor(ids, device=logits.device)[:, None]).squeeze(1).tolist()
     for row, token in zip(rows, ids):

@@ -11,6 +11,11 @@ Design (the simplest that batches and stays exact):
   floating-point rounding of batched kernels, which the tests check does not change the tokens).
 - New requests are admitted between decode steps, up to `max_batch_size` rows; the rest wait.
 - A request whose handle was cancelled (its client went away) is dropped before the next step.
+- `max_pending` bounds the requests in flight: every accepted request counts from `submit` until
+  it ends, also while it is being prefilled (neither waiting nor in the batch yet).
+- When the model raises, the requests it was computing end with a message that names no
+  exception (clients must not see internals); the traceback goes to the log with a reference
+  that the message repeats.
 - Each row samples with its own parameters and generator (`sampling.py`); stop strings and
   incremental detokenization run here (`detok.py`), so a request ends at the step that completes it.
 
@@ -32,7 +37,20 @@ import torch
 
 from .counters import SchedulerCounters
 from .detok import IncrementalDecoder, StopMatcher
-from .generation import CANCELLED, EOS, ERROR, LENGTH, STOP, GenerationRequest, Handle, Step, Token
+from .errors import log_reference
+from .generation import (
+    CANCELLED,
+    EOS,
+    ERROR,
+    LENGTH,
+    MODEL_FAILED,
+    SHUTTING_DOWN,
+    STOP,
+    GenerationRequest,
+    Handle,
+    Step,
+    Token,
+)
 from .kvbatch import BatchCache, batchable
 from .sampling import RowSampler, choose_tokens
 
@@ -82,6 +100,7 @@ class Scheduler:
         self._waiting: collections.deque[Handle] = collections.deque()
         self._active: list[_Seq] = []
         self._batch = BatchCache()
+        self._in_flight = 0  # accepted and not ended: waiting, being prefilled, or decoding
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="torus-serve-scheduler", daemon=True)
@@ -101,12 +120,18 @@ class Scheduler:
         with self._cv:
             if self._closed:
                 raise Overloaded("the server is shutting down")
-            if len(self._waiting) + self.counters.running >= self.max_pending:
+            if self._in_flight >= self.max_pending:
                 raise Overloaded(f"{self.max_pending} requests are already in flight; retry later")
+            self._in_flight += 1
             self._waiting.append(handle)
             self.counters.waiting = len(self._waiting)
             self._cv.notify()
         return handle
+
+    @property
+    def in_flight(self) -> int:
+        """Requests accepted and not yet ended (what `max_pending` bounds)."""
+        return self._in_flight
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread; requests still in flight end with an error."""
@@ -131,16 +156,14 @@ class Scheduler:
             for handle in admit:
                 try:
                     self._admit(handle)
-                except Exception as exc:
-                    log.exception("admitting a request failed")
-                    self._finish_quietly(handle, ERROR, f"generation failed: {type(exc).__name__}: {exc}")
+                except Exception:
+                    self._finish_quietly(handle, ERROR, _logged_failure("admitting a request failed"))
             try:
                 if self._active:
                     self._decode_step()
-            except Exception as exc:  # a model failure ends the requests in flight, not the server
-                log.exception("decode step failed")
-                self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
-        self._fail_all("the server is shutting down", waiting=True)
+            except Exception:  # a model failure ends the requests in flight, not the server
+                self._fail_all(_logged_failure("decode step failed"))
+        self._fail_all("the server is shutting down", waiting=True, cause=SHUTTING_DOWN)
 
     def _admit(self, handle: Handle) -> None:
         """Prefill one request alone; it then joins the decode batch unless its first token ends it."""
@@ -159,9 +182,8 @@ class Scheduler:
             with torch.inference_mode():
                 out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
             (token,), (logprob,) = choose_tokens(out.logits[:, -1, :], [seq.sampler])
-        except Exception as exc:  # this request fails; the batch in flight is untouched
-            log.exception("prefill failed")
-            self._finish_quietly(handle, ERROR, f"generation failed: {type(exc).__name__}: {exc}")
+        except Exception:  # this request fails; the batch in flight is untouched
+            self._finish_quietly(handle, ERROR, _logged_failure("prefill failed"))
             return
         self.counters.prefills += 1
         self.counters.prompt_tokens += len(req.prompt_ids)
@@ -216,7 +238,7 @@ class Scheduler:
             seq.handle.cancel()
             return False
         if reason is not None:
-            self.counters.finished[reason] += 1
+            self._ended(reason)
             return True
         return False
 
@@ -233,16 +255,22 @@ class Scheduler:
             self._batch.remove(rows)
         self.counters.running = len(self._active)
 
-    def _finish_quietly(self, handle: Handle, reason: str, error: str | None = None) -> None:
+    def _ended(self, reason: str) -> None:
+        """Every request ends exactly once, here: a finish, a cancel or an error."""
         self.counters.finished[reason] += 1
+        with self._cv:
+            self._in_flight -= 1
+
+    def _finish_quietly(self, handle: Handle, reason: str, error: str | None = None, cause: str = MODEL_FAILED) -> None:
+        self._ended(reason)
         try:
-            handle.deliver(Step(None, reason, error=error))
+            handle.deliver(Step(None, reason, error=error, cause=cause if reason == ERROR else None))
         except RuntimeError:
             pass
 
-    def _fail_all(self, message: str, waiting: bool = False) -> None:
+    def _fail_all(self, message: str, waiting: bool = False, cause: str = MODEL_FAILED) -> None:
         for seq in self._active:
-            self._finish_quietly(seq.handle, ERROR, message)
+            self._finish_quietly(seq.handle, ERROR, message, cause)
         self._active = []
         self._batch.clear()
         self.counters.running = 0
@@ -251,4 +279,10 @@ class Scheduler:
                 pending, self._waiting = list(self._waiting), collections.deque()
                 self.counters.waiting = 0
             for handle in pending:
-                self._finish_quietly(handle, ERROR, message)
+                self._finish_quietly(handle, ERROR, message, cause)
+
+
+def _logged_failure(what: str) -> str:
+    """Log the exception being handled under a reference; return the client's message."""
+    ref = log_reference(log, what)
+    return f"generation failed on the server (reference {ref}; the server log has the details)"

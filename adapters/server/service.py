@@ -1,20 +1,35 @@
-"""What both wire formats share: turning prompts into token ids, checking them against the context,
-and starting a generation (and stopping it when the client goes away)."""
+"""What both wire formats share: parsing and tokenizing requests off the event loop, the token
+limits, starting a generation (and stopping it when the client goes away), and the drain on
+shutdown.
+
+The event loop only moves bytes: `prepare` runs a route's parse-validate-template-tokenize step
+in a worker thread, at most `PREPARE_THREADS` at a time, so a megabyte of hostile JSON or a
+200,000-token prompt delays other requests' preparation, never another client's token stream.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
+import anyio
 from starlette.requests import Request
 
 from torus_plugins import __version__
 
-from .errors import ApiError, bad_request
-from .generation import Completion, GenerationFailed, GenerationRequest, Handle
+from .errors import ApiError, bad_request, log_reference, shutting_down
+from .generation import SHUTTING_DOWN, Completion, GenerationFailed, GenerationRequest, Handle, Step
 from .scheduler import Overloaded, Scheduler
 from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Requests parsed and tokenized at once (each in a worker thread). Two keep a long prompt from
+#: queueing every other request behind it while leaving the decode thread a core on small machines.
+PREPARE_THREADS = 2
 
 
 class ClientGone(Exception):
@@ -37,8 +52,16 @@ def stop_strings(stop: str | Sequence[str] | None, param: str = "stop") -> tuple
     return tuple(check_text(s, f"{param}[{i}]") for i, s in enumerate(items))
 
 
+def failure(exc: GenerationFailed | Step) -> ApiError:
+    """The error a client gets for a generation that ended in an error."""
+    message = (exc.message if isinstance(exc, GenerationFailed) else exc.error) or "generation failed"
+    if exc.cause == SHUTTING_DOWN:
+        return shutting_down(message)
+    return ApiError(500, message, tgi_status=424, tgi_type="generation")
+
+
 class ModelService:
-    """One served model: its tokenizer, its limits and its scheduler."""
+    """One served model: its tokenizer, its limits, its scheduler, and the generations it started."""
 
     def __init__(self, tm: Any, scheduler: Scheduler, settings: ServerSettings) -> None:
         self.tm = tm
@@ -47,13 +70,36 @@ class ModelService:
         config = tm.model.config
         model_ctx = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
         self.context_length = settings.context_length or int(model_ctx)
+        self.max_total_tokens = settings.max_total_tokens or self.context_length
+        if self.max_total_tokens > self.context_length:
+            raise ValueError(
+                f"max_total_tokens ({self.max_total_tokens}) cannot exceed the context length ({self.context_length})"
+            )
+        self.max_input_tokens = settings.max_input_tokens or self.max_total_tokens - 1
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError(
+                f"max_input_tokens ({self.max_input_tokens}) must be less than max_total_tokens "
+                f"({self.max_total_tokens}): a reply needs at least one token"
+            )
         self.max_tokens_limit = min(settings.max_tokens_limit or self.context_length, self.context_length)
+        self.vocab_size = _vocab_size(tm.model, tm.tokenizer)
         self.model_name = settings.model_name
         self.created = int(time.time())
         self.fingerprint = f"torus-sparse-{__version__}"
+        self.draining = False
+        self._limiter = anyio.CapacityLimiter(PREPARE_THREADS)
+        self._live: set[Handle] = set()
 
-    # ------------------------------------------------------------------ prompts
+    # ------------------------------------------------------------------ requests
+    async def prepare(self, request: Request, build: Callable[[bytes], T]) -> T:
+        """Read the body (on the loop: it only moves bytes), then run `build(body)` in a worker
+        thread: parsing, validation, chat template, tokenizing and limit checks."""
+        body = await request.body()
+        return await anyio.to_thread.run_sync(build, body, limiter=self._limiter)
+
     def encode_chat(self, messages: Iterable[dict[str, str]]) -> list[int]:
+        from jinja2.exceptions import TemplateError
+
         from torus_adapters.transformers_adapter import PromptError
 
         checked = [
@@ -64,8 +110,13 @@ class ModelService:
             return self.tm.encode(checked, chat=True)["input_ids"][0].tolist()
         except PromptError as exc:
             raise bad_request(str(exc), "messages") from None
-        except Exception as exc:  # a chat template may refuse an order of roles, e.g. with a jinja error
+        except TemplateError as exc:  # the template's own words, e.g. "roles must alternate"
             raise bad_request(f"the model's chat template rejected these messages: {exc}", "messages") from None
+        except Exception:
+            ref = log_reference(log, "the chat template failed")
+            raise bad_request(
+                f"the model's chat template could not format these messages (reference {ref})", "messages"
+            ) from None
 
     def encode_text(self, text: str, param: str = "prompt") -> list[int]:
         ids = self.tm.encode(check_text(text, param), chat=False)["input_ids"][0].tolist()
@@ -74,38 +125,65 @@ class ModelService:
         return ids
 
     def max_new_tokens(
-        self, prompt_len: int, requested: int | None, param: str = "max_tokens", default: int | None = None
+        self,
+        prompt_len: int,
+        requested: int | None,
+        param: str = "max_tokens",
+        default: int | None = None,
+        prompt_param: str = "messages",
     ) -> int:
-        """How many tokens this request may generate; `ApiError` when it cannot fit the context.
+        """How many tokens this request may generate; `ApiError` when the prompt is over
+        `max_input_tokens` or prompt + request over `max_total_tokens`.
 
         Without `requested`: `default` (else the server's), capped by the limit and the room left."""
-        ctx = self.context_length
-        if prompt_len >= ctx:
+        total, most = self.max_total_tokens, self.max_input_tokens
+        if prompt_len > most:
             raise bad_request(
-                f"the prompt is {prompt_len} tokens but this model's context holds {ctx}; shorten it",
-                "messages" if param == "max_tokens" else "inputs",
+                f"{prompt_param} is {prompt_len} tokens but this server accepts at most {most} input tokens "
+                f"(the model's context holds {self.context_length}); shorten it",
+                prompt_param,
                 "context_length_exceeded",
             )
-        room = ctx - prompt_len
+        room = total - prompt_len
         if requested is None:
             return min(default or self.settings.default_max_tokens, room, self.max_tokens_limit)
         if requested > self.max_tokens_limit:
             raise bad_request(f"{param} is {requested} but this server allows at most {self.max_tokens_limit}", param)
         if requested > room:
             raise bad_request(
-                f"this model's context holds {ctx} tokens; the prompt uses {prompt_len}, so {param} can be at "
-                f"most {room} (got {requested})",
+                f"this server allows {total} tokens per request, prompt and reply (the model's context holds "
+                f"{self.context_length}); the prompt uses {prompt_len}, so {param} can be at most {room} "
+                f"(got {requested})",
                 param,
                 "context_length_exceeded",
             )
         return requested
 
+    def logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+        """OpenAI's `logit_bias` as (token id, bias) pairs; keys must be token ids in decimal."""
+        if not bias:
+            return ()
+        pairs = []
+        for key, value in bias.items():
+            if not (key.isascii() and key.isdigit() and str(int(key)) == key and int(key) < self.vocab_size):
+                raise bad_request(
+                    f"logit_bias keys must be token ids in decimal, from 0 to {self.vocab_size - 1}; got {key[:40]!r}",
+                    "logit_bias",
+                )
+            pairs.append((int(key), float(value)))
+        return tuple(pairs)
+
     # ------------------------------------------------------------------ generation
     def start(self, request: GenerationRequest) -> Handle:
+        if self.draining:
+            raise shutting_down()
         try:
-            return self.scheduler.submit(request)
+            handle = self.scheduler.submit(request)
         except Overloaded as exc:
             raise ApiError(429, f"model is overloaded: {exc}", code="overloaded") from None
+        self._live = {h for h in self._live if not h.closed}
+        self._live.add(handle)
+        return handle
 
     async def complete(self, handle: Handle, request: Request) -> Completion:
         """Wait for the whole answer; cancel the generation if the client disconnects first."""
@@ -118,12 +196,37 @@ class ModelService:
             try:
                 return collect.result()
             except GenerationFailed as exc:
-                raise ApiError(500, str(exc), tgi_status=424, tgi_type="generation") from None
+                raise failure(exc) from None
         finally:
             gone.cancel()
             if not collect.done():
                 collect.cancel()
             handle.cancel()
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new generations; give the running ones `grace` seconds, then end each with a
+        "shutting down" error that its route sends in its client's format."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._open() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        left = self._open()
+        if left:
+            log.warning("shutting down: ending %d generation(s) still running after %.1f s", len(left), grace)
+        for handle in left:
+            handle.abort("the server is shutting down; this generation was stopped before it finished")
+
+    def _open(self) -> list[Handle]:
+        return [h for h in self._live if not h.closed]
+
+
+def _vocab_size(model: Any, tokenizer: Any) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is not None:
+        return int(weight.shape[0])
+    return int(getattr(model.config, "vocab_size", None) or len(tokenizer))
 
 
 async def _disconnected(request: Request) -> None:

@@ -7,6 +7,7 @@ chat template), as in TGI. The reply keeps a stop string that ended it, as TGI's
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import torch
@@ -14,10 +15,11 @@ from fastapi import APIRouter, Request
 
 from torus_plugins import __version__
 
-from .errors import error_docs, tgi_body
+from .errors import ApiError, error_docs, tgi_body
 from .generation import CANCELLED, ERROR, Completion, GenerationRequest, Handle
+from .request_model import body_doc, parse
 from .sampling import SamplingParams
-from .service import ModelService, stop_strings
+from .service import ModelService, failure, stop_strings
 from .sse import EventStream, stream_docs, tgi_event
 from .tgi_schemas import GenerateRequest, GenerateResponse, Info, Parameters, StreamResponse
 
@@ -35,38 +37,48 @@ def _sampling(p: Parameters) -> SamplingParams:
     )
 
 
-def _prepare(service: ModelService, body: GenerateRequest) -> tuple[GenerationRequest, Parameters]:
+@dataclass
+class _Prepared:
+    """A request parsed, tokenized and checked (in a worker thread), ready to start."""
+
+    body: GenerateRequest
+    params: Parameters
+    gen: GenerationRequest
+    prefill: list[dict[str, Any]] = field(default_factory=list)  # decoder_input_details
+
+
+def _prepare(service: ModelService, raw: bytes) -> _Prepared:
+    body = parse(GenerateRequest, raw)
     p = body.parameters or Parameters()
     prompt = service.encode_text(body.inputs, "inputs")
     if p.truncate is not None:
         prompt = prompt[-p.truncate :]
     gen = GenerationRequest(
         tuple(prompt),
-        service.max_new_tokens(len(prompt), p.max_new_tokens, "max_new_tokens"),
+        service.max_new_tokens(len(prompt), p.max_new_tokens, "max_new_tokens", prompt_param="inputs"),
         _sampling(p),
         stop_strings(p.stop, "parameters.stop"),
     )
-    return gen, p
+    ready = _Prepared(body, p, gen)
+    if p.details and p.decoder_input_details:
+        decode = service.tm.tokenizer.decode
+        ready.prefill = [{"id": i, "text": decode([i]), "logprob": None} for i in prompt]
+    return ready
 
 
 def _token(t: Any) -> dict[str, Any]:
     return {"id": t.id, "text": t.text, "logprob": t.logprob, "special": t.special}
 
 
-def _response(
-    service: ModelService, body: GenerateRequest, p: Parameters, done: Completion, prompt_ids: tuple[int, ...]
-) -> dict[str, Any]:
-    out: dict[str, Any] = {"generated_text": (body.inputs if p.return_full_text else "") + done.text}
+def _response(ready: _Prepared, done: Completion) -> dict[str, Any]:
+    p = ready.params
+    out: dict[str, Any] = {"generated_text": (ready.body.inputs if p.return_full_text else "") + done.text}
     if p.details:
-        decode = service.tm.tokenizer.decode
-        prefill = (
-            [{"id": i, "text": decode([i]), "logprob": None} for i in prompt_ids] if p.decoder_input_details else []
-        )
         out["details"] = {
             "finish_reason": done.finish_reason,
             "generated_tokens": len(done.tokens),
             "seed": done.seed,
-            "prefill": prefill,
+            "prefill": ready.prefill,
             "tokens": [_token(t) for t in done.tokens],
             "top_tokens": None,
             "best_of_sequences": None,
@@ -78,42 +90,52 @@ def build_router(service: ModelService) -> APIRouter:
     router = APIRouter(tags=["Text Generation Inference"])
     errors_doc = error_docs(openai=False)
 
-    async def generate_once(body: GenerateRequest, request: Request) -> dict[str, Any]:
-        gen, p = _prepare(service, body)
-        handle = service.start(gen)
-        done = await service.complete(handle, request)
-        return _response(service, body, p, done, gen.prompt_ids)
+    async def prepare(request: Request) -> _Prepared:
+        return await service.prepare(request, lambda raw: _prepare(service, raw))
 
-    def stream(body: GenerateRequest) -> EventStream:
-        gen, p = _prepare(service, body)
-        handle = service.start(gen)
-        prefix = body.inputs if p.return_full_text else ""
-        return EventStream(_tgi_events(handle, prefix, bool(p.details), len(gen.prompt_ids)), handle)
+    async def generate_once(ready: _Prepared, request: Request) -> dict[str, Any]:
+        handle = service.start(ready.gen)
+        done = await service.complete(handle, request)
+        return _response(ready, done)
+
+    def stream(ready: _Prepared) -> EventStream:
+        handle = service.start(ready.gen)
+        prefix = ready.body.inputs if ready.params.return_full_text else ""
+        return EventStream(_tgi_events(handle, prefix, bool(ready.params.details), len(ready.gen.prompt_ids)), handle)
 
     @router.post(
         "/",
         response_model=list[GenerateResponse],
         responses={**stream_docs(StreamResponse, "A one-element list; with `stream`, token events"), **errors_doc},
+        openapi_extra=body_doc(GenerateRequest),
         summary="Generate (TGI compat route: streams when `stream` is true)",
     )
-    async def compat(body: GenerateRequest, request: Request):
-        if body.stream:
-            return stream(body)
-        return [await generate_once(body, request)]
+    async def compat(request: Request):
+        ready = await prepare(request)
+        if ready.body.stream:
+            return stream(ready)
+        return [await generate_once(ready, request)]
 
-    @router.post("/generate", response_model=GenerateResponse, responses=errors_doc, summary="Generate (TGI)")
-    async def generate(body: GenerateRequest, request: Request):
-        return await generate_once(body, request)
+    @router.post(
+        "/generate",
+        response_model=GenerateResponse,
+        responses=errors_doc,
+        openapi_extra=body_doc(GenerateRequest),
+        summary="Generate (TGI)",
+    )
+    async def generate(request: Request):
+        return await generate_once(await prepare(request), request)
 
     @router.post(
         "/generate_stream",
         response_class=EventStream,
         status_code=200,
         responses={**stream_docs(StreamResponse, "Token events; the last holds `generated_text`"), **errors_doc},
+        openapi_extra=body_doc(GenerateRequest),
         summary="Generate, streaming tokens (TGI)",
     )
-    async def generate_stream(body: GenerateRequest):
-        return stream(body)
+    async def generate_stream(request: Request):
+        return stream(await prepare(request))
 
     @router.get("/info", response_model=Info, responses=errors_doc, summary="Model and server limits (TGI)")
     async def info():
@@ -125,8 +147,8 @@ def build_router(service: ModelService) -> APIRouter:
             "model_dtype": dtype,
             "model_device_type": torch.device(service.scheduler.device).type,
             "max_concurrent_requests": service.settings.max_pending,
-            "max_input_tokens": service.context_length - 1,
-            "max_total_tokens": service.context_length,
+            "max_input_tokens": service.max_input_tokens,
+            "max_total_tokens": service.max_total_tokens,
             "max_batch_size": service.scheduler.max_batch_size,
             "version": __version__,
         }
@@ -138,7 +160,8 @@ async def _tgi_events(handle: Handle, prefix: str, details: bool, input_length: 
     text, index = "", 0
     async for step in handle.steps():
         if step.finish_reason in (CANCELLED, ERROR):
-            yield tgi_event(tgi_body(step.error or "generation was cancelled", "generation"))
+            err = failure(step) if step.finish_reason == ERROR else ApiError(500, "generation was cancelled")
+            yield tgi_event(tgi_body(err.message, err.tgi_type))  # `text_generation` raises it, typed
             return
         assert step.token is not None
         index += 1
