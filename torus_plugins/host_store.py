@@ -7,6 +7,7 @@ slot, or a resident device buffer alike.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -73,15 +74,21 @@ def plan_layout(tensors: list[tuple[str, torch.Tensor]]) -> LayerLayout:
     return LayerLayout(tuple(entries), -(-offset // ALIGN) * ALIGN)
 
 
-def _page_lock(buffer: torch.Tensor) -> bool:
-    """Page-lock an existing host buffer in place (cudaHostRegister); False if the driver refuses.
+def _page_lock(buffer: torch.Tensor) -> int:
+    """Page-lock an existing host buffer in place (cudaHostRegister); the cudaError code, 0 on success.
 
     Why not `torch.empty(..., pin_memory=True)`: PyTorch's pinned allocator rounds every request
     up to a power of two, so a 270 MB layer of a 7B model would lock 512 MiB and the store would
     pin almost twice the weights. Registering exact-size ordinary memory locks only what is used.
     """
-    rc = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0))
-    return rc == 0
+    cudart = torch.cuda.cudart()
+    rc = int(cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0))
+    if rc != 0:
+        # A failed runtime call also leaves its error as the runtime's "last error", which the next
+        # kernel launch's check (cudaGetLastError) reports as its own failure: some unrelated op
+        # later in attach would raise. Clear it; the caller falls back.
+        cudart.cudaGetLastError()
+    return rc
 
 
 def _page_unlock(ptr: int) -> None:
@@ -176,6 +183,7 @@ class HostStore:
         self.layers: list[PackedLayer] = []
         self.buffers: list[torch.Tensor | None] = []
         self._registered: set[int] = set()  # data_ptrs we page-locked and must unlock
+        self._warned_fallback = False  # page-locking failed once: said so (once per store)
 
     @property
     def layouts(self) -> list[LayerLayout]:
@@ -186,11 +194,30 @@ class HostStore:
         if not self.pin_memory:
             return torch.empty(nbytes, dtype=torch.uint8)
         buffer = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes and _page_lock(buffer):
+        if not nbytes:
+            return buffer
+        rc = _page_lock(buffer)
+        if rc == 0:
             self._registered.add(buffer.data_ptr())
             return buffer
-        # Fall back to PyTorch's pinned allocator (correct, but see `_page_lock` on its rounding).
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        # Fall back to PyTorch's pinned allocator (correct, but see `_page_lock` on its rounding),
+        # and to pageable memory when that fails too (copies from it are synchronous).
+        try:
+            pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            fallback = "PyTorch's pinned allocator, which rounds each buffer up to a power of two"
+        except RuntimeError as exc:
+            torch.cuda.cudart().cudaGetLastError()  # as in `_page_lock`: do not fail the next launch
+            pinned = buffer
+            fallback = f"pageable memory, since the pinned allocator failed too ({exc}); copies are synchronous"
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            warnings.warn(
+                f"torus-sparse: page-locking the host store failed (cudaHostRegister returned cudaError {rc}); "
+                f"it falls back to {fallback}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return pinned
 
     def add_layer(self, tensors: list[tuple[str, torch.Tensor]]) -> tuple[PackedLayer, torch.Tensor]:
         """Pack (and maybe quantize) one layer's tensors into a new buffer; the caller then drops

@@ -8,7 +8,9 @@ copy primitive and in what a fence is. That is what lets CPU tests exercise the 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import threading
 import time
+import warnings
 
 import torch
 
@@ -175,18 +177,59 @@ class CudaCopyStream:
             raise ConfigError(f"transport 'cuda' needs a CUDA device, got {opts.device}")
         self.device = opts.device
         self.stream = torch.cuda.Stream(device=self.device)
+        # Per allocating stream, an event recorded after its latest `alloc` that the copy stream
+        # has not waited on yet (see `alloc`). Slots are allocated once, at attach.
+        self._alloc_fences: dict[torch.cuda.Stream, torch.cuda.Event] = {}
+        self._alloc_lock = threading.Lock()
+        self._sources_seen: set[int] = set()  # host buffers checked for page-locking
+        self._warned_pageable = False
 
     def alloc(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        # PyTorch's caching allocator makes a block safe for the stream that allocated it only:
+        # work queued there earlier may still use the memory. Copies into it run on our stream,
+        # so the next copy waits until the allocating stream gets here.
+        allocating = torch.cuda.current_stream(self.device)
+        ev = torch.cuda.Event()
+        ev.record(allocating)
+        with self._alloc_lock:
+            self._alloc_fences[allocating] = ev
+        return buf
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Fence) -> Fence:
+        if not self._warned_pageable:
+            self._check_page_locked(src)
         with torch.cuda.stream(self.stream):
+            if self._alloc_fences:
+                with self._alloc_lock:
+                    fences, self._alloc_fences = list(self._alloc_fences.values()), {}
+                for ev in fences:  # once: every later copy queues behind this one
+                    self.stream.wait_event(ev)
             if after is not None:
                 self.stream.wait_event(after)
             dst.copy_(src, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self.stream)
         return ready
+
+    def _check_page_locked(self, src: torch.Tensor) -> None:
+        """Warn once when a copy reads pageable memory: CUDA then stages it through a bounce
+        buffer and the call returns only once the bytes are staged, so the copy no longer
+        overlaps compute. Each host buffer is looked at once, until the warning is given."""
+        ptr = src.data_ptr()
+        if ptr in self._sources_seen:
+            return
+        self._sources_seen.add(ptr)
+        if not src.is_pinned():
+            self._warned_pageable = True
+            self._sources_seen.clear()
+            warnings.warn(
+                "torus-sparse: transport 'cuda' is copying from pageable host memory (pin_memory=False, "
+                "or page-locking failed), so every host→device copy is synchronous and nothing "
+                "overlaps compute; leave pin_memory unset (or True) for overlapped copies",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def compute_fence(self) -> Fence:
         ev = torch.cuda.Event()

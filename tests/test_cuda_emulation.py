@@ -1,0 +1,441 @@
+"""The real CUDA transport (`CudaCopyStream`), page-locking, device-side stall timing and
+quantizing on the device, run on the CPU against the `torch.cuda` emulation in `fake_cuda.py`.
+
+The emulation is adversarial where a GPU is merely usually kind: queued copies run only when
+something waits for them, new device memory is NaN, and every access to device memory is checked
+for a data race against the other streams. So "logits equal the unwrapped model, bit for bit, and
+no race" means the engine's ordering is right, not that the timing was lucky; and the tests that
+drop one wait of the real class show the emulation turns each missing wait into NaN or wrong
+logits.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import warnings
+from typing import Any, Iterator
+
+import pluggy
+import pytest
+import torch
+from conftest import build_tiny, load_smollm2
+from fake_cuda import CUDA_ERROR_MEMORY_ALLOCATION, FakeCuda
+
+import torus_plugins as tp
+from torus_plugins.builtin.transports import CudaCopyStream, _CudaStall
+from torus_plugins.host_store import HostStore
+from torus_plugins.plugins import build_plugin_manager
+from torus_plugins.transfer import TransportOptions
+
+PROMPT = torch.tensor([[5, 17, 3, 88, 41, 9, 60, 22, 71, 14, 33, 2]])
+OTHER_PROMPT = torch.tensor([[61, 2, 44, 19, 7, 90, 33, 12]])
+NEW_TOKENS = 5
+CUDA = torch.device("cuda", 0)
+MOE = ("mixtral", "qwen2_moe")
+HALF_THE_EXPERTS = 16  # the tiny MoE models have 4 MoE layers of 8 experts
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeCuda]:
+    # One intra-op thread: these models are far too small to split, and on a couple of shared
+    # cores OpenMP's spinning workers cost more than the emulation itself. References are computed
+    # here too, so every comparison runs with the same thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cuda = FakeCuda()
+    try:
+        with cuda.patched():
+            yield cuda
+            # A test that failed half-way leaves a model attached: let its finalizer (which drains
+            # the transport and unregisters host memory) run while the emulation still stands in.
+            gc.collect()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(model: torch.nn.Module, prompt: torch.Tensor = PROMPT) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        logits = model(prompt).logits
+        tokens = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    return logits, tokens
+
+
+def tiny(arch: str, dtype: torch.dtype) -> torch.nn.Module:
+    return build_tiny(arch).to(dtype)
+
+
+_REFS: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def reference(
+    arch: str, dtype: torch.dtype, quant: str | None, prompt: torch.Tensor = PROMPT
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the model computes with no GPU emulation: unwrapped, or with `quant` every weight
+    resident on the CPU (dequantized once; the same bytes the streamed slots dequantize)."""
+    key = (arch, dtype, quant, tuple(prompt.flatten().tolist()))
+    if key not in _REFS:
+        model = tiny(arch, dtype)
+        if quant is None:
+            _REFS[key] = run(model, prompt)
+        else:
+            tp.attach(model, transport="copy", device="cpu", weight_quant=quant, moe_cache_experts=32)
+            try:
+                _REFS[key] = run(model, prompt)
+            finally:
+                tp.detach(model)
+    return _REFS[key]
+
+
+def attach_cuda(model: torch.nn.Module, pm: pluggy.PluginManager | None = None, **kw: Any) -> tp.Engine:
+    """Every FFN layer streamed through the CUDA transport; half the experts cached."""
+    kw.setdefault("transport", "cuda")
+    kw.setdefault("resident_layers", 0)
+    if any(arch in type(model).__name__.lower() for arch in ("mixtral", "qwen2moe")):
+        kw.setdefault("moe_cache_experts", HALF_THE_EXPERTS)
+    return tp.attach(model, device="cuda", plugin_manager=pm, **kw)
+
+
+# (arch, dtype, weight_quant, lookahead, query_completes): every axis covered without the product
+MATRIX = [
+    ("llama", torch.float32, None, 1, True),
+    ("llama", torch.float32, None, 3, False),
+    ("llama", torch.bfloat16, None, 2, True),
+    ("llama", torch.float32, "int8", 2, False),
+    ("llama", torch.bfloat16, "int8", 3, True),
+    ("llama", torch.float32, "int4", 1, False),
+    ("llama", torch.bfloat16, "int4", 2, True),
+    ("mixtral", torch.float32, None, 2, True),
+    ("mixtral", torch.bfloat16, "int8", 1, False),
+    ("mixtral", torch.float32, "int4", 3, True),
+    ("qwen2_moe", torch.bfloat16, None, 3, False),
+    ("qwen2_moe", torch.float32, "int8", 1, True),
+]
+
+
+@pytest.mark.parametrize(("arch", "dtype", "quant", "lookahead", "query_completes"), MATRIX)
+def test_cuda_transport_equals_unwrapped_model(
+    fake: FakeCuda, arch: str, dtype: torch.dtype, quant: str | None, lookahead: int, query_completes: bool
+) -> None:
+    ref_logits, ref_tokens = reference(arch, dtype, quant)
+    fake.query_completes = query_completes
+    model = tiny(arch, dtype)
+    engine = attach_cuda(model, weight_quant=quant, lookahead=lookahead)
+    assert type(engine.transport) is CudaCopyStream
+    assert engine.store.pin_memory and fake.registered  # the store is page-locked in place
+    logits, tokens = run(model)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+    assert fake.races == []
+    assert fake.copies_run > 0 and fake.pageable_copies == 0
+    st = engine.stats()
+    assert st.bytes_moved > 0 and st.peak_device_bytes == fake.max_memory_allocated() > 0
+    if arch in MOE:
+        assert st.experts is not None and st.experts.misses > 0  # experts were evicted and reloaded
+    if not query_completes:
+        # Every copy was still in flight when compute asked: the compute stream waited on the
+        # device and the stall was timed with events (the emulated clock makes it > 0).
+        assert st.stall_s > 0
+    else:
+        assert st.stall_s == 0.0
+    tp.detach(model)
+    assert fake.registered == {}  # every page-locked buffer was unregistered
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, ref_logits)
+
+
+def test_smollm2_streams_every_layer_through_the_cuda_transport(fake: FakeCuda, smollm2_path: str) -> None:
+    """The real default model: 30 FFN layers of real shapes rotate through a ring of three."""
+    model = load_smollm2(smollm2_path)
+    ref_logits, ref_tokens = run(model)
+    engine = attach_cuda(model, lookahead=2)
+    logits, tokens = run(model)
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    assert engine.stats().streamed_layers == 30 and fake.races == []
+    tp.detach(model)
+
+
+def test_small_budget_streams_every_layer_within_it(fake: FakeCuda) -> None:
+    model = tiny("llama", torch.float32)
+    probe = attach_cuda(model, kv_reserve_tokens=0, lookahead=1)
+    budget = probe.non_ffn_bytes + probe.plan.ring_bytes + 1024  # room for the ring, not one layer more
+    tp.detach(model)
+    fake.reset_peak_memory_stats()
+    engine = attach_cuda(model, kv_reserve_tokens=0, resident_layers=None, vram_budget=budget, lookahead=1)
+    logits, tokens = run(model)
+    ref_logits, ref_tokens = reference("llama", torch.float32, None)
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    st = engine.stats()
+    assert st.streamed_layers == 4 and st.resident_layers == 0
+    assert 0 < st.peak_device_bytes <= budget
+    assert fake.races == []
+    tp.detach(model)
+
+
+# ---------------------------------------------------------------------- the emulation itself
+def _transport() -> CudaCopyStream:
+    return CudaCopyStream(TransportOptions(CUDA, 30.0, {}))
+
+
+def _pinned(n: int, fill: int) -> torch.Tensor:
+    t = torch.full((n,), fill, dtype=torch.uint8)
+    return t.pin_memory()
+
+
+def test_queued_copy_runs_only_when_waited_for(fake: FakeCuda) -> None:
+    tr = _transport()
+    dst = tr.alloc(4096)
+    src = _pinned(4096, 7)
+    ready = tr.copy(dst, src, tr.compute_fence())
+    # Nothing forced it yet: the slot still holds what new device memory holds.
+    with fake._bypass():
+        assert bool((dst == 0xFF).all()) and fake.copies_run == 0
+    assert tr.wait(ready) == 0.0  # a query finds it done (running it), then the compute stream waits
+    assert torch.equal(dst, src) and fake.copies_run == 1
+    assert fake.races == []
+    tr.close()
+
+
+def test_device_side_stall_is_timed_with_events(fake: FakeCuda) -> None:
+    fake.query_completes = False  # the copy engine is behind: a query finds the copy in flight
+    tr = _transport()
+    dst = tr.alloc(1 << 20)
+    ready = tr.copy(dst, _pinned(1 << 20, 3), None)
+    assert not tr.done(ready)
+    stall = tr.wait(ready)
+    assert isinstance(stall, _CudaStall)
+    assert stall.finished()
+    # The emulated device clock advances by bytes / bandwidth per copy: deterministic, not timed.
+    assert stall.seconds() == pytest.approx((1 << 20) / fake.bandwidth)
+    assert bool((dst == 3).all()) and tr.done(ready)
+    assert fake.races == []
+    tr.close()
+
+
+def test_first_copy_into_a_new_slot_waits_for_the_allocating_stream(fake: FakeCuda) -> None:
+    """Issue item 9: the allocator's block may still be written by earlier work on the compute
+    stream (emulated as a NaN fill queued there); the first copy must queue behind it."""
+    for transport, broken in ((_transport(), False), (_PreFixAlloc(TransportOptions(CUDA, 30.0, {})), True)):
+        fake.races.clear()
+        dst = transport.alloc(4096)
+        src = _pinned(4096, 9)
+        transport.wait(transport.copy(dst, src, None))  # the copy runs first...
+        landed = dst.clone()  # ...then compute reads the slot (draining the compute stream's fill)
+        if broken:
+            assert bool((landed == 0xFF).all()) and fake.races
+        else:
+            assert torch.equal(landed, src) and fake.races == []
+        transport.close()
+
+
+def test_a_failed_registration_is_sticky_until_cleared(fake: FakeCuda) -> None:
+    """The runtime behaviour item 8 is about: the next kernel launch reports the earlier error."""
+    fake.register_error = CUDA_ERROR_MEMORY_ALLOCATION
+    buf = torch.empty(64, dtype=torch.uint8)
+    assert fake.cudart().cudaHostRegister(buf.data_ptr(), 64, 0) == CUDA_ERROR_MEMORY_ALLOCATION
+    with pytest.raises(RuntimeError, match="cudaError 2"):
+        torch.zeros(4, device="cuda")
+    torch.zeros(4, device="cuda")  # the launch that reported it also cleared it
+    fake.cudart().cudaHostRegister(buf.data_ptr(), 64, 0)
+    assert fake.cudart().cudaGetLastError() == CUDA_ERROR_MEMORY_ALLOCATION
+    torch.zeros(4, device="cuda")
+
+
+# ---------------------------------------------------------------------- dropping each wait
+class _NoComputeWait(CudaCopyStream):
+    """Compute never waits for a copy's ready event (nor asks whether it landed)."""
+
+    name = "cuda-no-compute-wait"
+
+    def wait(self, fence: Any) -> float:
+        return 0.0
+
+
+class _NoFreeFenceWait(CudaCopyStream):
+    """The copy stream never waits for the slot's previous readers (its free fence)."""
+
+    name = "cuda-no-free-wait"
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any) -> Any:
+        return super().copy(dst, src, None)
+
+
+class _PreFixAlloc(CudaCopyStream):
+    """Slots allocated as before issue item 9: no event for the copy stream to wait on."""
+
+    name = "cuda-prefix-alloc"
+
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+
+class _Register:
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+
+    @tp.hookimpl
+    def torus_register_transports(self, register: Any) -> None:
+        register(self.cls.name, self.cls)
+
+
+@pytest.mark.parametrize("query_completes", [True, False], ids=["copy-done-at-query", "copy-in-flight"])
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+@pytest.mark.parametrize("broken", [_NoComputeWait, _NoFreeFenceWait, _PreFixAlloc], ids=lambda c: c.name)
+def test_dropping_one_wait_gives_wrong_logits(fake: FakeCuda, broken: type, arch: str, query_completes: bool) -> None:
+    ref_logits, _ = reference(arch, torch.float32, None)
+    fake.query_completes = query_completes
+    pm = build_plugin_manager(autoload=False)
+    pm.register(_Register(broken))
+    model = tiny(arch, torch.float32)
+    engine = attach_cuda(model, pm, transport=broken.name, lookahead=1)
+    assert isinstance(engine.transport, CudaCopyStream)
+    with torch.no_grad():
+        logits = torch.cat([model(PROMPT).logits, model(OTHER_PROMPT).logits], dim=1)
+    assert logits.isnan().any() or not torch.equal(logits[:, : PROMPT.shape[1]], ref_logits)
+    tp.detach(model)  # drains the copy stream: a copy nobody waited for runs now, and races
+    assert fake.races  # found as a race too, not only through its effect
+
+
+# ---------------------------------------------------------------------- item 8: page-locking failures
+def _messages(record: list[warnings.WarningMessage], text: str) -> list[str]:
+    return [str(w.message) for w in record if text in str(w.message)]
+
+
+def test_failed_registration_falls_back_and_clears_the_error(fake: FakeCuda) -> None:
+    fake.register_error = CUDA_ERROR_MEMORY_ALLOCATION
+    model = tiny("llama", torch.float32)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        engine = attach_cuda(model, pin_memory=True)  # before the fix: the next launch raised
+        logits, tokens = run(model)
+    assert fake.last_error == 0
+    assert len(_messages(record, "page-locking the host store failed")) == 1  # once, not per layer
+    assert _messages(record, "rounds each buffer")  # fell back to PyTorch's pinned allocator
+    assert not _messages(record, "synchronous")  # the pinned allocator's memory is page-locked
+    ref_logits, ref_tokens = reference("llama", torch.float32, None)
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    assert fake.registered == {} and fake.pageable_copies == 0 and fake.races == []
+    assert engine.stats().bytes_moved > 0
+    tp.detach(model)
+
+
+def test_when_pinning_fails_entirely_the_store_is_pageable_and_says_so(fake: FakeCuda) -> None:
+    fake.register_error = CUDA_ERROR_MEMORY_ALLOCATION
+    fake.pinned_alloc_fails = True
+    model = tiny("mixtral", torch.float32)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        attach_cuda(model, pin_memory=True)
+        logits, tokens = run(model)
+    assert fake.last_error == 0
+    fallback = _messages(record, "page-locking the host store failed")
+    assert len(fallback) == 1 and "pageable" in fallback[0]  # 32 experts, one store, one warning
+    assert len(_messages(record, "synchronous")) >= 1
+    ref_logits, ref_tokens = reference("mixtral", torch.float32, None)
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    fake.synchronize()
+    assert fake.pageable_copies == fake.copies_run > 0 and fake.races == []
+    tp.detach(model)
+
+
+def test_unpinned_store_with_cuda_transport_warns_once(fake: FakeCuda) -> None:
+    model = tiny("llama", torch.float32)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        attach_cuda(model, pin_memory=False)
+        logits, tokens = run(model)
+    assert fake.register_calls == 0
+    assert len(_messages(record, "synchronous")) == 1  # dozens of copies, one warning
+    fake.synchronize()  # the prefetches for a next pass, still queued
+    assert fake.pageable_copies == fake.copies_run > 0
+    ref_logits, ref_tokens = reference("llama", torch.float32, None)
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    tp.detach(model)
+
+
+def test_pinned_store_does_not_warn(fake: FakeCuda) -> None:
+    model = tiny("llama", torch.float32)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        attach_cuda(model)
+        run(model)
+    assert not _messages(record, "synchronous") and not _messages(record, "page-locking")
+    tp.detach(model)
+
+
+# ---------------------------------------------------------------------- quantizing on the device
+def test_host_store_quantizes_on_the_device(fake: FakeCuda) -> None:
+    torch.manual_seed(0)
+    tensors = [("w1", torch.randn(48, 64)), ("b", torch.randn(48)), ("w2", torch.randn(64, 48))]
+    on_cpu = HostStore(pin_memory=False, quant="int4", group_size=16)
+    packed, cpu_buf = on_cpu.add_layer(tensors)
+    moved = fake.host_to_device
+    on_gpu = HostStore(pin_memory=True, quant="int4", group_size=16, quantize_device=CUDA)
+    _, gpu_buf = on_gpu.add_layer(tensors)
+    assert fake.host_to_device - moved == 2  # each eligible weight went to the device (the bias did not)
+    assert not fake.device_bytes(gpu_buf) and gpu_buf.is_pinned()  # the result lives in the host store
+    assert packed.quantized
+    for a, b in zip(packed.transfer.views(gpu_buf), packed.transfer.views(cpu_buf)):
+        assert torch.equal(a, b)  # the same codes and scales as quantizing on the CPU
+    on_gpu.close()
+    assert fake.registered == {}
+
+
+# ---------------------------------------------------------------------- how people call it (issue items 1, 3)
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_inference_mode_no_grad_and_grad_calls_alternate(fake: FakeCuda, arch: str) -> None:
+    ref_logits, ref_tokens = reference(arch, torch.float32, "int8")
+    model = tiny(arch, torch.float32)
+    with torch.inference_mode():
+        attach_cuda(model, weight_quant="int8", lookahead=2)  # attach itself inside inference mode
+    for i in range(2):
+        with torch.inference_mode():
+            assert torch.equal(model(PROMPT).logits, ref_logits), f"inference mode, round {i}"
+            tokens = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+            assert torch.equal(tokens, ref_tokens)
+        logits, tokens = run(model)  # no_grad
+        assert torch.equal(logits, ref_logits), f"no_grad, round {i}"
+        assert torch.equal(tokens, ref_tokens)
+        out = model(PROMPT).logits  # grad enabled
+        assert torch.equal(out.detach(), ref_logits), f"grad enabled, round {i}"
+    assert fake.races == []
+    tp.detach(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_two_threads_on_one_model_each_get_their_own_answer(fake: FakeCuda, arch: str) -> None:
+    prompts = [PROMPT, OTHER_PROMPT]
+    refs = [reference(arch, torch.float32, None, p) for p in prompts]
+    model = tiny(arch, torch.float32)
+    engine = attach_cuda(model, lookahead=2)
+    results: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[], []]
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def worker(k: int) -> None:
+        try:
+            start.wait(timeout=10)
+            for _ in range(3):
+                results[k].append(run(model, prompts[k]))
+        except BaseException as exc:  # reported below, with the thread's traceback
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fake.wrap(worker), args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for k in range(2):
+        assert len(results[k]) == 3
+        for logits, tokens in results[k]:
+            assert torch.equal(logits, refs[k][0]), f"thread {k}: logits differ from a call alone"
+            assert torch.equal(tokens, refs[k][1]), f"thread {k}: tokens differ from a call alone"
+    assert fake.races == []
+    st = engine.stats()
+    if st.experts is not None:
+        for layer in st.experts.layers:
+            assert layer.hits + layer.misses == layer.routed
+    else:
+        assert st.forward_passes == 2 * 3 * (1 + NEW_TOKENS)  # one forward, then one per new token
+    tp.detach(model)
