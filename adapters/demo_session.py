@@ -47,7 +47,7 @@ class Counters:
     @classmethod
     def peek(cls, engine: Engine) -> "Counters":
         """Read the per-layer counters without touching the engine: safe while it generates."""
-        cs = list(engine.counters)
+        cs = list(engine.streamer.counters)
         return cls(
             hits=sum(c.hits for c in cs),
             misses=sum(c.misses for c in cs),

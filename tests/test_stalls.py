@@ -54,7 +54,7 @@ def test_the_engines_use_a_bounded_ledger() -> None:
     for name, cfg in (("llama", dict(resident_layers=0)), ("mixtral", dict(moe_cache_experts=16))):
         model = build_tiny(name)
         engine = tp.attach(model, tp.TorusConfig(transport="copy", **cfg))
-        streamer = engine.experts if engine.experts is not None else engine
+        streamer = engine.experts if engine.experts is not None else engine.streamer
         assert isinstance(streamer._stalls, StallLedger)
         with torch.no_grad():
             model(torch.tensor([[1, 2, 3]]))

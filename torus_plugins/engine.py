@@ -1,10 +1,6 @@
-"""The streaming engine for one attached model: places weights, runs the slot ring, keeps stats.
-
-Hot path, per streamed FFN layer and forward pass: the entry module's pre-hook makes sure the
-layer is in a slot (a prefetch hit, or a synchronous load counted as a miss), waits for its copy
-and points the parameters at the slot; the exit module's post-hook points them back at a
-memory-free placeholder, fences the slot and asks the prefetch policy what to copy next.
-No pluggy call, no allocation and no host synchronisation happens there.
+"""The engine of one attached model: plans, places weights, and tears down; the hot paths are its
+streamers (`layer_streamer.LayerStreamer` for dense FFN layers, `experts.ExpertStreamer` for MoE
+experts), and its stats are their counters.
 """
 
 from __future__ import annotations
@@ -20,16 +16,16 @@ from torch import nn
 from .architecture import Architecture, FFNSite
 from .budget import ResidencyPlan, plan_residency
 from .config import TorusConfig
-from .errors import ConfigError, TransferError
+from .errors import ConfigError
 from .experts import ExpertStreamer, check_moe_transport, expert_param_ids, plan_experts, predict_context
-from .guards import PassLock, check_traceable_call, lock_points
+from .guards import PassLock, lock_points
 from .host_store import HostStore, materialize
+from .layer_streamer import LayerStreamer, bind
 from .plugins import Registry
 from .prefetch import PrefetchContext
 from .sizing import measure
-from .slots import Slot, SlotRing
-from .stalls import StallLedger
-from .stats import EngineStats, LayerCounters, LayerStats, StatsEvent
+from .slots import SlotRing
+from .stats import EngineStats, LayerStats, StatsEvent
 from .transfer import Transport, TransportOptions
 
 log = logging.getLogger(__name__)
@@ -211,7 +207,6 @@ class Engine:
         self._freeze_ffn_grads()
         self._placeholders: list[list[torch.Tensor]] = []
         resident = set(self.plan.resident)
-        self.counters = [LayerCounters() for _ in self.sites]
         total = len(self.sites)
         for i, ps in enumerate(self._params):
             names = [name for name, _, _ in self.sites[i].params]
@@ -236,7 +231,7 @@ class Engine:
             if progress is not None:
                 progress(i + 1, total)
         self._move_non_ffn(dev)
-        self._build_ring()
+        self._start_streaming()
         if self.expert_sites:
             self.experts = ExpertStreamer(
                 self.model,
@@ -275,15 +270,14 @@ class Engine:
         if not streamed and not self.expert_sites:
             return  # nothing rebinds weights or keeps per-pass state: no lock needed
         points = lock_points(self.model, streamed, [s.module for s in self.expert_sites])
-        slots = [s.buffer for s in self.ring.slots]
+        slots = [s.buffer for s in self.streamer.ring.slots]
         if self.experts is not None and self.experts.cache is not None:
             slots += [s.buffer for r in self.experts.cache.rings for s in r.slots]
         self.pass_lock.volatile = {b.untyped_storage().data_ptr() for b in slots}
         self._hooks.extend(self.pass_lock.install(points))
 
     def _bind(self, layer: int, tensors: list[torch.Tensor]) -> None:
-        for p, t in zip(self._params[layer], tensors):
-            p.data = t
+        bind(self._params[layer], tensors)
 
     def _move_non_ffn(self, dev: torch.device) -> None:
         # One tensor at a time: the device never holds more than the non-FFN weights, and the
@@ -302,109 +296,28 @@ class Engine:
                     else:
                         mod._buffers[attr] = t.to(dev)
 
-    def _build_ring(self) -> None:
+    def _start_streaming(self) -> None:
         plan = self.plan
-        self._active: Slot | None = None
-        self._active_layer = -1
-        self._stalls = StallLedger(self._add_stall)
-        self._aliases = bool(getattr(self.transport, "aliases_source", False))
-        self.forward_passes = 0
-        self.ring = SlotRing(
-            [self.transport.alloc(plan.slot_bytes) for _ in range(plan.n_slots)],
-            self.store.layers,
-            self.transfer_bytes,
+        ring = SlotRing([self.transport.alloc(plan.slot_bytes) for _ in range(plan.n_slots)], self.store.layers)
+        streams = bool(plan.streamed) and not self.transport.zero_copy
+        policy = None
+        if streams:
+            ctx = PrefetchContext(plan.streamed, plan.n_slots, self.config.lookahead, dict(self.config.options))
+            policy = self._policy_factory(ctx)
+        self.streamer = LayerStreamer(
+            self.sites,
+            self._params,
+            self._placeholders,
+            self.store,
+            self.transport,
+            ring,
+            plan.streamed if streams else (),
+            policy,
+            self.device,
         )
-        if not plan.streamed or self.transport.zero_copy:
-            self.policy = None
-            return
-        ctx = PrefetchContext(plan.streamed, plan.n_slots, self.config.lookahead, dict(self.config.options))
-        self.policy = self._policy_factory(ctx)
-        self._last_streamed = plan.streamed[-1]
-        for i in plan.streamed:
-            site = self.sites[i]
-            self._hooks.append(site.entry.register_forward_pre_hook(self._make_pre(i)))
-            self._hooks.append(site.exit.register_forward_hook(self._make_post(i)))
-        self._prefetch(tuple(self.policy.warmup()))
-
-    # ------------------------------------------------------------------ hot path
-    def _make_pre(self, layer: int) -> Callable[..., None]:
-        def pre(module: nn.Module, args: Any) -> None:
-            self.acquire(layer)
-
-        return pre
-
-    def _make_post(self, layer: int) -> Callable[..., None]:
-        def post(module: nn.Module, args: Any, output: Any) -> None:
-            self.release(layer)
-
-        return post
-
-    def acquire(self, layer: int) -> None:
-        """Make `layer`'s weights computable: a prefetch hit, or a synchronous load (a miss)."""
-        check_traceable_call(self.device)
-        if self._active is not None:
-            # The previous layer never reached its exit hook (an exception or an interrupt
-            # inside its forward): release it now so its slot is fenced and reusable.
-            self.release(self._active_layer)
-        ring = self.ring
-        c = self.counters[layer]
-        slot = ring.find(layer)
-        if slot is None:
-            slot = ring.victim((), None)
-            assert slot is not None, "a ring with no active slot always has a victim"
-            self._issue(slot, layer)
-            c.misses += 1
-        else:
-            c.hits += 1
-        try:
-            waited = self.transport.wait(slot.ready)
-        except BaseException as exc:
-            ring.forget(slot)  # never compute from a slot whose copy did not finish
-            if isinstance(exc, TransferError) or not isinstance(exc, Exception):
-                raise
-            raise TransferError(f"copying FFN layer {layer} to {self.device} failed: {exc}") from exc
-        self._stalls.record(layer, waited)
-        views = ring.views(slot, layer, self.store.buffers[layer] if self._aliases else None)
-        if views.dequantize:
-            # On the compute stream, after the wait above: reads the landed bytes, writes the
-            # slot's compute area. The slot's free fence (set at release) covers this read too.
-            materialize(views.packed, views.transfer, views.bind)
-        self._bind(layer, views.bind)
-        self._active, self._active_layer = slot, layer
-
-    def release(self, layer: int) -> None:
-        """Unbind `layer`, fence its slot behind its readers, and start the next copies."""
-        slot = self._active
-        if slot is None or self._active_layer != layer:
-            return
-        self._bind(layer, self._placeholders[layer])
-        slot.free = self.transport.compute_fence()
-        self.ring.touch(slot)
-        self._active = None
-        if layer == self._last_streamed:
-            self.forward_passes += 1
-        self._prefetch(self.policy.after(layer))
-
-    def _prefetch(self, wanted: tuple[int, ...] | list[int]) -> None:
-        ring = self.ring
-        for layer in wanted:
-            if ring.find(layer) is None:
-                slot = ring.victim(wanted, self._active)
-                if slot is None:
-                    return
-                self._issue(slot, layer)
-
-    @torch.inference_mode(False)  # the slot slice outlives this pass (see `build`)
-    def _issue(self, slot: Slot, layer: int) -> None:
-        src = self.store.buffers[layer]
-        ready = self.transport.copy(slot.buffer[: src.numel()], src, slot.free)
-        self.ring.assign(slot, layer, ready)
-        self.counters[layer].bytes_moved += src.numel()
+        self._hooks.extend(self.streamer.start())
 
     # ------------------------------------------------------------------ stats
-    def _add_stall(self, layer: int, seconds: float) -> None:
-        self.counters[layer].stall_s += seconds
-
     def stats(self) -> EngineStats:
         """A snapshot of the counters (settles device-side stall timings first). Waits for a
         forward pass running in another thread, so the counters are those of whole passes."""
@@ -412,7 +325,8 @@ class Engine:
             return self._stats()
 
     def _stats(self) -> EngineStats:
-        self._stalls.settle()
+        self.streamer.settle()
+        counters = self.streamer.counters
         resident = set(self.plan.resident)
         placement = "zero-copy" if self.transport.zero_copy else None
         positions = self.sizes.positions
@@ -425,7 +339,7 @@ class Engine:
                 c.bytes_moved,
                 c.stall_s,
             )
-            for i, c in enumerate(self.counters)
+            for i, c in enumerate(counters)
         )
         resident_bytes = sum(self.layer_bytes[i] for i in self.plan.resident)
         experts = self.experts.stats() if self.experts is not None else None
@@ -437,11 +351,11 @@ class Engine:
             transport=self.transport.name,
             device=str(self.device),
             lookahead=self.config.lookahead,
-            hits=sum(c.hits for c in self.counters) + (experts.hits if experts else 0),
-            misses=sum(c.misses for c in self.counters) + (experts.misses if experts else 0),
-            bytes_moved=sum(c.bytes_moved for c in self.counters) + (experts.bytes_moved if experts else 0),
-            stall_s=sum(c.stall_s for c in self.counters) + (experts.stall_s if experts else 0.0),
-            forward_passes=experts.forward_passes if experts else self.forward_passes,
+            hits=sum(c.hits for c in counters) + (experts.hits if experts else 0),
+            misses=sum(c.misses for c in counters) + (experts.misses if experts else 0),
+            bytes_moved=sum(c.bytes_moved for c in counters) + (experts.bytes_moved if experts else 0),
+            stall_s=sum(c.stall_s for c in counters) + (experts.stall_s if experts else 0.0),
+            forward_passes=experts.forward_passes if experts else self.streamer.forward_passes,
             resident_layers=len(self.plan.resident),
             streamed_layers=0 if self.transport.zero_copy else len(self.plan.streamed),
             resident_bytes=resident_bytes,
@@ -461,9 +375,7 @@ class Engine:
             self._reset_stats()
 
     def _reset_stats(self) -> None:
-        self._stalls.settle()
-        self.counters = [LayerCounters() for _ in self.sites]
-        self.forward_passes = 0
+        self.streamer.reset_stats()
         if self.experts is not None:
             self.experts.reset_stats()
         if self.device.type == "cuda":
@@ -496,7 +408,9 @@ class Engine:
             self.transport.close()  # lets in-flight copies finish before their buffers go away
         except Exception:
             log.exception("transport %s failed to close cleanly", self.transport.name)
-        self._active = None
+        streamer = getattr(self, "streamer", None)
+        if streamer is not None:
+            streamer.stop()
         if self.experts is not None:
             self.experts.teardown()
             self.experts = None
@@ -521,7 +435,8 @@ class Engine:
         for p, flag in self._grad_flags:
             p.requires_grad_(flag)
         self._grad_flags.clear()
-        self.ring = SlotRing([], [])
+        if streamer is not None:
+            streamer.ring = SlotRing([], [])  # the slots' device memory goes now
 
 
 def _drain(transport: Transport, stores: list[HostStore]) -> None:

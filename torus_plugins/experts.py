@@ -23,7 +23,7 @@ from .errors import ConfigError, TransferError
 from .expert_cache import ExpertCache, ExpertCachePlan, plan_expert_cache
 from .expert_predict import ExpertPredictContext, ExpertPredictor
 from .guards import check_traceable_call
-from .host_store import HostStore, PackedLayer, materialize, plan_packed
+from .host_store import HostStore, PackedLayer, plan_packed
 from .slots import Slot
 from .stalls import StallLedger
 from .stats import ExpertCounters, ExpertLayerStats, ExpertStats
@@ -255,7 +255,6 @@ class ExpertStreamer:
             if j == len(self.sites) - 1:
                 self.forward_passes += 1
 
-    @torch.inference_mode(False)  # the slot slice outlives this pass
     def _load(self, ring, unit: int, keep: set[int], prefetched: bool) -> Slot | None:
         active = self._active[0] if self._active is not None else None
         slot = ring.victim(keep, active)
@@ -264,13 +263,11 @@ class ExpertStreamer:
         old = slot.layer
         if old is not None and slot.prefetched and not slot.used_since_load:
             self.counters[self._unit_layer[old]].wasted_bytes += self.store.buffers[old].numel()
-        src = self.store.buffers[unit]
-        ready = self.transport.copy(slot.buffer[: src.numel()], src, slot.free)
-        ring.assign(slot, unit, ready)
+        moved = ring.fill(slot, unit, self.store.buffers[unit], self.transport)
         slot.prefetched = prefetched
         c = self.counters[self._unit_layer[unit]]
         c.loads += 1
-        c.bytes_moved += src.numel()
+        c.bytes_moved += moved
         return slot
 
     def _expert_tensor(self, j: int, expert: int, k: int) -> torch.Tensor:
@@ -288,21 +285,12 @@ class ExpertStreamer:
             slot = self._load(ring, unit, self._pending, prefetched=False) or self._load(ring, unit, set(), False)
             if slot is None:
                 raise TransferError(f"no expert cache slot is free for MoE layer {self.sites[j].layer}")
-        try:
-            waited = self.transport.wait(slot.ready)
-        except BaseException as exc:
-            ring.forget(slot)  # never compute from a slot whose copy did not finish
-            if isinstance(exc, TransferError) or not isinstance(exc, Exception):
-                raise
-            raise TransferError(
-                f"copying expert {expert} of MoE layer {self.sites[j].layer} to {self.device} failed: {exc}"
-            ) from exc
-        self._stalls.record(j, waited)
         if slot.layer != unit:  # the ordering rules make this impossible; never compute from it
             raise TransferError(f"expert cache slot {slot.index} holds unit {slot.layer}, expected {unit}")
-        views = ring.views(slot, unit, self.store.buffers[unit] if self._aliases else None)
-        if views.dequantize:
-            materialize(views.packed, views.transfer, views.bind)
+        source = self.store.buffers[unit] if self._aliases else None
+        what = f"expert {expert} of MoE layer {self.sites[j].layer}"
+        views, waited = ring.land(slot, unit, self.transport, source, what)
+        self._stalls.record(j, waited)
         ring.touch(slot)
         self._active = (slot, unit, views.bind)
         return views.bind[k]

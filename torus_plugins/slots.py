@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-from .host_store import PackedLayer
+from .errors import TransferError
+from .host_store import PackedLayer, materialize
+from .transfer import PendingStall, Transport
 
 #: View sets a slot caches (one per layer or expert that has landed in it). A dense ring sees a
 #: few layers per slot; an expert cache may see every expert in every slot, so the cache keeps
@@ -50,11 +52,10 @@ class Slot:
 
 
 class SlotRing:
-    def __init__(
-        self, buffers: list[torch.Tensor], layers: list[PackedLayer], transfer_bytes: list[int] | None = None
-    ) -> None:
-        """buffers: one uint8 device buffer per slot. Quantized layers land at the start of a
-        slot and are dequantized right after the landing area (`transfer_bytes[layer]`)."""
+    def __init__(self, buffers: list[torch.Tensor], layers: list[PackedLayer]) -> None:
+        """buffers: one uint8 device buffer per slot; layers: the layout of each unit (an FFN
+        layer, or one expert) the ring may hold. Quantized units land at the start of a slot and
+        are dequantized right after their landing area."""
         self.slots = [Slot(i, b) for i, b in enumerate(buffers)]
         self._layers = layers
         self._where: dict[int, Slot] = {}
@@ -87,6 +88,37 @@ class SlotRing:
         # Unquantized tensors (biases) are used where they landed; only weights are dequantized.
         bind = [transfer[ti] if mode == "raw" else compute[k] for k, (mode, ti, _) in enumerate(packed.recipe)]
         return SlotViews(bind, transfer, packed, True)
+
+    @torch.inference_mode(False)  # the slot slice outlives this pass: never an inference tensor
+    def fill(self, slot: Slot, unit: int, src: torch.Tensor, transport: Transport) -> int:
+        """Start copying `unit`'s host bytes into `slot`, after the slot's last readers; returns
+        the bytes moved."""
+        ready = transport.copy(slot.buffer[: src.numel()], src, slot.free)
+        self.assign(slot, unit, ready)
+        return src.numel()
+
+    def land(
+        self, slot: Slot, unit: int, transport: Transport, source: torch.Tensor | None, what: str
+    ) -> tuple[SlotViews, float | PendingStall]:
+        """Make compute wait for `slot`'s copy of `unit`, then return its views (dequantized
+        into the slot's compute area when it streams quantized) and the wait.
+
+        A failed copy empties the slot, so nothing ever computes from a half-written one; `what`
+        names the unit in the error ("FFN layer 3", "expert 5 of MoE layer 2").
+        """
+        try:
+            waited = transport.wait(slot.ready)
+        except BaseException as exc:
+            self.forget(slot)
+            if isinstance(exc, TransferError) or not isinstance(exc, Exception):
+                raise
+            raise TransferError(f"copying {what} to the device failed: {exc}") from exc
+        views = self.views(slot, unit, source)
+        if views.dequantize:
+            # On the compute stream, after the wait above: reads the landed bytes, writes the
+            # slot's compute area. The slot's free fence (set at release) covers this read too.
+            materialize(views.packed, views.transfer, views.bind)
+        return views, waited
 
     def victim(self, keep: frozenset[int] | set[int] | tuple[int, ...], active: Slot | None) -> Slot | None:
         """The slot to refill: empty first, else least recently used, never `active` nor one
