@@ -43,6 +43,7 @@ left as the runtime's last error, which the next kernel launch reports unless so
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib
 import pkgutil
@@ -257,8 +258,13 @@ class _Cudart:
     def cudaHostUnregister(self, ptr: int) -> int:
         fake = self._fake
         with fake._lock:
-            if fake.registered.pop(ptr, None) is None:
+            size = fake.registered.pop(ptr, None)
+            if size is None:
                 return fake._fail(CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED)
+            if any(ptr <= src < ptr + size for src in fake._inflight_sources.elements()):
+                # The memory is about to go back to the allocator while the copy engine may still
+                # read it: a use-after-free on a GPU.
+                fake.races.append("host memory was unregistered while a queued copy still reads it")
             return CUDA_SUCCESS
 
     def cudaGetLastError(self) -> int:
@@ -377,6 +383,7 @@ class FakeCuda:
         self._host_vc: VectorClock = {}
         self._host_version = 0
         self._access_specs: dict[Any, list[tuple[int, str, bool]]] = {}
+        self._inflight_sources: collections.Counter[int] = collections.Counter()  # page-locked sources of queued copies
         self.Stream: type[FakeStream] = type("Stream", (FakeStream,), {"_fake": self})
         self.Event: type[FakeEvent] = type("Event", (FakeEvent,), {"_fake": self})
         self._default = self.Stream()
@@ -737,9 +744,13 @@ class FakeCuda:
                     staged = src.clone()
                 self.pageable_copies += 1
             registered_at_issue = src_mem is None and self.is_pinned(src)
+            if registered_at_issue:
+                self._inflight_sources[src.data_ptr()] += 1
 
             def run(vc: VectorClock) -> None:
                 raced = False
+                if registered_at_issue:
+                    self._inflight_sources[src.data_ptr()] -= 1
                 if src_mem is not None:
                     raced |= self._check(src_mem, stream.id, vc, False, "a copy")
                 if registered_at_issue and not self.is_pinned(src):

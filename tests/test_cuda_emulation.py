@@ -381,6 +381,32 @@ def test_host_store_quantizes_on_the_device(fake: FakeCuda) -> None:
     assert fake.registered == {}
 
 
+# ---------------------------------------------------------------------- the lead's items, on the CUDA path
+def test_model_collected_while_attached_drains_copies_before_unregistering(fake: FakeCuda) -> None:
+    """Issue item 10: the prefetches queued at the end of a pass still read the page-locked
+    store; the finalizer must let them finish before the store is unregistered and freed."""
+    model = tiny("llama", torch.float32)
+    attach_cuda(model, lookahead=2)
+    run(model)
+    assert sum(fake._inflight_sources.values()) > 0  # the next pass's prefetches are queued
+    del model
+    gc.collect()
+    assert fake.registered == {} and fake.races == []
+
+
+def test_streamed_layer_refuses_cuda_graph_capture(fake: FakeCuda) -> None:
+    """Issue item 7: a captured graph would replay reads of whatever a slot holds later."""
+    model = tiny("llama", torch.float32)
+    attach_cuda(model)
+    fake.capturing = True
+    with pytest.raises(tp.IncompatibleModelError, match="CUDA graph"), torch.no_grad():
+        model(PROMPT)
+    fake.capturing = False
+    logits, _ = run(model)
+    assert torch.equal(logits, reference("llama", torch.float32, None)[0])
+    tp.detach(model)
+
+
 # ---------------------------------------------------------------------- how people call it (issue items 1, 3)
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])
 def test_inference_mode_no_grad_and_grad_calls_alternate(fake: FakeCuda, arch: str) -> None:
