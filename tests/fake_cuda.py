@@ -482,7 +482,10 @@ class FakeCuda:
 
         # Plugins load lazily: import every project module now, so each one is swapped.
         for info in pkgutil.walk_packages(torus_plugins.__path__, "torus_plugins."):
-            importlib.import_module(info.name)
+            try:
+                importlib.import_module(info.name)
+            except ImportError:  # an optional module whose extras are missing: nothing imports it either
+                continue
         proxy = _TorchProxy(self)
         swapped = []
         for name, mod in list(sys.modules.items()):
