@@ -21,12 +21,8 @@ import torch
 from torch import nn
 
 from torus_plugins.errors import ConfigError, ModelNotFoundError, TorusError
-from torus_plugins.predictor_model import (
-    PredictorFingerprint,
-    RoutingTraces,
-    save_predictor,
-    train_predictor,
-)
+from torus_plugins.moe.predictor_net import PredictorFingerprint, save_predictor
+from torus_plugins.moe.training import RoutingTraces, train_predictor
 
 Progress = Callable[[int, int], None]
 

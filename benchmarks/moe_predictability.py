@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from torus_plugins.experts import _speculative_scores
+    from torus_plugins.moe.streamer import _speculative_scores
     from torus_plugins.plugins import resolve
 
     path = args.model

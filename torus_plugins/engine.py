@@ -17,10 +17,10 @@ from .architecture import Architecture, FFNSite
 from .budget import ResidencyPlan, plan_residency
 from .config import TorusConfig
 from .errors import ConfigError
-from .experts import ExpertStreamer, check_moe_transport, expert_param_ids, plan_experts, predict_context
 from .guards import PassLock, lock_points
 from .host_store import HostStore, materialize
 from .layer_streamer import LayerStreamer, bind
+from .moe.streamer import ExpertStreamer, check_moe_transport, expert_param_ids, plan_experts, predict_context
 from .plugins import Registry
 from .prefetch import PrefetchContext
 from .sizing import measure

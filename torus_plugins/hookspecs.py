@@ -24,7 +24,7 @@ import pluggy
 
 if TYPE_CHECKING:  # keep this module free to import
     from .architecture import Architecture
-    from .expert_predict import ExpertPredictorFactory
+    from .moe.predict import ExpertPredictorFactory
     from .prefetch import PrefetchFactory
     from .stats import StatsEvent
     from .transfer import TransportFactory
@@ -65,7 +65,7 @@ def torus_register_expert_predictors(register: Callable[[str, "ExpertPredictorFa
 
     Call ``register(name, factory)``; ``factory(ctx: ExpertPredictContext)`` returns an object
     with ``predict(j, hidden, routed)`` naming experts to prefetch for the MoE layers after ``j``
-    (see `torus_plugins.expert_predict.ExpertPredictor`), or None to predict nothing. Built in: ``speculative``, ``learned``,
+    (see `torus_plugins.moe.predict.ExpertPredictor`), or None to predict nothing. Built in: ``speculative``, ``learned``,
     ``frequency``, ``none``. Called once per attach; ``predict`` runs once per MoE layer per
     forward pass, so precompute in the factory.
     """

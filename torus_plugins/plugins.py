@@ -22,7 +22,7 @@ from .errors import PluginError
 
 if TYPE_CHECKING:
     from .architecture import Architecture
-    from .expert_predict import ExpertPredictorFactory
+    from .moe.predict import ExpertPredictorFactory
     from .prefetch import PrefetchFactory
     from .stats import StatsEvent
     from .transfer import TransportFactory
@@ -35,7 +35,7 @@ AUTOLOAD_ENV = "TORUS_SPARSE_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_PLUGINS = {
     "transports": "torus_plugins.builtin.transports",
     "prefetch": "torus_plugins.builtin.prefetch",
-    "expert_predictors": "torus_plugins.builtin.predictors",
+    "expert_predictors": "torus_plugins.builtin.expert_predictors",
     "transformers_architectures": "torus_adapters.architectures",
     "transformers_moe_architectures": "torus_adapters.moe_architectures",
 }

@@ -15,8 +15,8 @@ from typing import Sequence
 import torch
 
 from ..errors import ConfigError
-from ..expert_predict import ExpertPredictContext, top_experts
 from ..hookspecs import hookimpl
+from ..moe.predict import ExpertPredictContext, top_experts
 
 Prediction = Sequence[tuple[int, Sequence[int]]]
 
@@ -64,7 +64,7 @@ class FrequencyPrior:
 
 class LearnedPredictor:
     def __init__(self, ctx: ExpertPredictContext) -> None:
-        from ..predictor_model import PredictorFingerprint, load_predictor
+        from ..moe.predictor_net import PredictorFingerprint, load_predictor
 
         if not ctx.predictor_path:
             raise ConfigError(

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import format_bytes
-from .errors import BudgetTooSmallError
-from .host_store import PackedLayer
-from .slots import Slot, SlotRing
+from ..config import format_bytes
+from ..errors import BudgetTooSmallError
+from ..host_store import PackedLayer
+from ..slots import Slot, SlotRing
 
 EVICTION_POLICIES = ("lru", "lfu", "next-use")
 SCOPES = ("shared", "per-layer")

@@ -17,17 +17,17 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .architecture import EXPERTS_RUNNER_ATTR, ExpertSite, MoEArchitecture
-from .config import TorusConfig
-from .errors import ConfigError, TransferError
-from .expert_cache import ExpertCache, ExpertCachePlan, plan_expert_cache
-from .expert_predict import ExpertPredictContext, ExpertPredictor
-from .guards import check_traceable_call
-from .host_store import HostStore, PackedLayer, plan_packed
-from .slots import Slot
-from .stalls import StallLedger
-from .stats import ExpertCounters, ExpertLayerStats, ExpertStats
-from .transfer import Transport
+from ..architecture import EXPERTS_RUNNER_ATTR, ExpertSite, MoEArchitecture
+from ..config import TorusConfig
+from ..errors import ConfigError, TransferError
+from ..guards import check_traceable_call
+from ..host_store import HostStore, PackedLayer, plan_packed
+from ..slots import Slot
+from ..stalls import StallLedger
+from ..stats import ExpertCounters, ExpertLayerStats, ExpertStats
+from ..transfer import Transport
+from .cache import ExpertCache, ExpertCachePlan, plan_expert_cache
+from .predict import ExpertPredictContext, ExpertPredictor
 
 
 def unit_packing(sites: list[ExpertSite], quant: str | None, group_size: int) -> PackedLayer:

@@ -11,14 +11,8 @@ import transformers as T
 
 from torus_adapters.routing_traces import add_cli, fingerprint_of, moe_routers, record_traces
 from torus_plugins.errors import ConfigError
-from torus_plugins.predictor_model import (
-    ExpertPredictorNet,
-    PredictorFingerprint,
-    RoutingTraces,
-    load_predictor,
-    save_predictor,
-    train_predictor,
-)
+from torus_plugins.moe.predictor_net import ExpertPredictorNet, PredictorFingerprint, load_predictor, save_predictor
+from torus_plugins.moe.training import RoutingTraces, train_predictor
 
 VOCAB = 258  # the byte-level test tokenizer: 256 bytes + <s> + </s>
 _ATTN = dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, vocab_size=VOCAB)
@@ -124,7 +118,7 @@ def test_core_module_imports_neither_transformers_nor_safetensors():
     import sys
 
     code = (
-        "import sys, torus_plugins.predictor_model; "
+        "import sys, torus_plugins.moe.predictor_net, torus_plugins.moe.training; "
         "bad = [m for m in ('transformers', 'safetensors') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

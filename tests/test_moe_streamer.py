@@ -40,7 +40,8 @@ def predictor_file(name: str, tmp_dir) -> str:
     """A learned predictor trained (briefly) on the tiny model's own routing of random tokens."""
     if name not in _PREDICTOR_FILES:
         from torus_adapters.routing_traces import fingerprint_of, record_traces
-        from torus_plugins.predictor_model import save_predictor, train_predictor
+        from torus_plugins.moe.predictor_net import save_predictor
+        from torus_plugins.moe.training import train_predictor
 
         model = build_tiny(name)
         fp = fingerprint_of(model)
