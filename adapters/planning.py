@@ -11,9 +11,9 @@ from torus_plugins import TorusConfig, UnsupportedArchitectureError
 from torus_plugins.bandwidth import probe_bandwidth
 from torus_plugins.config import parse_bandwidth
 from torus_plugins.engine import resolve_device
-from torus_plugins.planner import DeploymentPlan, make_plan
+from torus_plugins.planning.deployment import DeploymentPlan, make_plan
+from torus_plugins.planning.sizes import measure
 from torus_plugins.plugins import resolve
-from torus_plugins.sizing import measure
 
 from .transformers_adapter import resolve_model_source
 

@@ -31,7 +31,7 @@ Phases, all on ONE host model (no deepcopy; host RAM holds one copy plus the eng
                  + (L + 1) ring slots x layer bytes + resident_ffn x layer bytes + layer/2 slack
       The same B(L) for every format: a quantized slot holds the landed bytes plus the
       dequantized layer, so the planner may keep fewer layers resident for int8/int4. Before
-      attach, the planner (`torus_plugins.planner.make_plan`, shapes only) predicts the plan and
+      attach, the planner (`torus_plugins.planning.deployment.make_plan`, shapes only) predicts the plan and
       the link ceiling (bandwidth / streamed bytes per token); both are recorded next to what the
       engine chose and measured. Logits of the prompt against the baseline (`torch.equal`, max
       |diff|, top-1 agreement), warm-up, `reset_stats()`, timed decode, stats, peak memory, the
@@ -401,9 +401,9 @@ def store_pinning(eng: Any) -> dict[str, Any]:
 
 def planner_prediction(model: nn.Module, cfg: Any, link_Bps: float, device: torch.device) -> dict[str, Any]:
     """The planner's plan and link-ceiling prediction for `cfg`, from shapes alone (before attach)."""
-    from torus_plugins.planner import make_plan
+    from torus_plugins.planning.deployment import make_plan
     from torus_plugins.plugins import resolve
-    from torus_plugins.sizing import measure
+    from torus_plugins.planning.sizes import measure
 
     arch = next(a for a in resolve().architectures if a.matches(model))
     sizes = measure(model, arch, cfg.weight_quant, cfg.quant_group_size)

@@ -201,13 +201,13 @@ def test_device_side_stall_is_timed_with_events(fake: FakeCuda) -> None:
     tr = _transport()
     dst = tr.alloc(1 << 20)
     ready = tr.copy(dst, _pinned(1 << 20, 3), None)
-    assert not tr.done(ready)
+    assert not ready.query()
     stall = tr.wait(ready)
     assert isinstance(stall, _CudaStall)
     assert stall.finished()
     # The emulated device clock advances by bytes / bandwidth per copy: deterministic, not timed.
     assert stall.seconds() == pytest.approx((1 << 20) / fake.bandwidth)
-    assert bool((dst == 3).all()) and tr.done(ready)
+    assert bool((dst == 3).all()) and ready.query()
     assert fake.races == []
     tr.close()
 

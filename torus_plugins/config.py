@@ -13,6 +13,11 @@ from .errors import ConfigError
 #: int4 columns per scale/minimum code: the size that meets the quality target on the embedded
 #: SmolLM2 (benchmarks/results/quant_quality.json). One definition for every default that names it.
 DEFAULT_QUANT_GROUP_SIZE = 32
+#: The enumerations a field accepts, defined once: the config validates against them, the expert
+#: cache implements them, the CLI offers them as choices.
+WEIGHT_QUANTS = ("int8", "int4")
+MOE_CACHE_SCOPES = ("shared", "per-layer")
+MOE_EVICTIONS = ("next-use", "lru", "lfu")
 
 _UNITS = {
     "": 1,
@@ -88,6 +93,11 @@ def format_bytes(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def _choices(values: tuple[str, ...]) -> str:
+    quoted = [repr(v) for v in values]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
 def _is_int(v: object) -> bool:
@@ -174,16 +184,16 @@ class TorusConfig:
             isinstance(self.transfer_timeout_s, (int, float)) and 0 < self.transfer_timeout_s < float("inf")
         ):
             raise ConfigError(f"transfer_timeout_s must be a positive number, got {self.transfer_timeout_s!r}")
-        if self.weight_quant is not None and self.weight_quant not in ("int8", "int4"):
-            raise ConfigError(f"weight_quant must be None, 'int8' or 'int4', got {self.weight_quant!r}")
+        if self.weight_quant is not None and self.weight_quant not in WEIGHT_QUANTS:
+            raise ConfigError(f"weight_quant must be None, {_choices(WEIGHT_QUANTS)}, got {self.weight_quant!r}")
         if not _is_int(self.quant_group_size) or self.quant_group_size < 2 or self.quant_group_size % 2:
             raise ConfigError(f"quant_group_size must be an even integer >= 2, got {self.quant_group_size!r}")
         if self.moe_cache_experts is not None and (not _is_int(self.moe_cache_experts) or self.moe_cache_experts < 1):
             raise ConfigError(f"moe_cache_experts must be an integer >= 1 or None, got {self.moe_cache_experts!r}")
-        if self.moe_cache_scope not in ("shared", "per-layer"):
-            raise ConfigError(f"moe_cache_scope must be 'shared' or 'per-layer', got {self.moe_cache_scope!r}")
-        if self.moe_eviction not in ("lru", "lfu", "next-use"):
-            raise ConfigError(f"moe_eviction must be 'lru', 'lfu' or 'next-use', got {self.moe_eviction!r}")
+        if self.moe_cache_scope not in MOE_CACHE_SCOPES:
+            raise ConfigError(f"moe_cache_scope must be {_choices(MOE_CACHE_SCOPES)}, got {self.moe_cache_scope!r}")
+        if self.moe_eviction not in MOE_EVICTIONS:
+            raise ConfigError(f"moe_eviction must be {_choices(MOE_EVICTIONS)}, got {self.moe_eviction!r}")
         if not isinstance(self.moe_predictor, str) or not self.moe_predictor:
             raise ConfigError(f"moe_predictor must be a name such as 'speculative', got {self.moe_predictor!r}")
         if self.moe_expert_prefetch_k is not None and (

@@ -14,16 +14,16 @@ import torch
 from torch import nn
 
 from .architecture import Architecture, FFNSite
-from .budget import ResidencyPlan, plan_residency
 from .config import TorusConfig
 from .errors import ConfigError
 from .guards import PassLock, lock_points
 from .host_store import HostStore, materialize
 from .layer_streamer import LayerStreamer, bind
 from .moe.streamer import ExpertStreamer, check_moe_transport, expert_param_ids, plan_experts, predict_context
+from .planning.residency import ResidencyPlan, plan_residency
+from .planning.sizes import measure
 from .plugins import Registry
 from .prefetch import PrefetchContext
-from .sizing import measure
 from .slots import SlotRing
 from .stats import EngineStats, LayerStats, StatsEvent
 from .transfer import Transport, TransportOptions
@@ -89,12 +89,7 @@ class Engine:
             # A CPU MoE model copies experts into its cache (the same logic CUDA runs), so
             # hit rates and bytes mean the same thing on both.
             name = "cuda" if self.device.type == "cuda" else ("copy" if self.expert_sites else "zero-copy")
-        factory = self._registry.transports.get(name)
-        if factory is None:
-            raise ConfigError(
-                f"unknown transport {name!r}; available: {', '.join(sorted(self._registry.transports))} "
-                f"(plugins add more through the torus_register_transports hook)"
-            )
+        factory = self._registry.lookup("transport", name)
         return factory(TransportOptions(self.device, self.config.transfer_timeout_s, dict(self.config.options)))
 
     def _prepare(self) -> None:
@@ -130,13 +125,7 @@ class Engine:
         if budget is None and self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * 0.9)
-        self._policy_factory = self._registry.prefetch_policies.get(self.config.prefetch)
-        if self._policy_factory is None:
-            raise ConfigError(
-                f"unknown prefetch policy {self.config.prefetch!r}; available: "
-                f"{', '.join(sorted(self._registry.prefetch_policies))} (plugins add more through "
-                f"the torus_register_prefetch_policies hook)"
-            )
+        self._policy_factory = self._registry.lookup("prefetch", self.config.prefetch)
         if self.transport.zero_copy:
             # Zero-copy computes from the host store: nothing is resident and nothing streams.
             self.plan = ResidencyPlan((), tuple(range(len(self.sites))), 0, 0, non_ffn, kv, budget)
@@ -153,13 +142,7 @@ class Engine:
         if self.expert_sites:
             left = None if budget is None else budget - self.plan.device_bytes(self.layer_bytes) - kv
             self.expert_plan, _ = plan_experts(self.expert_sites, self.config, left)
-            factory = self._registry.expert_predictors.get(self.config.moe_predictor)
-            if factory is None:
-                raise ConfigError(
-                    f"unknown moe_predictor {self.config.moe_predictor!r}; available: "
-                    f"{', '.join(sorted(self._registry.expert_predictors))} (plugins add more through "
-                    f"the torus_register_expert_predictors hook)"
-                )
+            factory = self._registry.lookup("moe_predictor", self.config.moe_predictor)
             # Built now, so a bad predictor file fails before any weight moves.
             ctx = predict_context(self.model, self.arch, self.expert_sites, self.config)  # type: ignore[arg-type]
             self._expert_predictor = factory(ctx)

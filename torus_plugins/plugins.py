@@ -7,7 +7,6 @@ plugin that fails to import is logged and skipped, never fatal.
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata as md
 import logging
 import os
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+from .errors import ConfigError, PluginError
 
 if TYPE_CHECKING:
     from .architecture import Architecture
@@ -31,15 +30,6 @@ log = logging.getLogger(__name__)
 
 DISTRIBUTION = "torus-sparse"
 AUTOLOAD_ENV = "TORUS_SPARSE_DISABLE_PLUGIN_AUTOLOAD"
-#: Used only when this project runs from a source tree without being installed (no entry points).
-BUILTIN_PLUGINS = {
-    "transports": "torus_plugins.builtin.transports",
-    "prefetch": "torus_plugins.builtin.prefetch",
-    "expert_predictors": "torus_plugins.builtin.expert_predictors",
-    "transformers_architectures": "torus_adapters.architectures",
-    "transformers_moe_architectures": "torus_adapters.moe_architectures",
-}
-
 _lock = threading.Lock()
 _manager: pluggy.PluginManager | None = None
 
@@ -62,13 +52,11 @@ def build_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
         autoload = not _autoload_disabled()
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    seen_builtin = False
     # Built-ins first: pluggy calls later registrations first, so a third party's architecture
     # for a model family wins over the built-in one.
     eps = sorted(md.entry_points(group=hookspecs.ENTRY_POINT_GROUP), key=lambda ep: not _is_builtin(ep))
     for ep in eps:
         builtin = _is_builtin(ep)
-        seen_builtin |= builtin
         if not builtin and not autoload:
             continue
         name = ep.name if builtin else f"{ep.dist.metadata['Name'] if ep.dist else '?'}:{ep.name}"
@@ -82,9 +70,14 @@ def build_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
             log.warning("torus-sparse plugin %r (%s) failed to load and is skipped: %s", name, ep.value, exc)
             continue
         pm.register(plugin, name=name)
-    if not seen_builtin:
-        for name, module in BUILTIN_PLUGINS.items():
-            pm.register(importlib.import_module(module), name=name)
+    if not any(_is_builtin(ep) for ep in eps):
+        # The built-ins are entry points of this distribution: without them the tree was imported
+        # from a source checkout that was never installed, and nothing would be registered.
+        raise PluginError(
+            "torus-sparse's built-in plugins are not registered (no 'torus_sparse' entry points of the "
+            "torus-sparse distribution): install the project, e.g. `pip install -e .`, instead of running "
+            "it from a bare source tree"
+        )
     return pm
 
 
@@ -97,13 +90,6 @@ def get_plugin_manager() -> pluggy.PluginManager:
         return _manager
 
 
-def reset_plugin_manager() -> None:
-    """Forget the process-wide manager, so the next use rescans entry points (tests, notebooks)."""
-    global _manager
-    with _lock:
-        _manager = None
-
-
 @dataclass
 class Registry:
     """What the plugins registered, resolved into plain objects (done once per attach)."""
@@ -113,6 +99,22 @@ class Registry:
     prefetch_policies: dict[str, "PrefetchFactory"] = field(default_factory=dict)
     expert_predictors: dict[str, "ExpertPredictorFactory"] = field(default_factory=dict)
     _pm: pluggy.PluginManager | None = None
+
+    def lookup(self, kind: str, name: str) -> Any:
+        """The factory registered as `name` for `kind` ("transport", "prefetch", "moe_predictor"),
+        or a `ConfigError` listing what is registered and the hook that adds more."""
+        table, hook = {
+            "transport": (self.transports, "torus_register_transports"),
+            "prefetch": (self.prefetch_policies, "torus_register_prefetch_policies"),
+            "moe_predictor": (self.expert_predictors, "torus_register_expert_predictors"),
+        }[kind]
+        factory = table.get(name)
+        if factory is None:
+            raise ConfigError(
+                f"unknown {kind} {name!r}; available: {', '.join(sorted(table))} "
+                f"(plugins add more through the {hook} hook)"
+            )
+        return factory
 
     def emit(self, event: "StatsEvent") -> None:
         """Call every `torus_stats_event` observer; one that raises is logged, not propagated."""

@@ -65,9 +65,6 @@ class CpuCopyWorker:
             ) from None
         return time.perf_counter() - t0
 
-    def done(self, fence: Fence) -> bool:
-        return fence is None or fence.done()
-
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -138,11 +135,6 @@ class SimulatedLink(CpuCopyWorker):
         while time.perf_counter() < fence:
             pass
         return time.perf_counter() - t0
-
-    def done(self, fence: Fence) -> bool:
-        if not self.aliases_source:
-            return super().done(fence)
-        return fence is None or fence <= time.perf_counter()
 
 
 class _CudaStall:
@@ -249,9 +241,6 @@ class CudaCopyStream:
         end.record(compute)
         return _CudaStall(start, end)
 
-    def done(self, fence: Fence) -> bool:
-        return fence is None or fence.query()
-
     def close(self) -> None:
         self.stream.synchronize()
 
@@ -281,9 +270,6 @@ class ZeroCopy:
 
     def wait(self, fence: Fence) -> float:
         return 0.0
-
-    def done(self, fence: Fence) -> bool:
-        return True
 
     def close(self) -> None:
         pass

@@ -16,9 +16,6 @@ from ..errors import BudgetTooSmallError
 from ..host_store import PackedLayer
 from ..slots import Slot, SlotRing
 
-EVICTION_POLICIES = ("lru", "lfu", "next-use")
-SCOPES = ("shared", "per-layer")
-
 
 class ExpertRing(SlotRing):
     """A slot ring keyed by expert unit, evicting by recency, routing frequency or next use.

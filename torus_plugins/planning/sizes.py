@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .architecture import Architecture, FFNSite
-from .config import DEFAULT_QUANT_GROUP_SIZE
-from .errors import ConfigError
-from .host_store import PackedLayer, plan_packed
+from ..architecture import Architecture, FFNSite
+from ..config import DEFAULT_QUANT_GROUP_SIZE
+from ..errors import ConfigError
+from ..host_store import PackedLayer, plan_packed
 
 
 @dataclass(frozen=True)

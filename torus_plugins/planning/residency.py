@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import format_bytes
-from .errors import BudgetTooSmallError, ConfigError
+from ..config import format_bytes
+from ..errors import BudgetTooSmallError, ConfigError
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .budget import ResidencyPlan, plan_residency
-from .config import TorusConfig, format_bytes
-from .errors import BudgetTooSmallError
-from .sizing import ModelSizes
+from ..config import TorusConfig, format_bytes
+from ..errors import BudgetTooSmallError
+from .residency import ResidencyPlan, plan_residency
+from .sizes import ModelSizes
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import torch
 
 import torus_plugins
 from torus_plugins import BudgetTooSmallError, ConfigError, TorusConfig
-from torus_plugins.budget import ResidencyPlan, plan_residency, spread
+from torus_plugins.planning.residency import ResidencyPlan, plan_residency, spread
 from torus_plugins.plugins import build_plugin_manager
 
 NON_FFN = 1_000
