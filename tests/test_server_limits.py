@@ -38,29 +38,36 @@ class _HeldTokenizing(TorusModel):
 
 def test_a_request_stuck_in_tokenizing_does_not_stop_other_clients(server_model):  # noqa: F811
     # Tokenizing (like parsing, validating and templating) runs in a worker thread: while one
-    # request's tokenizer is held, the event loop still answers others, generation included.
-    # Were it on the loop, nothing else could be answered until the hold ends.
+    # request's tokenizer is held, the event loop keeps streaming another client's tokens and
+    # answering new requests (prepared by the second worker). Were it on the loop, nothing else
+    # could be answered until the hold ends.
     held = _HeldTokenizing(server_model)
     srv = ServerThread(create_app(held, ServerSettings(model_name="held"), scheduler=_scheduler()))
+    body = {"prompt": "Once upon a time", "max_tokens": 200, "stream": True, "logit_bias": {"0": -100, "2": -100}}
     try:
-        with ThreadPoolExecutor(1) as pool:
-            stuck = pool.submit(
-                requests.post,
-                f"{srv.url}/v1/chat/completions",
-                json={"messages": [{"role": "user", "content": "HOLD on"}], "max_tokens": 1},
-                timeout=120,
-            )
-            assert held.entered.wait(30)
-            try:
-                assert requests.get(f"{srv.url}/health", timeout=10).ok
-                r = requests.post(
-                    f"{srv.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 2, "temperature": 0}, timeout=10
+        with requests.post(f"{srv.url}/v1/completions", json=body, stream=True, timeout=30) as stream:
+            events = (line for line in stream.iter_lines() if line.startswith(b"data:"))
+            next(events)
+            with ThreadPoolExecutor(1) as pool:
+                stuck = pool.submit(
+                    requests.post,
+                    f"{srv.url}/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": "HOLD on"}], "max_tokens": 1},
+                    timeout=120,
                 )
-                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
-                assert not stuck.done()
-            finally:
-                held.release.set()
-            assert stuck.result().status_code == 200
+                assert held.entered.wait(30)
+                try:
+                    for _ in range(5):
+                        next(events)  # the stream goes on (each read would time out otherwise)
+                    assert requests.get(f"{srv.url}/health", timeout=10).ok
+                    r = requests.post(
+                        f"{srv.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 2, "temperature": 0}, timeout=10
+                    )
+                    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+                    assert not stuck.done()
+                finally:
+                    held.release.set()
+                assert stuck.result().status_code == 200
     finally:
         srv.stop()
 

@@ -4,10 +4,12 @@
     from torus_adapters.server import ServerSettings, create_app
     app = create_app(TorusModel.from_pretrained(), ServerSettings(api_key="..."))
 
-Modules, one job each: `app` (wiring), `openai_routes` / `tgi_routes` (+ `*_schemas`), `errors`
-(per-client error bodies), `service` (prompts, context limits), `scheduler` (batched decode
-thread), `kvbatch` (padded batch KV cache), `sampling`, `detok` (text and stop strings),
-`generation` (request, steps, handle), `sse`, `metrics`, `auth`, `body_limit`, `settings`, `run`.
+Modules, one job each: `app` (wiring), `openai_routes` / `tgi_routes` (+ `*_schemas`),
+`request_model` (parsing bodies), `errors` (per-client error bodies), `service` (preparing requests
+off the event loop, token limits, the shutdown drain), `scheduler` (batched decode thread),
+`kvbatch` (padded batch KV cache), `sampling`, `detok` (text and stop strings), `generation`
+(request, steps, handle), `sse`, `metrics`, `auth` (API key), `hosts` (Host check), `body_limit`
+(body size and time), `settings`, `run` (uvicorn: limits, header deadline, drain on SIGTERM).
 """
 
 from __future__ import annotations

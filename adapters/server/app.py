@@ -50,6 +50,7 @@ def create_app(tm: Any, settings: ServerSettings | None = None, *, scheduler: Sc
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        service.close()
         if owned:
             scheduler.close()
 

@@ -62,7 +62,7 @@ class _Request(StrictRequestModel):
 class ChatMessage(StrictRequestModel):
     role: Role
     content: str
-    name: str | None = None
+    name: Unsupported = Field(None, description="Not supported (chat templates have no participant names).")
 
 
 class ChatCompletionRequest(_Request):

@@ -3,18 +3,22 @@ limits, starting a generation (and stopping it when the client goes away), and t
 shutdown.
 
 The event loop only moves bytes: `prepare` runs a route's parse-validate-template-tokenize step
-in a worker thread, at most `PREPARE_THREADS` at a time, so a megabyte of hostile JSON or a
-200,000-token prompt delays other requests' preparation, never another client's token stream.
+in one of `PREPARE_THREADS` worker threads (more requests queue for them), so a megabyte of
+hostile JSON or a 200,000-token prompt delays other requests' preparation, never another
+client's token stream. The workers run at a lower CPU priority (Linux: per-thread nice), so on a
+small machine a burst of them leaves the decode thread and the event loop their share.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-import anyio
 from starlette.requests import Request
 
 from torus_plugins import __version__
@@ -27,9 +31,11 @@ from .settings import ServerSettings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Requests parsed and tokenized at once (each in a worker thread). Two keep a long prompt from
-#: queueing every other request behind it while leaving the decode thread a core on small machines.
-PREPARE_THREADS = 2
+#: Requests parsed and tokenized at once, each in a worker thread: half the cores, 2 to 4 (two, so
+#: one slow request cannot hold up every other one's preparation).
+PREPARE_THREADS = min(4, max(2, (os.cpu_count() or 2) // 2))
+#: How much lower the workers' CPU priority is than the server's (nice increment, Linux).
+PREPARE_NICE = 10
 
 
 class ClientGone(Exception):
@@ -87,7 +93,7 @@ class ModelService:
         self.created = int(time.time())
         self.fingerprint = f"torus-sparse-{__version__}"
         self.draining = False
-        self._limiter = anyio.CapacityLimiter(PREPARE_THREADS)
+        self._workers = ThreadPoolExecutor(PREPARE_THREADS, "torus-serve-prepare", initializer=_lower_priority)
         self._live: set[Handle] = set()
 
     # ------------------------------------------------------------------ requests
@@ -95,7 +101,11 @@ class ModelService:
         """Read the body (on the loop: it only moves bytes), then run `build(body)` in a worker
         thread: parsing, validation, chat template, tokenizing and limit checks."""
         body = await request.body()
-        return await anyio.to_thread.run_sync(build, body, limiter=self._limiter)
+        return await asyncio.get_running_loop().run_in_executor(self._workers, build, body)
+
+    def close(self) -> None:
+        """Let the worker threads go (those still preparing a request finish it first)."""
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
     def encode_chat(self, messages: Iterable[dict[str, str]]) -> list[int]:
         from jinja2.exceptions import TemplateError
@@ -219,6 +229,15 @@ class ModelService:
 
     def _open(self) -> list[Handle]:
         return [h for h in self._live if not h.closed]
+
+
+def _lower_priority() -> None:
+    """Run this worker thread at a lower CPU priority than the server's (Linux: nice is per thread)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + PREPARE_NICE))
+    except (AttributeError, OSError):  # no per-thread priority here: the bound on threads still holds
+        pass
 
 
 def _vocab_size(model: Any, tokenizer: Any) -> int:
