@@ -13,7 +13,8 @@ called once, when a model is attached; what they register is resolved into plain
 no pluggy call happens per token. Only `torus_stats_event` is called later, at coarse moments
 (attach, end of a generation, detach), never per layer.
 
-Set `TORUS_SPARSE_DISABLE_PLUGIN_AUTOLOAD=1` to load only the built-in plugins.
+Set `TORUS_SPARSE_DISABLE_PLUGIN_AUTOLOAD=1` to load only the built-in plugins. Every type a
+plugin implements or receives is importable from `torus_plugins.plugin_api`.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def torus_register_prefetch_policies(register: Callable[[str, "PrefetchFactory"]
     """Register prefetch policies under a name (selected with ``TorusConfig.prefetch``).
 
     Call ``register(name, factory)``; ``factory(ctx: PrefetchContext)`` returns an object with
-    ``warmup()`` and ``after(layer)`` (see `torus_plugins.prefetch.PrefetchPolicy`). The policy
-    runs on the hot path: precompute what you can in the factory.
+    ``warmup()`` and ``after(layer)`` (see `torus_plugins.prefetch.PrefetchPolicy`). Called once
+    per attach; the policy it builds runs on the hot path: precompute what you can in the factory.
     """
 
 
@@ -78,7 +79,8 @@ def torus_register_transports(register: Callable[[str, "TransportFactory"], None
     Call ``register(name, factory)``; ``factory(opts: TransportOptions)`` returns a
     `torus_plugins.transfer.Transport`. Built in: ``cuda`` (copy stream + events), ``copy``
     (CPU copy worker, same ordering rules), ``simulated-link`` (the copy worker behind a link of
-    configurable bandwidth and latency) and ``zero-copy`` (CPU, no copies).
+    configurable bandwidth and latency) and ``zero-copy`` (CPU, no copies). Called once per
+    attach; the factory is called once for the attached model.
     """
 
 
