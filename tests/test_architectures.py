@@ -75,3 +75,21 @@ def test_streamed_equals_unwrapped(arch: str, lookahead: int, residency: str) ->
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_the_tiny_config_tables_cover_every_registered_architecture() -> None:
+    """A new table row cannot land without a test row: every registered architecture is matched
+    by one tiny model of the matrix (dense or MoE), and every tiny model by exactly one row."""
+    from conftest import TINY_MOE_CONFIGS
+
+    from torus_plugins.plugins import resolve
+
+    archs = resolve().architectures
+    covered: set[str] = set()
+    for name in list(TINY_CONFIGS) + list(TINY_MOE_CONFIGS):
+        model = build_tiny(name)
+        matching = [a.name for a in archs if a.matches(model)]
+        assert matching, f"no registered architecture matches the tiny {name!r} model"
+        covered.add(matching[0])
+    missing = {a.name for a in archs} - covered
+    assert not missing, f"registered architectures without a tiny test model in conftest: {sorted(missing)}"
