@@ -1,0 +1,195 @@
+"""The device side of the GPU checks: sync and memory, the pinned link probe, random bf16 models.
+
+Everything here also runs without CUDA (the checks' `--tiny` mode on a CPU): syncs and peaks are
+no-ops or None there, and the link probe times a host memcpy instead.
+"""
+
+from __future__ import annotations
+
+import gc
+import platform
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+# --------------------------------------------------------------------------- which device
+def pick_device(tiny: bool, script: str) -> tuple[torch.device, str] | None:
+    """(device, engine transport): CUDA with transport "cuda" when there is one; the CPU with
+    "copy" for a `--tiny` smoke test; None (after saying why on stderr) for a full check without CUDA."""
+    import sys
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device()), "cuda"
+    if tiny:
+        return torch.device("cpu"), "copy"
+    print(
+        f"{script}: CUDA is not available; the full check needs a GPU (use --tiny to smoke-test on the CPU)",
+        file=sys.stderr,
+    )
+    return None
+
+
+def device_record(device: torch.device) -> dict[str, Any]:
+    """`device` (the GPU's name, or "cpu (<machine>)") and `device_memory_bytes` (None on a CPU)."""
+    if device.type == "cuda":
+        return {
+            "device": torch.cuda.get_device_name(device),
+            "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory,
+        }
+    return {"device": f"cpu ({platform.machine()})", "device_memory_bytes": None}
+
+
+# --------------------------------------------------------------------------- sync and memory
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Collect garbage, return cached device blocks and reset the peak, before the next phase."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_allocated(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def peak_reserved(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
+
+
+def host_pinned_stats() -> dict[str, Any] | None:
+    """Pinned host memory held by PyTorch's host allocator (None where unavailable)."""
+    if not torch.cuda.is_available() or not hasattr(torch.cuda, "host_memory_stats"):
+        return None
+    try:
+        s = torch.cuda.host_memory_stats()
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+    keep = (
+        "allocated_bytes.current",
+        "allocated_bytes.peak",
+        "active_bytes.current",
+        "num_host_alloc",
+        "host_alloc_time.total",
+    )
+    out = {k: v for k, v in s.items() if k in keep}
+    return out or {k: v for k, v in s.items() if isinstance(v, (int, float))}
+
+
+def empty_pinned_cache() -> bool:
+    """Return cached pinned blocks to the driver (names differ across torch versions; best effort),
+    so the pinned-memory figures read later show the engine's store, not the probe's buffer."""
+    for name in ("_accelerator_emptyHostCache", "_host_emptyCache", "_cuda_hostEmptyCache"):
+        fn = getattr(torch._C, name, None)
+        if fn is not None:
+            try:
+                fn()
+                return True
+            except Exception:  # noqa: BLE001 - informational only
+                pass
+    return False
+
+
+# --------------------------------------------------------------------------- the link
+def fill_random_bytes(buf: torch.Tensor, chunk: int = 2**20) -> None:
+    """Random bytes, cheaply: one random 1 MiB block repeated (content does not change copy speed,
+    but a non-constant pattern makes the spot check of the copied bytes meaningful)."""
+    block = torch.randint(0, 256, (chunk,), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    n = buf.numel() // chunk * chunk
+    if n:
+        buf[:n].view(-1, chunk).copy_(block.expand(n // chunk, chunk))
+    if buf.numel() > n:
+        buf[n:].copy_(block[: buf.numel() - n])
+
+
+def _best_of(copy: Callable[[int], float], n: int, reps: int) -> dict[str, Any]:
+    times = [copy(n) for _ in range(reps + 1)][1:]  # the first is a warm-up
+    return {"bytes": n, "best_s": min(times), "GBps": n / min(times) / 1e9, "all_s": times}
+
+
+def link_bandwidth(device: torch.device, sizes: dict[str, int], reps: int = 5) -> dict[str, Any]:
+    """Best-of-`reps` host->device bandwidth per named size (CUDA: a pinned buffer copied with
+    `non_blocking=True` on a side stream, timed with CUDA events on that stream; else a host memcpy)."""
+    biggest = max(sizes.values())
+    out: dict[str, Any] = {}
+    if device.type != "cuda":
+        src = torch.empty(biggest, dtype=torch.uint8)
+        fill_random_bytes(src)
+        dst = torch.empty_like(src)
+
+        def host_copy(n: int) -> float:
+            t0 = time.perf_counter()
+            dst[:n].copy_(src[:n])
+            return time.perf_counter() - t0
+
+        for name, n in sizes.items():
+            out[name] = {**_best_of(host_copy, n, reps), "verified": True}
+        out["method"] = "no CUDA: host memcpy (Tensor.copy_), perf_counter, best of %d" % reps
+        return out
+
+    out.update(_pinned_probe(device, sizes, reps))  # its buffers are freed when it returns
+    torch.cuda.synchronize(device)
+    out["pinned_cache_emptied"] = empty_pinned_cache()
+    return out
+
+
+def _pinned_probe(device: torch.device, sizes: dict[str, int], reps: int) -> dict[str, Any]:
+    host = torch.empty(max(sizes.values()), dtype=torch.uint8, pin_memory=True)
+    fill_random_bytes(host)
+    dev = torch.empty(host.numel(), dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device=device)
+
+    def pinned_copy(n: int) -> float:
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            e0.record(stream)
+            dev[:n].copy_(host[:n], non_blocking=True)
+            e1.record(stream)
+        e1.synchronize()
+        return e0.elapsed_time(e1) / 1e3
+
+    out: dict[str, Any] = {}
+    for name, n in sizes.items():
+        entry = _best_of(pinned_copy, n, reps)
+        head, tail = slice(0, 4096), slice(n - 4096, n)
+        entry["verified"] = torch.equal(dev[head].cpu(), host[head]) and torch.equal(dev[tail].cpu(), host[tail])
+        out[name] = entry
+    out["method"] = "pinned host -> device, copy_(non_blocking=True) on a side stream, CUDA events, best of %d" % reps
+    return out
+
+
+# --------------------------------------------------------------------------- models
+def random_bf16(make: Callable[[], nn.Module], seed: int, std: float = 0.02) -> nn.Module:
+    """`make()` under accelerate's `init_empty_weights` (parameters on `meta`, buffers real), then
+    every parameter created directly in bf16 on the host: `torch.manual_seed(seed)`, `normal_(0,
+    std)` per matrix in module order, ones for 1-d weights (norms; the checked models have no
+    biases). No float32 copy and no transformers default init (minutes on a CPU for a 7B model)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = make()
+    torch.manual_seed(seed)
+    for _, mod in model.named_modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            t = torch.empty(p.shape, dtype=torch.bfloat16)
+            if p.ndim == 1:
+                t.fill_(1.0)
+            else:
+                t.normal_(0.0, std)
+            mod._parameters[name] = nn.Parameter(t, requires_grad=False)
+    for name, b in model.named_buffers():
+        if b.device.type == "meta":
+            raise RuntimeError(f"buffer {name} was left on the meta device")
+    model.config.dtype = torch.bfloat16
+    model.eval()
+    return model
