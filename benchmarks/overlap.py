@@ -71,41 +71,32 @@ time-only mode runs no thread). With 2 compute threads the memcpy thread would p
 worker every copy and the numbers would measure the scheduler. The load average before and after
 is stored: this machine is shared.
 
-Run:  python benchmarks/overlap.py [--tokens 24] [--repeats 7] [--threads 1] [--out PATH]
-Writes benchmarks/results/overlap.json. Exit 0 whether or not the target is met.
+Run:  python benchmarks/overlap.py [--tokens 24] [--repeats 7] [--threads 1] [--record | --out PATH]
+Writes benchmarks/results/scratch/overlap.json (with --record the recorded benchmarks/results/overlap.json).
+Exit 0 whether or not the target is met.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import json
 import os
-import platform
-import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import harness  # sets the offline defaults (HF_HUB_OFFLINE=1) before transformers loads
+import torch
 
-import torch  # noqa: E402
+import torus_plugins as tp
+from torus_plugins import TorusConfig, hookimpl
 
-import torus_plugins as tp  # noqa: E402
-from torus_plugins import TorusConfig, hookimpl  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = HERE / "results" / "overlap.json"
 TARGET = 0.9
 LATENCY_S = 10e-6
-MESSAGES = [
-    {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "Explain in a few sentences why the sky is blue, then give one everyday example."},
-]
+MESSAGES = harness.SKY_MESSAGES
 # name -> (lookahead, bandwidth multiplier, prefetch policy, simulated-link link_mode)
 STREAMED = {
     "la1": (1, 1.0, "sequential", "copy"),
@@ -121,6 +112,18 @@ STREAMED = {
 }
 TARGETED = ("la1", "la2", "la3", "time-la1", "time-la2", "time-la3")
 VARIANTS = ("resident", "resident+load", *STREAMED)
+LINK_PROBES = ("memcpy", "link x1", "link x0.1", "link x10", "time-only x1")  # measured alone, every round
+DEFINITIONS = {
+    "T_c": "decode ms/token with every FFN layer resident (transport copy, resident_layers=30), "
+    "median over rounds; efficiency per round uses that round's T_c",
+    "T_l": "streamed bytes per token / link_bandwidth + copies per token x link_latency_s",
+    "stall": "engine stall_s per forward pass (prefill pass included): time compute waited for a copy",
+    "compute_inflation": "T_measured - stall - T_c: compute slower than resident while the link runs",
+    "efficiency_if_compute_at_resident_speed": "(T_l - stall) / min(T_c, T_l)",
+    "efficiency": "(T_c + T_l - T_measured) / min(T_c, T_l); median over rounds",
+    "efficiency_ceiling_from_memcpy_interference": "(T_c + T_l - max(T_c,load, T_l)) / min(T_c, T_l) "
+    "with T_c,load = resident decode while a simulated link copies nonstop on the other core",
+}
 
 
 # --------------------------------------------------------------------------- plugins
@@ -149,59 +152,6 @@ def plugin_manager() -> Any:
     pm = build_plugin_manager(autoload=False)
     pm.register(OverlapBenchmarkPlugin(), name="overlap-benchmark")
     return pm
-
-
-# --------------------------------------------------------------------------- timing
-class StepClock:
-    """A logits processor that timestamps each generated token and changes nothing."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.times.append(time.perf_counter())
-        return scores
-
-
-def generate_once(model: Any, inputs: dict[str, torch.Tensor], n: int, pad_id: int | None) -> dict[str, Any]:
-    from transformers import LogitsProcessorList
-
-    clock = StepClock()
-    kw: dict[str, Any] = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True)
-    if pad_id is not None:
-        kw["pad_token_id"] = pad_id
-    with torch.inference_mode():
-        t_enter = time.perf_counter()
-        out = model.generate(**inputs, logits_processor=LogitsProcessorList([clock]), **kw)
-    new = out[0, inputs["input_ids"].shape[1] :].tolist()
-    t = clock.times
-    if len(new) != n or len(t) != n:
-        raise RuntimeError(f"expected {n} new tokens and {n} timestamps, got {len(new)} and {len(t)}")
-    return {
-        "tokens": new,
-        "prefill_ms": (t[0] - t_enter) * 1e3,
-        "decode_ms_per_token": (t[-1] - t[0]) * 1e3 / (n - 1),
-    }
-
-
-def med(xs: list[float]) -> float:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else float("nan")
-
-
-def load_model(path: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.eval()
-    model.requires_grad_(False)
-    for _, p in model.named_parameters():  # out of the safetensors memory map
-        p.data = p.data.clone()
-    for mod in model.modules():
-        for name, b in list(mod._buffers.items()):
-            if b is not None:
-                mod._buffers[name] = b.clone()
-    return model
 
 
 # --------------------------------------------------------------------------- link alone
@@ -315,44 +265,24 @@ class BackgroundLink:
         self.link.close()
 
 
-# --------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", type=int, default=24, help="new tokens per timed generation (default 24)")
-    ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (default 7)")
-    ap.add_argument("--threads", type=int, default=1, help="torch compute threads (default 1; see docstring)")
-    ap.add_argument(
-        "--calibration-runs", type=int, default=5, help="resident runs; the fastest sets the bandwidth (default 5)"
-    )
-    ap.add_argument(
-        "--bandwidth", default=None, help="link bandwidth for T_l ~ T_c (default: calibrated so that T_l = T_c)"
-    )
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = ap.parse_args(argv)
-    if args.tokens < 2 or args.repeats < 1:
-        ap.error("--tokens >= 2 and --repeats >= 1")
+# --------------------------------------------------------------------------- set-up
+@dataclass
+class Setup:
+    """One model, its prompt and the private plugin manager every run attaches through."""
 
-    import transformers
-    from transformers import AutoTokenizer
+    path: Path
+    model: Any
+    inputs: dict[str, torch.Tensor]
+    pad_id: int | None
+    pm: Any
 
-    from torus_adapters.default_model import default_model_path
-    from torus_plugins.config import parse_bandwidth
+    @property
+    def n_layers(self) -> int:
+        return len(self.model.model.layers)
 
-    torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    load_before = os.getloadavg()
-    path = default_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    enc = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    inputs = {k: enc[k] for k in ("input_ids", "attention_mask")}
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model = load_model(path)
-    n_layers = len(model.model.layers)
-    pm = plugin_manager()
-
-    def attach(variant: str, bw: float) -> Any:
+    def attach(self, variant: str, bw: float) -> Any:
         if variant.startswith("resident"):
-            cfg = TorusConfig(transport="copy", device="cpu", resident_layers=n_layers)
+            cfg = TorusConfig(transport="copy", device="cpu", resident_layers=self.n_layers)
         else:
             la, mult, policy, mode = STREAMED[variant]
             cfg = TorusConfig(
@@ -363,115 +293,227 @@ def main(argv: list[str] | None = None) -> int:
                 prefetch=policy,
                 options={"link_bandwidth": bw * mult, "link_latency_s": LATENCY_S, "link_mode": mode},
             )
-        return tp.attach(model, cfg, plugin_manager=pm)
+        return tp.attach(self.model, cfg, plugin_manager=self.pm)
 
-    # Sizes: what one token streams when every FFN layer streams.
-    eng = attach("la2", 1e9)
-    st = eng.stats()
-    bytes_per_token = st.streamed_bytes_per_pass
+    def generate(self, n: int) -> dict[str, Any]:
+        return harness.generate_once(self.model, self.inputs, n, self.pad_id)
+
+
+@dataclass
+class Link:
+    """What one token streams, and the calibrated link that carries it."""
+
+    bytes_per_token: int
+    layer_bytes: list[int]
+    bw: float
+    calibration_ms: list[float]
+    tc0: float  # the fastest calibration run
+
+    @property
+    def n_copies(self) -> int:
+        return len(self.layer_bytes)
+
+    def t_l_ms(self, variant: str) -> float:
+        mult = STREAMED[variant][1]
+        return (self.bytes_per_token / (self.bw * mult) + self.n_copies * LATENCY_S) * 1e3
+
+
+@dataclass
+class Rounds:
+    runs: dict[str, list[dict[str, Any]]]
+    link_runs: dict[str, list[float]]
+    lm_head_ms: list[float]
+    ref_tokens: list[int] | None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=24, help="new tokens per timed generation (default 24)")
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (default 7)")
+    ap.add_argument("--threads", type=int, default=1, help="torch compute threads (default 1; see docstring)")
+    ap.add_argument(
+        "--calibration-runs", type=int, default=5, help="resident runs; the fastest sets the bandwidth (default 5)"
+    )
+    ap.add_argument(
+        "--bandwidth", default=None, help="link bandwidth for T_l ~ T_c (default: calibrated so that T_l = T_c)"
+    )
+    harness.add_output_args(ap, "overlap.json")
+    args = ap.parse_args(argv)
+    if args.tokens < 2 or args.repeats < 1:
+        ap.error("--tokens >= 2 and --repeats >= 1")
+    return args
+
+
+def set_up() -> Setup:
+    from torus_adapters.default_model import default_model_path
+
+    path = default_model_path()
+    inputs, pad_id = harness.chat_prompt(path, MESSAGES)
+    return Setup(path, harness.load_in_memory(path), inputs, pad_id, plugin_manager())
+
+
+# --------------------------------------------------------------------------- phases
+def calibrate(s: Setup, args: argparse.Namespace) -> Link:
+    """Sizes (every FFN layer streamed), T_c with everything resident, the bandwidth that makes T_l = T_c."""
+    from torus_plugins.config import parse_bandwidth
+
+    eng = s.attach("la2", 1e9)
+    bytes_per_token = eng.stats().streamed_bytes_per_pass
     layer_bytes = [int(x) for x in eng.transfer_bytes]
-    tp.detach(model)
-    n_copies = len(layer_bytes)
+    tp.detach(s.model)
 
-    # Calibration: T_c with everything resident, then the bandwidth that makes T_l = T_c.
-    eng = attach("resident", 0)
-    generate_once(model, inputs, 4, pad_id)
-    cal = [
-        generate_once(model, inputs, args.tokens, pad_id)["decode_ms_per_token"] for _ in range(args.calibration_runs)
-    ]
-    tp.detach(model)
+    s.attach("resident", 0)
+    s.generate(4)
+    cal = [s.generate(args.tokens)["decode_ms_per_token"] for _ in range(args.calibration_runs)]
+    tp.detach(s.model)
     # The least-disturbed run: on a shared machine a median can land on a load spike, and T_l set
     # from an inflated T_c would not be ~T_c in the rounds that follow.
     tc0 = min(cal)
     if args.bandwidth:
         bw = parse_bandwidth(args.bandwidth)
     else:
-        bw = bytes_per_token / (tc0 / 1e3 - n_copies * LATENCY_S)
-        bw = float(f"{bw:.3g}")
+        bw = float(f"{bytes_per_token / (tc0 / 1e3 - len(layer_bytes) * LATENCY_S):.3g}")
     print(f"calibration: T_c {tc0:.1f} ms/token ({cal}); link bandwidth {bw / 1e9:.3f} GB/s", file=sys.stderr)
+    return Link(bytes_per_token, layer_bytes, bw, cal, tc0)
 
-    def t_l_ms(variant: str) -> float:
-        mult = STREAMED[variant][1]
-        return (bytes_per_token / (bw * mult) + n_copies * LATENCY_S) * 1e3
 
-    # Buffers for the link-alone / memcpy-alone / background-load measurements.
-    max_layer = max(layer_bytes)
-    srcs = [torch.ones(n, dtype=torch.uint8) for n in layer_bytes]
-    dst = torch.empty(max_layer, dtype=torch.uint8)
+def measure_run(s: Setup, link: Link, v: str, r: int, tokens: int, srcs: list, dst: torch.Tensor) -> dict[str, Any]:
+    """attach -> 4-token warm-up -> reset_stats() -> timed generation -> detach, with the counters."""
+    gc.collect()
+    t0 = time.perf_counter()
+    eng = s.attach(v, link.bw)
+    attach_s = time.perf_counter() - t0
+    s.generate(4)  # warm-up: first allocations, the ring's first fill
+    eng.reset_stats()
+    la_before = os.getloadavg()[0]
+    if v == "resident+load":
+        with BackgroundLink(link.bw, srcs[0], dst[: link.layer_bytes[0]]) as bg:
+            res = s.generate(tokens)
+        res["background_copies"] = bg.copies
+    else:
+        res = s.generate(tokens)
+    st = eng.stats()
+    tp.detach(s.model)
+    res.update(
+        round=r,
+        attach_s=attach_s,
+        loadavg_1min=la_before,
+        hits=st.hits,
+        misses=st.misses,
+        bytes_moved=st.bytes_moved,
+        forward_passes=st.forward_passes,
+        stall_ms_per_token=st.stall_s * 1e3 / max(st.forward_passes, 1) if st.forward_passes else 0.0,
+        layer_stall_ms=[round(lay.stall_s * 1e3, 3) for lay in st.layers],
+    )
+    return res
 
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
-    link_runs: dict[str, list[float]] = {
-        "memcpy": [],
-        "link x1": [],
-        "link x0.1": [],
-        "link x10": [],
-        "time-only x1": [],
-    }
-    lm_head_runs: list[float] = []
-    ref_tokens: list[int] | None = None
+
+def interleaved_rounds(s: Setup, link: Link, args: argparse.Namespace) -> Rounds:
+    """Per round: the link-alone, memcpy-alone and LM-head probes, then every variant in rotated order."""
+    srcs = [torch.ones(n, dtype=torch.uint8) for n in link.layer_bytes]
+    dst = torch.empty(max(link.layer_bytes), dtype=torch.uint8)
+    out = Rounds({v: [] for v in VARIANTS}, {k: [] for k in LINK_PROBES}, [], None)
     for r in range(args.repeats):
-        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
-        link_runs["memcpy"].append(memcpy_alone_ms(layer_bytes, srcs, dst))
-        lm_head_runs.append(lm_head_ms(model))
+        out.link_runs["memcpy"].append(memcpy_alone_ms(link.layer_bytes, srcs, dst))
+        out.lm_head_ms.append(lm_head_ms(s.model))
         for key, mult in (("link x1", 1.0), ("link x0.1", 0.1), ("link x10", 10.0)):
-            link_runs[key].append(link_alone_ms(bw * mult, layer_bytes, srcs, dst))
-        link_runs["time-only x1"].append(link_alone_ms(bw, layer_bytes, srcs, dst, mode="time-only"))
-        for v in order:
-            gc.collect()
-            t0 = time.perf_counter()
-            eng = attach(v, bw)
-            attach_s = time.perf_counter() - t0
-            generate_once(model, inputs, 4, pad_id)  # warm-up: first allocations, the ring's first fill
-            eng.reset_stats()
-            la_before = os.getloadavg()[0]
-            if v == "resident+load":
-                with BackgroundLink(bw, srcs[0], dst[: layer_bytes[0]]) as bg:
-                    res = generate_once(model, inputs, args.tokens, pad_id)
-                res["background_copies"] = bg.copies
-            else:
-                res = generate_once(model, inputs, args.tokens, pad_id)
-            st = eng.stats()
-            tp.detach(model)
-            res.update(
-                round=r,
-                attach_s=attach_s,
-                loadavg_1min=la_before,
-                hits=st.hits,
-                misses=st.misses,
-                bytes_moved=st.bytes_moved,
-                forward_passes=st.forward_passes,
-                stall_ms_per_token=st.stall_s * 1e3 / max(st.forward_passes, 1) if st.forward_passes else 0.0,
-                layer_stall_ms=[round(lay.stall_s * 1e3, 3) for lay in st.layers],
-            )
-            if ref_tokens is None and v == "resident":
-                ref_tokens = res["tokens"]
-            runs[v].append(res)
+            out.link_runs[key].append(link_alone_ms(link.bw * mult, link.layer_bytes, srcs, dst))
+        out.link_runs["time-only x1"].append(link_alone_ms(link.bw, link.layer_bytes, srcs, dst, mode="time-only"))
+        for v in harness.rotated(VARIANTS, r):
+            res = measure_run(s, link, v, r, args.tokens, srcs, dst)
+            if out.ref_tokens is None and v == "resident":
+                out.ref_tokens = res["tokens"]
+            out.runs[v].append(res)
             print(
                 f"round {r + 1}/{args.repeats} {v:14s} {res['decode_ms_per_token']:8.2f} ms/token "
-                f"(load {la_before:.2f})",
+                f"(load {res['loadavg_1min']:.2f})",
                 file=sys.stderr,
                 flush=True,
             )
+    return out
 
-    # ------------------------------------------------------------------ analysis
+
+def eff(tc_: float, tl_: float, tm_: float) -> float:
+    return (tc_ + tl_ - tm_) / min(tc_, tl_)
+
+
+def streamed_entry(v: str, rs: list[dict[str, Any]], link: Link, m: dict[str, Any], ring_ms: Any) -> dict[str, Any]:
+    """A streamed variant's efficiency (per round and from medians), its decomposition and counters."""
+    med = harness.median
+    la, mult, policy, mode = STREAMED[v]
+    tc, tc_by_round, tc_load = m["tc"], m["tc_by_round"], m["tc_load"]
+    ms = [x["decode_ms_per_token"] for x in rs]
+    stall = med([x["stall_ms_per_token"] for x in rs])
+    passes = sum(x["forward_passes"] for x in rs)
+    tl = link.t_l_ms(v)
+    per_round = [eff(tc_by_round[x["round"]], tl, x["decode_ms_per_token"]) for x in rs]
+    tl_meas = m["time_link_alone"] if mode == "time-only" and mult == 1.0 else m["link_meas"].get(mult, tl)
+    entry: dict[str, Any] = dict(
+        lookahead=la,
+        prefetch=policy,
+        link_bandwidth_Bps=link.bw * mult,
+        T_l_ms=tl,
+        T_l_over_T_c=tl / tc,
+        T_l_link_alone_ms=tl_meas,
+        efficiency=med(per_round),
+        efficiency_all_rounds=per_round,
+        efficiency_from_medians=eff(tc, tl, med(ms)),
+        efficiency_with_link_alone_T_l=eff(tc, tl_meas, med(ms)),
+        efficiency_ceiling_from_memcpy_interference=eff(tc, tl, max(tc_load, tl))
+        if mult == 1.0 and mode == "copy"
+        else None,
+        # T_measured - T_c = compute inflation + stall: the stall is link time the ring did not
+        # hide; the rest is compute running slower than resident (the copy worker's memcpy and
+        # thread hand-offs competing for the CPU).
+        compute_ms_per_token=med(ms) - stall,
+        compute_inflation_ms_per_token=med(ms) - stall - tc,
+        link_hidden_fraction=1.0 - stall / tl,
+        # meaningful where the link is not the bottleneck (T_l <= T_c): there the stall is
+        # exactly the link time left unhidden
+        efficiency_if_compute_at_resident_speed=(tl - stall) / min(tc, tl) if mult >= 1.0 else None,
+        ideal_ms_per_token=max(tc, tl),
+        serial_ms_per_token=tc + tl,
+        target_pass=med(per_round) >= TARGET if v in TARGETED else None,
+        # The ideal ring on this run's own measured T_c, LM head and T_l: what the ordering rules
+        # allow at best (sequential prefetch only).
+        ring_model_efficiency_ceiling=eff(tc, tl, ring_ms(la, tl)) if policy == "sequential" else None,
+        link_mode=mode,
+        bytes_per_token=sum(x["bytes_moved"] for x in rs) / passes if passes else 0.0,
+        hit_rate=sum(x["hits"] for x in rs) / max(sum(x["hits"] + x["misses"] for x in rs), 1),
+        misses_per_token=sum(x["misses"] for x in rs) / passes if passes else 0.0,
+        stall_ms_per_token=stall,
+        # per forward pass; the other layers' stall summed over layers 1..29
+        layer0_stall_ms_per_token=med([x["layer_stall_ms"][0] / max(x["forward_passes"], 1) for x in rs]),
+        other_layers_stall_ms_per_token=med([sum(x["layer_stall_ms"][1:]) / max(x["forward_passes"], 1) for x in rs]),
+    )
+    if v == "time-instant":
+        entry["engine_overhead_ms_per_token"] = med(ms) - tc
+        entry["efficiency_meaningful"] = False  # T_l ~ 0 or no link: only the overhead counts
+        entry["engine_overhead_all_rounds_ms"] = [x["decode_ms_per_token"] - tc_by_round[x["round"]] for x in rs]
+    return entry
+
+
+def analyse(s: Setup, link: Link, rounds: Rounds, tokens: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the run-wide measurements: T_c, T_c under load, link and memcpy alone, LM head; the variants)."""
+    med = harness.median
+    runs = rounds.runs
     tc_by_round = {x["round"]: x["decode_ms_per_token"] for x in runs["resident"]}
-    tc = med(list(tc_by_round.values()))
-    tc_load = med([x["decode_ms_per_token"] for x in runs["resident+load"]])
-    memcpy_ms = med(link_runs["memcpy"])
-    lm_head = med(lm_head_runs)
-    link_meas = {1.0: med(link_runs["link x1"]), 0.1: med(link_runs["link x0.1"]), 10.0: med(link_runs["link x10"])}
-    time_link_alone = med(link_runs["time-only x1"])
+    lr = rounds.link_runs
+    m: dict[str, Any] = {
+        "tc_by_round": tc_by_round,
+        "tc": med(tc_by_round.values()),
+        "tc_load": med([x["decode_ms_per_token"] for x in runs["resident+load"]]),
+        "memcpy_ms": med(lr["memcpy"]),
+        "lm_head": med(rounds.lm_head_ms),
+        "link_meas": {1.0: med(lr["link x1"]), 0.1: med(lr["link x0.1"]), 10.0: med(lr["link x10"])},
+        "time_link_alone": med(lr["time-only x1"]),
+        "att_share": attention_share(s.model),
+    }
 
-    def eff(tc_: float, tl_: float, tm_: float) -> float:
-        return (tc_ + tl_ - tm_) / min(tc_, tl_)
-
-    att_share = attention_share(model)
-
-    def ring_bound(lookahead: int, tl_: float) -> float:
-        per_layer = (tc - lm_head) / n_layers
-        return ring_model_ms(
-            n_layers, per_layer * att_share, per_layer * (1 - att_share), lm_head, tl_ / n_copies, lookahead
-        )
+    def ring_ms(lookahead: int, tl_: float) -> float:
+        per_layer = (m["tc"] - m["lm_head"]) / s.n_layers
+        att, ffn = per_layer * m["att_share"], per_layer * (1 - m["att_share"])
+        return ring_model_ms(s.n_layers, att, ffn, m["lm_head"], tl_ / link.n_copies, lookahead)
 
     results: dict[str, Any] = {}
     for v in VARIANTS:
@@ -482,121 +524,64 @@ def main(argv: list[str] | None = None) -> int:
             "decode_ms_per_token_all": ms,
             "decode_ms_per_token_min": min(ms),
             "spread": (max(ms) - min(ms)) / med(ms),
-            "tokens_equal_resident": all(x["tokens"] == ref_tokens for x in rs),
+            "tokens_equal_resident": all(x["tokens"] == rounds.ref_tokens for x in rs),
             "loadavg_1min_at_runs": [x["loadavg_1min"] for x in rs],
         }
-        passes = sum(x["forward_passes"] for x in rs)
         if v in STREAMED:
-            la, mult, policy, mode = STREAMED[v]
-            tl = t_l_ms(v)
-            per_round = [eff(tc_by_round[x["round"]], tl, x["decode_ms_per_token"]) for x in rs]
-            tl_meas = time_link_alone if mode == "time-only" and mult == 1.0 else link_meas.get(mult, tl)
-            entry.update(
-                lookahead=la,
-                prefetch=policy,
-                link_bandwidth_Bps=bw * mult,
-                T_l_ms=tl,
-                T_l_over_T_c=tl / tc,
-                T_l_link_alone_ms=tl_meas,
-                efficiency=med(per_round),
-                efficiency_all_rounds=per_round,
-                efficiency_from_medians=eff(tc, tl, med(ms)),
-                efficiency_with_link_alone_T_l=eff(tc, tl_meas, med(ms)),
-                efficiency_ceiling_from_memcpy_interference=eff(tc, tl, max(tc_load, tl))
-                if mult == 1.0 and mode == "copy"
-                else None,
-                # T_measured - T_c = compute inflation + stall: the stall is link time the ring did
-                # not hide; the rest is compute running slower than resident (the copy worker's
-                # memcpy and thread hand-offs competing for the CPU).
-                compute_ms_per_token=med(ms) - med([x["stall_ms_per_token"] for x in rs]),
-                compute_inflation_ms_per_token=med(ms) - med([x["stall_ms_per_token"] for x in rs]) - tc,
-                link_hidden_fraction=1.0 - med([x["stall_ms_per_token"] for x in rs]) / tl,
-                # meaningful where the link is not the bottleneck (T_l <= T_c): there the stall is
-                # exactly the link time left unhidden
-                efficiency_if_compute_at_resident_speed=(tl - med([x["stall_ms_per_token"] for x in rs])) / min(tc, tl)
-                if mult >= 1.0
-                else None,
-                ideal_ms_per_token=max(tc, tl),
-                serial_ms_per_token=tc + tl,
-                target_pass=med(per_round) >= TARGET if v in TARGETED else None,
-                # The ideal ring on this run's own measured T_c, LM head and T_l: what the ordering
-                # rules allow at best (sequential prefetch only).
-                ring_model_efficiency_ceiling=eff(tc, tl, ring_bound(la, tl)) if policy == "sequential" else None,
-                link_mode=mode,
-                bytes_per_token=sum(x["bytes_moved"] for x in rs) / passes if passes else 0.0,
-                hit_rate=sum(x["hits"] for x in rs) / max(sum(x["hits"] + x["misses"] for x in rs), 1),
-                misses_per_token=sum(x["misses"] for x in rs) / passes if passes else 0.0,
-                stall_ms_per_token=med([x["stall_ms_per_token"] for x in rs]),
-                # per forward pass; the other layers' stall summed over layers 1..29
-                layer0_stall_ms_per_token=med([x["layer_stall_ms"][0] / max(x["forward_passes"], 1) for x in rs]),
-                other_layers_stall_ms_per_token=med(
-                    [sum(x["layer_stall_ms"][1:]) / max(x["forward_passes"], 1) for x in rs]
-                ),
-            )
-            if v == "time-instant":
-                entry["engine_overhead_ms_per_token"] = med(ms) - tc
-                entry["efficiency_meaningful"] = False  # T_l ~ 0 or no link: only the overhead counts
-                entry["engine_overhead_all_rounds_ms"] = [
-                    x["decode_ms_per_token"] - tc_by_round[x["round"]] for x in rs
-                ]
+            entry.update(streamed_entry(v, rs, link, m, ring_ms))
         elif v == "resident+load":
-            entry["background_copies_per_token"] = med([x["background_copies"] / args.tokens for x in rs])
-            entry["slowdown_vs_resident"] = tc_load / tc - 1.0
+            entry["background_copies_per_token"] = med([x["background_copies"] / tokens for x in rs])
+            entry["slowdown_vs_resident"] = m["tc_load"] / m["tc"] - 1.0
         results[v] = entry
+    return m, results
 
-    report = {
+
+def build_report(args: argparse.Namespace, s: Setup, link: Link, rounds: Rounds, m: dict, results: dict) -> dict:
+    return {
         "benchmark": "overlap",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "torus_sparse": tp.__version__,
-        },
-        "model": {"path": str(path), "dtype": "float32", "ffn_layers": n_layers},
+        **harness.environment(),
+        "model": {"path": str(s.path), "dtype": "float32", "ffn_layers": s.n_layers},
         "settings": {
             "tokens": args.tokens,
             "decode_steps_timed": args.tokens - 1,
             "repeats": args.repeats,
-            "threads": args.threads,
-            "prompt_tokens": int(inputs["input_ids"].shape[1]),
+            "threads": torch.get_num_threads(),
+            "prompt_tokens": int(s.inputs["input_ids"].shape[1]),
             "link_latency_s": LATENCY_S,
-            "copies_per_token": n_copies,
+            "copies_per_token": link.n_copies,
         },
-        "definitions": {
-            "T_c": "decode ms/token with every FFN layer resident (transport copy, resident_layers=30), "
-            "median over rounds; efficiency per round uses that round's T_c",
-            "T_l": "streamed bytes per token / link_bandwidth + copies per token x link_latency_s",
-            "stall": "engine stall_s per forward pass (prefill pass included): time compute waited for a copy",
-            "compute_inflation": "T_measured - stall - T_c: compute slower than resident while the link runs",
-            "efficiency_if_compute_at_resident_speed": "(T_l - stall) / min(T_c, T_l)",
-            "efficiency": "(T_c + T_l - T_measured) / min(T_c, T_l); median over rounds",
-            "efficiency_ceiling_from_memcpy_interference": "(T_c + T_l - max(T_c,load, T_l)) / min(T_c, T_l) "
-            "with T_c,load = resident decode while a simulated link copies nonstop on the other core",
-        },
-        "calibration": {"T_c_ms_runs": cal, "T_c_ms": tc0, "link_bandwidth_Bps": bw},
-        "bytes_per_token": bytes_per_token,
-        "T_c_ms": tc,
-        "T_c_under_copy_load_ms": tc_load,
-        "memcpy_alone_ms_per_token": memcpy_ms,
-        "memcpy_share_of_T_l": memcpy_ms / t_l_ms("la2"),
-        "lm_head_ms_per_token": lm_head,
-        "attention_share_of_layer": att_share,
-        "copy_ms_per_layer": t_l_ms("la2") / n_copies,
-        "link_alone_ms_per_token": {f"x{k:g}": v for k, v in link_meas.items()},
-        "time_only_link_alone_ms_per_token": time_link_alone,
-        "link_alone_runs_ms": link_runs,
+        "definitions": DEFINITIONS,
+        "calibration": {"T_c_ms_runs": link.calibration_ms, "T_c_ms": link.tc0, "link_bandwidth_Bps": link.bw},
+        "bytes_per_token": link.bytes_per_token,
+        "T_c_ms": m["tc"],
+        "T_c_under_copy_load_ms": m["tc_load"],
+        "memcpy_alone_ms_per_token": m["memcpy_ms"],
+        "memcpy_share_of_T_l": m["memcpy_ms"] / link.t_l_ms("la2"),
+        "lm_head_ms_per_token": m["lm_head"],
+        "attention_share_of_layer": m["att_share"],
+        "copy_ms_per_layer": link.t_l_ms("la2") / link.n_copies,
+        "link_alone_ms_per_token": {f"x{k:g}": v for k, v in m["link_meas"].items()},
+        "time_only_link_alone_ms_per_token": m["time_link_alone"],
+        "link_alone_runs_ms": rounds.link_runs,
         "target": f"efficiency >= {TARGET} for lookahead 1, 2, 3 with T_l ~ T_c",
         "variants": results,
-        "wall_s": time.perf_counter() - t_start,
-        "loadavg_before": list(load_before),
-        "loadavg_after": list(os.getloadavg()),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = harness.Run(harness.output_path(args, "overlap.json"))
+    harness.set_threads(args.threads)
+    s = set_up()
+    link = calibrate(s, args)
+    rounds = interleaved_rounds(s, link, args)
+    m, results = analyse(s, link, rounds, args.tokens)
+    report = build_report(args, s, link, rounds, m, results)
+    report.update(run.stamp())  # the explanation quotes the load average
     report["explanation"] = explain(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    run.save(report)
     print_table(report)
-    print(f"wrote {args.out} ({report['wall_s']:.0f} s)")
+    print(f"wrote {run.out} ({report['wall_s']:.0f} s)")
     return 0
 
 
@@ -702,17 +687,7 @@ def explain(rep: dict[str, Any]) -> dict[str, str]:
 
 
 def print_table(rep: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     s = rep["settings"]
-    t = Table(
-        title=(
-            f"SmolLM2-135M fp32 over a simulated link, {s['tokens'] - 1} decode steps, median of {s['repeats']} "
-            f"interleaved rounds, {s['threads']} compute thread(s); T_c {rep['T_c_ms']:.1f} ms/token, "
-            f"{rep['bytes_per_token'] / 1e6:.1f} MB/token, link {rep['calibration']['link_bandwidth_Bps'] / 1e9:.3g} GB/s"
-        )
-    )
     cols = (
         "variant",
         "ms/token",
@@ -731,8 +706,12 @@ def print_table(rep: dict[str, Any]) -> None:
         "eff. w/o inflation",
         "eff. (T_l=link alone)",
     )
-    for c in cols:
-        t.add_column(c, justify="left" if c == "variant" else "right")
+    t = harness.table(
+        f"SmolLM2-135M fp32 over a simulated link, {s['tokens'] - 1} decode steps, median of {s['repeats']} "
+        f"interleaved rounds, {s['threads']} compute thread(s); T_c {rep['T_c_ms']:.1f} ms/token, "
+        f"{rep['bytes_per_token'] / 1e6:.1f} MB/token, link {rep['calibration']['link_bandwidth_Bps'] / 1e9:.3g} GB/s",
+        cols,
+    )
     for name, e in rep["variants"].items():
         if "engine_overhead_ms_per_token" in e:  # nothing to overlap: show T_measured - T_c only
             row = ["-"] * (len(cols) - 3)
@@ -752,7 +731,7 @@ def print_table(rep: dict[str, Any]) -> None:
             f"{e['serial_ms_per_token']:.1f}",
             f"{e['efficiency']:.2f}",
             "-" if e.get("ring_model_efficiency_ceiling") is None else f"{e['ring_model_efficiency_ceiling']:.2f}",
-            "-" if e["target_pass"] is None else ("PASS" if e["target_pass"] else "FAIL"),
+            harness.pass_fail(e["target_pass"]),
             f"{e['hit_rate']:.0%}",
             f"{e['stall_ms_per_token']:.1f}",
             f"{e['compute_inflation_ms_per_token']:+.1f}",
@@ -762,8 +741,7 @@ def print_table(rep: dict[str, Any]) -> None:
             else f"{e['efficiency_if_compute_at_resident_speed']:.2f}",
             f"{e['efficiency_with_link_alone_T_l']:.2f}",
         )
-    console = Console(width=200)
-    console.print(t)
+    console = harness.show(t)
     console.print(
         f"memcpy alone {rep['memcpy_alone_ms_per_token']:.1f} ms/token ({rep['memcpy_share_of_T_l']:.0%} of T_l); "
         f"link alone x1/x0.1/x10: "
