@@ -306,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     lim = sv.add_argument_group("limits")
     lim.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
     lim.add_argument("--max-pending", type=int, default=64, help="requests accepted at once; more get 429 (default 64)")
-    lim.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
+    lim.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)"
+    )
     lim.add_argument("--context-length", type=int, help="the model's window in tokens (default: the model's)")
     lim.add_argument(
         "--max-total-tokens", type=int, help="prompt + reply tokens per request (default: the context length)"

@@ -128,7 +128,9 @@ class ServeProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         return sum(
-            v for (n, lab), v in self.metrics().items() if n == name and all(dict(lab).get(k) == x for k, x in labels.items())
+            v
+            for (n, lab), v in self.metrics().items()
+            if n == name and all(dict(lab).get(k) == x for k, x in labels.items())
         )
 
 
@@ -254,7 +256,9 @@ def ask(url: str, form: str, prompt: str, tokens: int = REPLY_TOKENS) -> tuple[i
             event = json.loads(data)
             if "error" in event:
                 return 200, None
-            text += event["choices"][0]["delta"].get("content") or "" if form == "chat-stream" else event["token"]["text"]
+            text += (
+                event["choices"][0]["delta"].get("content") or "" if form == "chat-stream" else event["token"]["text"]
+            )
         return 200, text
 
 
@@ -276,7 +280,13 @@ def concurrency(srv: ServeProcess, tally: Tally, levels: tuple[int, ...]) -> lis
         for s, _ in answers:
             tally.add("concurrency", s)
         rows.append(
-            {"clients": clients, "correct": correct, "incorrect": clients - correct, "wall_s": wall, "rss_after": srv.rss()}
+            {
+                "clients": clients,
+                "correct": correct,
+                "incorrect": clients - correct,
+                "wall_s": wall,
+                "rss_after": srv.rss(),
+            }
         )
     return rows
 
@@ -301,7 +311,9 @@ def _junk_value(rng: random.Random, depth: int = 0) -> Any:
     if kind == 7 and depth < 3:
         return {rng.choice(["role", "content", "a", "", "type"]): _junk_value(rng, depth + 1) for _ in range(3)}
     if kind == 8:
-        return [{"role": rng.choice(["user", "system", "assistant", "tool", "wizard"]), "content": "hi"}] * rng.randrange(0, 4)
+        return [
+            {"role": rng.choice(["user", "system", "assistant", "tool", "wizard"]), "content": "hi"}
+        ] * rng.randrange(0, 4)
     if kind == 9:
         return {str(rng.randrange(-5, 60000)): rng.uniform(-150, 150) for _ in range(rng.randrange(0, 4))}
     if kind == 10:
@@ -330,7 +342,9 @@ def _safe_tokens(rng: random.Random) -> Any:
 
 def fuzz_case(rng: random.Random) -> tuple[str, str, bytes, dict[str, str]]:
     """(method, path, body, headers) of one fuzzed request."""
-    headers = {"Content-Type": rng.choice(["application/json"] * 6 + ["text/plain", "", "application/x-www-form-urlencoded"])}
+    headers = {
+        "Content-Type": rng.choice(["application/json"] * 6 + ["text/plain", "", "application/x-www-form-urlencoded"])
+    }
     if rng.random() < 0.05:
         headers["Host"] = rng.choice(["attacker.example", "localhost", "127.0.0.1.nip.io", "", "x" * 300])
     if rng.random() < 0.05:
@@ -354,12 +368,18 @@ def fuzz_case(rng: random.Random) -> tuple[str, str, bytes, dict[str, str]]:
         elif kind == 4:
             body = b'{"inputs": "\xff\xfe", "messages": "\xc3"}'
         elif kind == 5:
-            body = json.dumps({"messages": [{"role": "user", "content": "hi"}]} | {f"k{i}": i for i in range(5000)}).encode()
+            body = json.dumps(
+                {"messages": [{"role": "user", "content": "hi"}]} | {f"k{i}": i for i in range(5000)}
+            ).encode()
         else:
             body = rng.choice([b"", b"null", b"[]", b'"x"', b"{", b'{"a":1,}', b"NaN", b"{}" * 3])
         return "POST", route, body, headers
     if route.startswith("/v1/chat"):
-        base: dict[str, Any] = {"model": "x", "messages": [{"role": "user", "content": rng.choice(PROMPTS)}], "max_tokens": rng.choice([1, 2, 3])}
+        base: dict[str, Any] = {
+            "model": "x",
+            "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
+            "max_tokens": rng.choice([1, 2, 3]),
+        }
         fields = OPENAI_FIELDS
     elif route.startswith("/v1/"):
         base = {"model": "x", "prompt": rng.choice(PROMPTS), "max_tokens": rng.choice([1, 2, 3])}
@@ -370,7 +390,11 @@ def fuzz_case(rng: random.Random) -> tuple[str, str, bytes, dict[str, str]]:
             base["stream"] = rng.random() < 0.3
         fields = TGI_FIELDS
     for _ in range(rng.randrange(0, 4)):
-        target = base["parameters"] if "parameters" in base and isinstance(base["parameters"], dict) and rng.random() < 0.8 else base
+        target = (
+            base["parameters"]
+            if "parameters" in base and isinstance(base["parameters"], dict) and rng.random() < 0.8
+            else base
+        )
         action = rng.random()
         name = rng.choice(fields + ["inputs", "parameters", "zzz_" + "".join(rng.choices(string.ascii_lowercase, k=5))])
         if action < 0.15:
@@ -397,7 +421,9 @@ def fuzz(srv: ServeProcess, tally: Tally, n: int, n_methods: int, seed: int) -> 
     def send(case: tuple[str, str, bytes, dict[str, str]]) -> None:
         method, path, body, headers = case
         try:
-            with requests.request(method, f"{srv.url}{path}", data=body, headers=headers, timeout=120, stream=True) as r:
+            with requests.request(
+                method, f"{srv.url}{path}", data=body, headers=headers, timeout=120, stream=True
+            ) as r:
                 for _ in r.iter_content(chunk_size=None):
                     pass
                 tally.add("fuzz", r.status_code)
@@ -408,7 +434,10 @@ def fuzz(srv: ServeProcess, tally: Tally, n: int, n_methods: int, seed: int) -> 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(send, cases))
     fuzz_wall = time.perf_counter() - start
-    methods = [("".join(rng.choices(string.ascii_uppercase, k=60)), "/" + "".join(rng.choices(string.ascii_lowercase, k=30))) for _ in range(n_methods)]
+    methods = [
+        ("".join(rng.choices(string.ascii_uppercase, k=60)), "/" + "".join(rng.choices(string.ascii_lowercase, k=30)))
+        for _ in range(n_methods)
+    ]
 
     def odd_method(mp: tuple[str, str]) -> None:
         r = requests.request(mp[0], f"{srv.url}{mp[1]}", timeout=60)
@@ -437,7 +466,12 @@ def fuzz(srv: ServeProcess, tally: Tally, n: int, n_methods: int, seed: int) -> 
 def killed(srv: ServeProcess, tally: Tally, n: int) -> dict[str, Any]:
     cancelled = srv.metric("torus_requests_finished_total", reason="cancelled")
     body = json.dumps(
-        {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 300, "logit_bias": NO_EOS, "stream": True}
+        {
+            "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 300,
+            "logit_bias": NO_EOS,
+            "stream": True,
+        }
     ).encode()
     head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -469,7 +503,12 @@ def killed(srv: ServeProcess, tally: Tally, n: int) -> dict[str, Any]:
         if (gone >= n and busy == 0) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    return {"clients": n, "cancelled": int(gone), "left_in_flight": int(busy), "emptied_in_s": time.perf_counter() - start}
+    return {
+        "clients": n,
+        "cancelled": int(gone),
+        "left_in_flight": int(busy),
+        "emptied_in_s": time.perf_counter() - start,
+    }
 
 
 # ---------------------------------------------------------------------- slow-loris
@@ -530,7 +569,12 @@ def sigterm(srv: ServeProcess, tally: Tally) -> dict[str, Any]:
     outcomes: dict[str, str] = {}
 
     def openai_stream(tokens: int) -> str:
-        with requests.post(f"{srv.url}/v1/chat/completions", json={**chat, "max_tokens": tokens, "stream": True}, stream=True, timeout=120) as r:
+        with requests.post(
+            f"{srv.url}/v1/chat/completions",
+            json={**chat, "max_tokens": tokens, "stream": True},
+            stream=True,
+            timeout=120,
+        ) as r:
             events = [d for _, d in sse_events(r)]
         last = json.loads(events[-2]) if len(events) > 1 else {}
         if "error" in last:
@@ -549,7 +593,9 @@ def sigterm(srv: ServeProcess, tally: Tally) -> dict[str, Any]:
         return f"error event ({last['error_type']})" if "error_type" in last else "finished"
 
     def tgi_plain() -> str:
-        r = requests.post(f"{srv.url}/generate", json={"inputs": COUNTING, "parameters": {"max_new_tokens": 2000}}, timeout=120)
+        r = requests.post(
+            f"{srv.url}/generate", json={"inputs": COUNTING, "parameters": {"max_new_tokens": 2000}}, timeout=120
+        )
         tally.add("sigterm", r.status_code)
         return f"{r.status_code} {r.json().get('error_type', 'ok')}"
 
@@ -644,7 +690,9 @@ def main(argv: list[str] | None = None) -> int:
         "correct_replies": sum(r["correct"] for r in report["concurrency"]),
         "incorrect_replies": sum(r["incorrect"] for r in report["concurrency"]),
         "largest_stream_stall_s": max(stalls) if stalls else None,
-        "normal_gap_s": statistics.median(r["median_gap_before_s"] for r in report["stall"] if r["median_gap_before_s"]),
+        "normal_gap_s": statistics.median(
+            r["median_gap_before_s"] for r in report["stall"] if r["median_gap_before_s"]
+        ),
         "rss_start_bytes": rss_start,
         "rss_before_fuzz_bytes": f["rss_before"],
         "rss_after_fuzz_bytes": f["rss_after"],
@@ -664,7 +712,11 @@ def main(argv: list[str] | None = None) -> int:
         {
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "torus_sparse": __version__},
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "torus_sparse": __version__,
+            },
             "settings": {
                 "fuzz_bodies": args.fuzz,
                 "odd_methods": args.methods,
@@ -723,7 +775,9 @@ def render_table(report: dict[str, Any]) -> str:
             f"| {row['clients']} concurrent clients (5 routes/forms) | | | {row['correct']} correct, "
             f"{row['incorrect']} incorrect ({row['wall_s']:.1f} s) |"
         )
-    lines.append(f"| (concurrency, all requests incl. solo references) | {statuses('concurrency')} | {five('concurrency')} | |")
+    lines.append(
+        f"| (concurrency, all requests incl. solo references) | {statuses('concurrency')} | {five('concurrency')} | |"
+    )
     f = report["fuzz"]
     lines.append(
         f"| fuzz: {st['fuzz_bodies']} bodies, 16 threads | {statuses('fuzz')} | {five('fuzz')} | "

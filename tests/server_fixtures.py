@@ -94,7 +94,6 @@ class ServerThread:
 @functools.lru_cache(maxsize=None)
 def _server(kind: str) -> ServerThread:
     from torus_adapters.server import ServerSettings, create_app
-
     from torus_adapters.server.hosts import allowed_hosts_for
 
     loopback = allowed_hosts_for("127.0.0.1")  # what `serve` answers on 127.0.0.1

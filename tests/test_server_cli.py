@@ -27,7 +27,9 @@ def _free_port() -> int:
 def _serve(*args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "TORUS_SPARSE_API_KEY"}
     cmd = [sys.executable, "-m", "torus_adapters.cli", "serve", "--log-level", "warning", *args]
-    return subprocess.Popen(cmd, env={**env, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, env={**env, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_until_up(proc: subprocess.Popen, base: str) -> None:
@@ -47,7 +49,9 @@ def _running(base: str, key: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = requests.get(f"{base}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10).text
-    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == "torus_requests_running")
+    return next(
+        s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == "torus_requests_running"
+    )
 
 
 NO_EOS = {"0": -100, "2": -100}  # SmolLM2's end tokens: these replies cannot end before max_tokens
@@ -77,7 +81,9 @@ def test_serve_with_a_key_file_then_sigterm_with_generations_in_flight(tmp_path)
         chat = dict(model="x", messages=[{"role": "user", "content": "Tell me a story."}], logit_bias=NO_EOS)
         with ThreadPoolExecutor(5) as pool:
             long_calls = {
-                "openai stream": pool.submit(lambda: list(oa.chat.completions.create(**chat, max_tokens=2000, stream=True))),
+                "openai stream": pool.submit(
+                    lambda: list(oa.chat.completions.create(**chat, max_tokens=2000, stream=True))
+                ),
                 "openai plain": pool.submit(lambda: oa.chat.completions.create(**chat, max_tokens=2000)),
                 "tgi stream": pool.submit(lambda: list(tgi.generate_stream(COUNTING, max_new_tokens=2000))),
                 "tgi plain": pool.submit(lambda: tgi.generate(COUNTING, max_new_tokens=2000)),
@@ -99,9 +105,13 @@ def test_serve_with_a_key_file_then_sigterm_with_generations_in_flight(tmp_path)
                 with pytest.raises(Exception) as info:
                     call.result(timeout=120)
                 errors[name] = info.value
-        assert isinstance(errors["openai stream"], openai.APIError) and "shutting down" in errors["openai stream"].message
+        assert (
+            isinstance(errors["openai stream"], openai.APIError) and "shutting down" in errors["openai stream"].message
+        )
         assert isinstance(errors["openai plain"], openai.InternalServerError)
-        assert errors["openai plain"].status_code == 503 and errors["openai plain"].body["code"] == "server_shutting_down"
+        assert (
+            errors["openai plain"].status_code == 503 and errors["openai plain"].body["code"] == "server_shutting_down"
+        )
         assert isinstance(errors["tgi stream"], text_generation.errors.OverloadedError)
         assert isinstance(errors["tgi plain"], text_generation.errors.OverloadedError)
         with pytest.raises(requests.ConnectionError):  # no longer accepting

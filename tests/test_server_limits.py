@@ -61,7 +61,9 @@ def test_a_request_stuck_in_tokenizing_does_not_stop_other_clients(server_model)
                         next(events)  # the stream goes on (each read would time out otherwise)
                     assert requests.get(f"{srv.url}/health", timeout=10).ok
                     r = requests.post(
-                        f"{srv.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 2, "temperature": 0}, timeout=10
+                        f"{srv.url}/v1/completions",
+                        json={"prompt": "Hello", "max_tokens": 2, "temperature": 0},
+                        timeout=10,
                     )
                     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
                     assert not stuck.done()
@@ -83,9 +85,7 @@ def test_a_megabyte_of_wrong_items_is_one_clear_error(limits_server):  # noqa: F
 def test_max_pending_counts_requests_while_they_are_prefilled(server_model):  # noqa: F811
     # 16 clients at once against --max-pending 4 --max-batch-size 4, long prompts (slow prefill):
     # exactly 4 are accepted, although requests being prefilled are neither waiting nor decoding.
-    srv = ServerThread(
-        create_app(server_model, ServerSettings(model_name="busy", max_pending=4, max_batch_size=4))
-    )
+    srv = ServerThread(create_app(server_model, ServerSettings(model_name="busy", max_pending=4, max_batch_size=4)))
     prompt = "Describe the sea at night in great detail. " * 40  # ~400 tokens
     statuses: list[int] = []
     all_in = threading.Barrier(16, timeout=120)

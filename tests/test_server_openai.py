@@ -109,7 +109,12 @@ def test_logit_bias_bans_and_forces_tokens_each_request_its_own(client, server_m
         model="x", prompt="The capital of France is", max_tokens=2, temperature=0, logit_bias={str(PARIS): -100}
     )
     assert "Paris" not in completion.choices[0].text
-    assert "Paris" in client.completions.create(model="x", prompt="The capital of France is", max_tokens=2, temperature=0).choices[0].text
+    assert (
+        "Paris"
+        in client.completions.create(model="x", prompt="The capital of France is", max_tokens=2, temperature=0)
+        .choices[0]
+        .text
+    )
 
 
 UNSUPPORTED = {

@@ -81,7 +81,9 @@ def log_reference(logger: logging.Logger, what: str) -> str:
 def internal_error(what: str) -> ApiError:
     """Log the exception being handled; the client's message names only the reference."""
     ref = log_reference(log, what)
-    return ApiError(500, f"internal server error (reference {ref}; the server log has the details)", tgi_type="generation")
+    return ApiError(
+        500, f"internal server error (reference {ref}; the server log has the details)", tgi_type="generation"
+    )
 
 
 def openai_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

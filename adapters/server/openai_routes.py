@@ -128,7 +128,9 @@ def build_router(service: ModelService) -> APIRouter:
             else (body.max_tokens, "max_tokens")
         )
         limit = service.max_new_tokens(len(prompt), wanted, param, prompt_param="messages")
-        return _Prepared(body, GenerationRequest(tuple(prompt), limit, _sampling(service, body), stop_strings(body.stop)))
+        return _Prepared(
+            body, GenerationRequest(tuple(prompt), limit, _sampling(service, body), stop_strings(body.stop))
+        )
 
     def prepare_completion(raw: bytes) -> _Prepared:
         body = parse(CompletionRequest, raw)
