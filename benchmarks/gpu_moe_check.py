@@ -39,8 +39,9 @@ over prefill and decode (CPU: the engine's planned device bytes).
 Expected: streamed bf16 tokens and logits bit-equal to the baseline (same eager arithmetic on the
 same device); the int8 run bit-equal to the resident run on its dequantized weights.
 
-Output: a table, and JSON at --out, else $OUT/gpu_moe_check.json when OUT is set, else
-benchmarks/results/gpu_moe_check.json (`_tiny` with --tiny), rewritten after every phase. Every
+Output: a table, and JSON at --out, else benchmarks/results/gpu_moe_check.json with --record, else
+$OUT/gpu_moe_check.json when OUT is set, else benchmarks/results/scratch/gpu_moe_check.json (`_tiny`
+with --tiny), rewritten after every phase. Every
 variant is guarded: a failure is recorded in the JSON and the rest still run; a variant whose
 predicted duration would end the script after --max-seconds is skipped, saying so. Exit status 0
 whether or not the checks pass; non-zero only if the script itself fails.
@@ -49,72 +50,44 @@ whether or not the checks pass; non-zero only if the script itself fails.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
 import sys
 import time
 import traceback
 import warnings
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import harness  # sets the offline defaults (HF_HUB_OFFLINE=1) before transformers loads
+import torch
+from harness import fmt_bytes, free_device_memory, log, peak_allocated, sync
+from torch import nn
+
 # `past_key_values=` is deprecated in newer transformers (5.24) but is what the device's (5.17) knows
 warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-# The dense check's helpers: logging, byte formatting, device sync/memory and the pinned
-# host->device bandwidth probe (both checks measure the link the same way).
-from gpu_check import (  # noqa: E402
-    _version,
-    fmt_bytes,
-    free_device_memory,
-    link_bandwidth,
-    log,
-    peak_allocated,
-    sync,
-)
-
-HERE = Path(__file__).resolve().parent
 MiB = 2**20
 OLMOE_LAYERS = 16  # OLMoE-1B-7B's decoder layers
-FULL = dict(
-    hidden_size=2048,
-    intermediate_size=1024,
-    num_experts=64,
-    num_experts_per_tok=8,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    vocab_size=50304,
-)
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=32,
-    num_experts=8,
-    num_experts_per_tok=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    vocab_size=512,
-)
 
 
-# --------------------------------------------------------------------------- helpers
-def default_out(tiny: bool) -> Path:
-    name = "gpu_moe_check_tiny.json" if tiny else "gpu_moe_check.json"
-    out = os.environ.get("OUT")
-    return Path(out) / name if out else HERE / "results" / name
+def olmoe_dims(hidden: int, intermediate: int, experts: int, top_k: int, heads: int, vocab: int) -> dict[str, int]:
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,  # MHA
+        vocab_size=vocab,
+    )
+
+
+FULL = olmoe_dims(2048, 1024, 64, 8, 16, 50304)  # OLMoE-1B-7B's per-layer shape
+TINY = olmoe_dims(64, 32, 8, 2, 4, 512)
 
 
 # --------------------------------------------------------------------------- model
-def build_model(dims: dict[str, int], layers: int, seed: int, std: float = 0.02) -> nn.Module:
+def build_model(dims: dict[str, int], layers: int, seed: int) -> nn.Module:
     """An OlmoeForCausalLM with deterministic random bf16 weights, eager experts, no float32 pass."""
-    from accelerate import init_empty_weights
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     cfg = OlmoeConfig(
@@ -128,26 +101,9 @@ def build_model(dims: dict[str, int], layers: int, seed: int, std: float = 0.02)
         eos_token_id=50279 if dims["vocab_size"] > 50279 else 0,
     )
     cfg._experts_implementation = "eager"
-    with init_empty_weights():  # parameters on `meta`, buffers (rotary inv_freq) real
-        model = OlmoeForCausalLM(cfg)
-    torch.manual_seed(seed)
-    for _, mod in model.named_modules():
-        for name, p in list(mod._parameters.items()):
-            if p is None:
-                continue
-            t = torch.empty(p.shape, dtype=torch.bfloat16)
-            if p.ndim == 1:  # RMSNorm weights (q/k norms included; OLMoE has no biases)
-                t.fill_(1.0)
-            else:
-                t.normal_(0.0, std)
-            mod._parameters[name] = nn.Parameter(t, requires_grad=False)
-    for name, b in model.named_buffers():
-        if b.device.type == "meta":
-            raise RuntimeError(f"buffer {name} was left on the meta device")
-    model.config.dtype = torch.bfloat16
+    model = harness.random_bf16(lambda: OlmoeForCausalLM(cfg), seed)
     if getattr(model.config, "_experts_implementation", None) != "eager":
         model.set_experts_implementation("eager")
-    model.eval()
     return model
 
 
@@ -155,7 +111,6 @@ def expert_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for layer in model.model.layers for p in layer.mlp.experts.parameters(recurse=False)]
 
 
-# --------------------------------------------------------------------------- bandwidth
 # --------------------------------------------------------------------------- the run
 @torch.inference_mode()
 def greedy_run(
@@ -272,8 +227,30 @@ def resident_run(model: nn.Module, args: Any, ids: torch.Tensor, warm: torch.Ten
     return res
 
 
-# --------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
+# --------------------------------------------------------------------------- the check's state
+@dataclass
+class Check:
+    args: argparse.Namespace
+    device: torch.device
+    transport: str
+    dims: dict[str, int]
+    layers: int
+    reduction: str
+    run: harness.Run
+    report: dict[str, Any] = field(default_factory=dict)
+    model: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+    link_Bps: float = 0.0
+    ids: Any = None
+    warm: Any = None
+    base: dict[str, Any] = field(default_factory=dict)
+    originals: list = field(default_factory=list)  # (expert parameter, its built tensor)
+
+    def save(self) -> None:
+        self.run.save(self.report)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny config (hidden 64, 8 experts, top-2, 2 layers); CPU ok")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 4 of OLMoE's 16; tiny 2)")
@@ -284,25 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 run")
     ap.add_argument("--max-seconds", type=float, default=150.0, help="skip variants that would end after this (150)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
+    harness.add_output_args(ap, "gpu_moe_check.json (gpu_moe_check_tiny.json with --tiny)", device_out=True)
+    return ap.parse_args(argv)
 
-    import transformers
 
-    import torus_plugins as tp
-    from torus_adapters.moe_architectures import moe_info
-
-    has_cuda = torch.cuda.is_available()
-    if not has_cuda and not args.tiny:
-        print("gpu_moe_check: CUDA is not available; use --tiny to smoke-test on the CPU", file=sys.stderr)
-        return 2
-    device = torch.device("cuda", torch.cuda.current_device()) if has_cuda else torch.device("cpu")
-    transport = "cuda" if has_cuda else "copy"
-    dims = TINY if args.tiny else FULL
+def start(args: argparse.Namespace) -> Check | None:
+    picked = harness.pick_device(args.tiny, "gpu_moe_check")
+    if picked is None:
+        return None
+    device, transport = picked
     layers = args.layers or (2 if args.tiny else 4)
-    out_path = args.out or default_out(args.tiny)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    t_script = time.perf_counter()
     reduction = (
         "tiny config (not OLMoE-shaped): smoke test of the logic; speed numbers mean nothing"
         if args.tiny
@@ -311,20 +279,15 @@ def main(argv: list[str] | None = None) -> int:
         f"expert bytes per token); random init, so routing is near-uniform (a pessimistic case for caches "
         f"and predictors)"
     )
-    report: dict[str, Any] = {
+    name = "gpu_moe_check_tiny.json" if args.tiny else "gpu_moe_check.json"
+    dims = TINY if args.tiny else FULL
+    c = Check(
+        args, device, transport, dims, layers, reduction, harness.Run(harness.output_path(args, name, device_out=True))
+    )
+    c.report = {
         "benchmark": "gpu_moe_check" + ("_tiny" if args.tiny else ""),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if has_cuda else f"cpu ({platform.machine()})",
-        "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory if has_cuda else None,
-        "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "versions": {
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "transformers": transformers.__version__,
-            "accelerate": _version("accelerate"),
-            "torus_sparse": tp.__version__,
-            "torus_sparse_from": str(Path(tp.__file__).parent),
-        },
+        **harness.environment(),
+        **harness.device_record(device),
         "model_reduction": reduction,
         "settings": {
             "tiny": args.tiny,
@@ -346,194 +309,224 @@ def main(argv: list[str] | None = None) -> int:
         "phases": {},
         "errors": [],
     }
+    v = c.report["versions"]
+    log(f"device {c.report['device']}; torch {v['torch']}, transformers {v['transformers']}")
+    log(f"model: {reduction}")
+    return c
 
-    def save() -> None:
-        report["wall_s"] = time.perf_counter() - t_script
-        out_path.write_text(json.dumps(report, indent=2) + "\n")
 
-    try:
-        # 1. build + link -------------------------------------------------------------
-        log(f"device {report['device']}; torch {torch.__version__}, transformers {transformers.__version__}")
-        log(f"model: {reduction}")
-        t0 = time.perf_counter()
-        model = build_model(dims, layers, args.seed)
-        info = moe_info(model)
-        total_experts = info["moe_layers"] * info["experts"]
-        n_params = sum(p.numel() for p in model.parameters())
-        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        expert_total = sum(p.numel() * p.element_size() for p in expert_params(model))
-        report["model"] = {
-            "class": type(model).__name__,
-            "parameters": n_params,
-            "bytes": model_bytes,
-            "expert_bytes_total": expert_total,
-            "non_expert_bytes": model_bytes - expert_total,
-            **info,
-            "total_experts": total_experts,
-            "experts_implementation": getattr(model.config, "_experts_implementation", None),
-            "attn_implementation": getattr(model.config, "_attn_implementation", None),
-            "build_s": time.perf_counter() - t0,
-        }
-        log(
-            f"built {n_params / 1e6:.1f} M params ({fmt_bytes(model_bytes)}) in {report['model']['build_s']:.1f} s: "
-            f"{info['moe_layers']} MoE layers x {info['experts']} experts (top-{info['top_k']}), "
-            f"{fmt_bytes(info['expert_bytes'])} per expert, experts {fmt_bytes(expert_total)}"
-        )
-        save()
-        big = 256 * MiB
-        bw = link_bandwidth(device, {"256MiB": big, "expert": info["expert_bytes"]})
-        report["bandwidth"] = bw
-        link_Bps = bw["256MiB"]["GBps"] * 1e9
-        log(f"link: {bw['method']}: 256 MiB {link_Bps / 1e9:.2f} GB/s, one expert {bw['expert']['GBps']:.2f} GB/s")
-        free_device_memory(device)
-        g = torch.Generator().manual_seed(args.seed + 1)
-        ids = torch.randint(3, dims["vocab_size"], (1, args.prompt_tokens), generator=g).to(device)
-        warm = torch.randint(3, dims["vocab_size"], (1, args.prompt_tokens), generator=g).to(device)
-        save()
+# --------------------------------------------------------------------------- phases
+def build_and_link(c: Check) -> None:
+    """1. The host model and its sizes; the pinned link (256 MiB and one expert); the prompts."""
+    from torus_adapters.moe_architectures import moe_info
 
-        # 2. baseline -------------------------------------------------------------------
-        base = resident_run(model, args, ids, warm, device)
-        report["phases"]["baseline"] = {"kind": "resident", **public(base)}
-        report["model"]["baseline_logits_finite"] = bool(torch.isfinite(base["_prompt_logits"].float()).all())
-        log(
-            f"baseline: {base['tok_per_s']:.2f} tok/s ({base['ms_per_token']:.2f} ms/token), "
-            f"peak {fmt_bytes(base['peak_allocated'])}"
-        )
-        save()
-    except Exception as exc:  # noqa: BLE001 - nothing to compare against: record, stop
-        report["fatal"] = f"{type(exc).__name__}: {exc}"
-        report["errors"].append({"setup": traceback.format_exc()})
-        save()
-        log(f"FAILED before the streamed runs: {report['fatal']}")
-        traceback.print_exc()
-        return 1
+    t0 = time.perf_counter()
+    c.model = model = build_model(c.dims, c.layers, c.args.seed)
+    c.info = info = moe_info(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    expert_total = sum(p.numel() * p.element_size() for p in expert_params(model))
+    c.report["model"] = {
+        "class": type(model).__name__,
+        "parameters": n_params,
+        "bytes": model_bytes,
+        "expert_bytes_total": expert_total,
+        "non_expert_bytes": model_bytes - expert_total,
+        **info,
+        "total_experts": info["moe_layers"] * info["experts"],
+        "experts_implementation": getattr(model.config, "_experts_implementation", None),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "build_s": time.perf_counter() - t0,
+    }
+    log(
+        f"built {n_params / 1e6:.1f} M params ({fmt_bytes(model_bytes)}) in {c.report['model']['build_s']:.1f} s: "
+        f"{info['moe_layers']} MoE layers x {info['experts']} experts (top-{info['top_k']}), "
+        f"{fmt_bytes(info['expert_bytes'])} per expert, experts {fmt_bytes(expert_total)}"
+    )
+    c.save()
+    bw = harness.link_bandwidth(c.device, {"256MiB": 256 * MiB, "expert": info["expert_bytes"]})
+    c.report["bandwidth"] = bw
+    c.link_Bps = bw["256MiB"]["GBps"] * 1e9
+    log(f"link: {bw['method']}: 256 MiB {c.link_Bps / 1e9:.2f} GB/s, one expert {bw['expert']['GBps']:.2f} GB/s")
+    free_device_memory(c.device)
+    g = torch.Generator().manual_seed(c.args.seed + 1)
+    vocab, n = c.dims["vocab_size"], c.args.prompt_tokens
+    c.ids = torch.randint(3, vocab, (1, n), generator=g).to(c.device)
+    c.warm = torch.randint(3, vocab, (1, n), generator=g).to(c.device)
+    c.save()
 
-    # 3. streamed -------------------------------------------------------------------
-    top_k = info["top_k"]
-    quarter, half = max(top_k, total_experts // 4), max(top_k, total_experts // 2)
-    variants = [
+
+def baseline(c: Check) -> None:
+    """2. Everything resident, eager experts: the reference run."""
+    c.base = base = resident_run(c.model, c.args, c.ids, c.warm, c.device)
+    c.report["phases"]["baseline"] = {"kind": "resident", **public(base)}
+    c.report["model"]["baseline_logits_finite"] = bool(torch.isfinite(base["_prompt_logits"].float()).all())
+    log(
+        f"baseline: {base['tok_per_s']:.2f} tok/s ({base['ms_per_token']:.2f} ms/token), "
+        f"peak {fmt_bytes(base['peak_allocated'])}"
+    )
+    c.save()
+
+
+def variants(c: Check) -> list[tuple[str, int, int, str, str | None]]:
+    """(name, cache experts, cache share %, predictor, weight quant): quarter and half x none and
+    speculative, then int8 at half with speculative."""
+    total, top_k = c.report["model"]["total_experts"], c.info["top_k"]
+    quarter, half = max(top_k, total // 4), max(top_k, total // 2)
+    out = [
         (f"cache{share}_{pred}", n, share, pred, None)
         for share, n in ((25, quarter), (50, half))
         for pred in ("none", "speculative")
     ]
-    if not args.no_int8:
-        variants.append(("cache50_speculative_int8", half, 50, "speculative", "int8"))
-    originals = [(p, p.data) for p in expert_params(model)]
+    if not c.args.no_int8:
+        out.append(("cache50_speculative_int8", half, 50, "speculative", "int8"))
+    return out
+
+
+def streamed_run(c: Check, name: str, entry: dict[str, Any], n_cache: int, pred: str, quant: str | None) -> None:
+    """attach, the run, its counters against the baseline, detach (and the int8 run's own reference)."""
+    import torus_plugins as tp
+
+    free_device_memory(c.device)
+    cfg = tp.TorusConfig(
+        transport=c.transport,
+        device=str(c.device),
+        lookahead=c.args.lookahead,
+        moe_cache_experts=n_cache,
+        moe_predictor=pred,
+        moe_eviction="lru",
+        moe_cache_scope="shared",
+        weight_quant=quant,
+    )
+    t0 = time.perf_counter()
+    eng = tp.attach(c.model, cfg)
+    sync(c.device)
+    entry["attach_s"] = time.perf_counter() - t0
+    res = greedy_run(c.model, c.ids, c.warm, c.args.tokens, c.args.warmup_tokens, c.device, eng)
+    entry.update(public(res))
+    entry["vs_baseline"] = compare(c.base, res)
+    entry.update(expert_figures(eng.stats(), res, c.base, c.link_Bps, c.args.tokens))
+    cmp = entry["vs_baseline"]
+    recall = "-" if entry["recall"] is None else f"{entry['recall']:.1%}"
+    log(
+        f"{name}: {res['tok_per_s']:.2f} tok/s ({entry['tok_per_s_vs_baseline']:.2f}x base), "
+        f"hit {entry['hit_rate']:.1%}, recall {recall}, "
+        f"{fmt_bytes(entry['bytes_per_token'])}/token, wasted {entry['wasted_share']:.1%}, "
+        f"stall {entry['stall_ms_per_token']:.2f} ms/token, "
+        f"tokens equal {cmp['tokens_equal']}, logits max|diff| {cmp['logits_max_abs_diff']:.3g}"
+    )
+    t0 = time.perf_counter()
+    tp.detach(c.model)
+    del eng
+    entry["detach_s"] = time.perf_counter() - t0
+    if quant is None:
+        p0, d0 = c.originals[0]
+        entry["detach_restored_weights"] = bool(torch.equal(p0.data, d0))
+        return
+    # detach() left the dequantized experts: the resident run on them is the exact reference
+    ref = resident_run(c.model, c.args, c.ids, c.warm, c.device)
+    entry["dequantized_resident"] = public(ref)
+    entry["vs_dequantized_resident"] = cr = compare(ref, res)
+    log(
+        f"{name} vs the resident run on its dequantized weights: tokens equal {cr['tokens_equal']}, "
+        f"logits max|diff| {cr['logits_max_abs_diff']:.3g}"
+    )
+
+
+def expert_figures(st: Any, res: dict[str, Any], base: dict[str, Any], link_Bps: float, tokens: int) -> dict:
+    """Hit rate, recall, bytes and wasted bytes per token, stall, link ceiling, memory."""
+    ex = st.experts
+    passes = ex.forward_passes or tokens
+    tot = ex.totals()
+    bpt = ex.bytes_moved / passes
+    ceiling = link_Bps / bpt if bpt else None
+    return dict(
+        cache_experts_engine=ex.cache_experts,
+        total_experts=ex.total_experts,
+        expert_bytes_streamed=ex.expert_bytes,
+        cache_bytes=ex.cache_bytes,
+        prefetch_k=ex.prefetch_k,
+        forward_passes=ex.forward_passes,
+        hit_rate=ex.hit_rate,
+        recall=ex.recall,
+        loads_per_token=ex.loads / passes,
+        bytes_per_token=bpt,
+        wasted_share=tot["wasted_share"],
+        wasted_bytes_per_token=ex.wasted_bytes / passes,
+        stall_ms_per_token=ex.stall_s * 1e3 / passes,
+        link_ceiling_tok_per_s=ceiling,
+        fraction_of_link_ceiling=res["tok_per_s"] / ceiling if ceiling else None,
+        tok_per_s_vs_baseline=res["tok_per_s"] / base["tok_per_s"],
+        effective_link_GBps=bpt * res["tok_per_s"] / 1e9,
+        engine_peak_device_bytes=st.peak_device_bytes,
+        host_store_bytes=st.host_store_bytes,
+        expert_totals=tot,
+    )
+
+
+def streamed(c: Check) -> None:
+    """3. Every variant, guarded: a failure is recorded and the model made usable again; each run
+    starts from the built expert weights."""
+    import torus_plugins as tp
+
+    c.originals = [(p, p.data) for p in expert_params(c.model)]
+    guard = harness.TimeGuard(c.args.max_seconds, start=c.run.t0)
     last_s: float | None = None
-    for name, n_cache, share, pred, quant in variants:
-        elapsed = time.perf_counter() - t_script
-        predicted = (last_s or 20.0) * (2.5 if quant else 1.0)
+    for name, n_cache, share, pred, quant in variants(c):
         entry: dict[str, Any] = {
             "kind": "streamed",
             "cache_experts": n_cache,
             "cache_share": share / 100,
             "predictor": pred,
             "weight_quant": quant,
-            "lookahead": args.lookahead,
+            "lookahead": c.args.lookahead,
         }
-        report["phases"][name] = entry
-        if elapsed + predicted > args.max_seconds:
-            entry["skipped"] = (
-                f"time guard: {elapsed:.0f} s elapsed + {predicted:.0f} s predicted > --max-seconds {args.max_seconds:.0f}"
-            )
-            log(f"{name} skipped: {entry['skipped']}")
-            save()
+        c.report["phases"][name] = entry
+        skipped = guard.refuse((last_s or 20.0) * (2.5 if quant else 1.0))
+        if skipped:
+            entry["skipped"] = skipped
+            log(f"{name} skipped: {skipped}")
+            c.save()
             continue
         t_run = time.perf_counter()
-        eng = None
         try:
-            free_device_memory(device)
-            cfg = tp.TorusConfig(
-                transport=transport,
-                device=str(device),
-                lookahead=args.lookahead,
-                moe_cache_experts=n_cache,
-                moe_predictor=pred,
-                moe_eviction="lru",
-                moe_cache_scope="shared",
-                weight_quant=quant,
-            )
-            t0 = time.perf_counter()
-            eng = tp.attach(model, cfg)
-            sync(device)
-            entry["attach_s"] = time.perf_counter() - t0
-            res = greedy_run(model, ids, warm, args.tokens, args.warmup_tokens, device, eng)
-            st = eng.stats()
-            ex = st.experts
-            entry.update(public(res))
-            entry["vs_baseline"] = compare(base, res)
-            passes = ex.forward_passes or args.tokens
-            tot = ex.totals()
-            bpt = ex.bytes_moved / passes
-            ceiling = link_Bps / bpt if bpt else None
-            entry.update(
-                cache_experts_engine=ex.cache_experts,
-                total_experts=ex.total_experts,
-                expert_bytes_streamed=ex.expert_bytes,
-                cache_bytes=ex.cache_bytes,
-                prefetch_k=ex.prefetch_k,
-                forward_passes=ex.forward_passes,
-                hit_rate=ex.hit_rate,
-                recall=ex.recall,
-                loads_per_token=ex.loads / passes,
-                bytes_per_token=bpt,
-                wasted_share=tot["wasted_share"],
-                wasted_bytes_per_token=ex.wasted_bytes / passes,
-                stall_ms_per_token=ex.stall_s * 1e3 / passes,
-                link_ceiling_tok_per_s=ceiling,
-                fraction_of_link_ceiling=res["tok_per_s"] / ceiling if ceiling else None,
-                tok_per_s_vs_baseline=res["tok_per_s"] / base["tok_per_s"],
-                effective_link_GBps=bpt * res["tok_per_s"] / 1e9,
-                engine_peak_device_bytes=st.peak_device_bytes,
-                host_store_bytes=st.host_store_bytes,
-                expert_totals=tot,
-            )
-            cmp = entry["vs_baseline"]
-            log(
-                f"{name}: {res['tok_per_s']:.2f} tok/s ({entry['tok_per_s_vs_baseline']:.2f}x base), hit {ex.hit_rate:.1%}, "
-                f"recall {'-' if ex.recall is None else f'{ex.recall:.1%}'}, {fmt_bytes(bpt)}/token, "
-                f"wasted {tot['wasted_share']:.1%}, stall {entry['stall_ms_per_token']:.2f} ms/token, "
-                f"tokens equal {cmp['tokens_equal']}, logits max|diff| {cmp['logits_max_abs_diff']:.3g}"
-            )
-            t0 = time.perf_counter()
-            tp.detach(model)
-            eng = None
-            entry["detach_s"] = time.perf_counter() - t0
-            if quant is None:
-                p0, d0 = originals[0]
-                entry["detach_restored_weights"] = bool(torch.equal(p0.data, d0))
-            else:
-                # detach() left the dequantized experts: the resident run on them is the exact reference
-                ref = resident_run(model, args, ids, warm, device)
-                entry["dequantized_resident"] = public(ref)
-                entry["vs_dequantized_resident"] = compare(ref, res)
-                c = entry["vs_dequantized_resident"]
-                log(
-                    f"{name} vs the resident run on its dequantized weights: tokens equal {c['tokens_equal']}, "
-                    f"logits max|diff| {c['logits_max_abs_diff']:.3g}"
-                )
+            streamed_run(c, name, entry, n_cache, pred, quant)
         except Exception as exc:  # noqa: BLE001 - record, keep the model usable, go on
             entry["error"] = f"{type(exc).__name__}: {exc}"
-            report["errors"].append({name: traceback.format_exc()})
+            c.report["errors"].append({name: traceback.format_exc()})
             log(f"{name} FAILED: {entry['error']}")
             try:
-                if tp.is_attached(model):
-                    tp.detach(model)
-                model.to("cpu")
+                if tp.is_attached(c.model):
+                    tp.detach(c.model)
+                c.model.to("cpu")
             except Exception:  # noqa: BLE001
-                report["errors"].append({f"{name} (cleanup)": traceback.format_exc()})
-        del eng
-        for p, d in originals:  # every run starts from the built weights (frees detach's copies)
+                c.report["errors"].append({f"{name} (cleanup)": traceback.format_exc()})
+        for p, d in c.originals:  # every run starts from the built weights (frees detach's copies)
             p.data = d
-        free_device_memory(device)
-        last_s = time.perf_counter() - t_run
-        entry["run_s"] = last_s
-        save()
+        free_device_memory(c.device)
+        last_s = entry["run_s"] = time.perf_counter() - t_run
+        c.save()
 
-    report["summary"] = summarize(report)
-    save()
-    print_table(report, link_Bps)
-    log(f"wrote {out_path} ({report['wall_s']:.0f} s)")
+
+def main(argv: list[str] | None = None) -> int:
+    c = start(parse_args(argv))
+    if c is None:
+        return 2
+    try:
+        build_and_link(c)
+        baseline(c)
+    except Exception as exc:  # noqa: BLE001 - nothing to compare against: record, stop
+        c.report["fatal"] = f"{type(exc).__name__}: {exc}"
+        c.report["errors"].append({"setup": traceback.format_exc()})
+        c.save()
+        log(f"FAILED before the streamed runs: {c.report['fatal']}")
+        traceback.print_exc()
+        return 1
+    streamed(c)
+    c.report["summary"] = summarize(c.report)
+    c.save()
+    print_table(c.report, c.link_Bps)
+    log(f"wrote {c.run.out} ({c.report['wall_s']:.0f} s)")
     return 0
 
 
@@ -564,16 +557,12 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_table(report: dict[str, Any], link_Bps: float) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     m, s = report["model"], report["settings"]
     title = (
         f"{report['device']}: OLMoE-shaped MoE, {s['layers']} layers x {m['experts']} experts top-{m['top_k']}, "
         f"{fmt_bytes(m['expert_bytes'])}/expert, bf16, {s['decode_steps']} decode steps, lookahead {s['lookahead']}, "
         f"transport {s['transport']}; link {link_Bps / 1e9:.1f} GB/s"
     )
-    t = Table(title=title)
     cols = (
         "run",
         "cache",
@@ -590,8 +579,7 @@ def print_table(report: dict[str, Any], link_Bps: float) -> None:
         "logits max|Δ|",
         "tokens = ref",
     )
-    for c in cols:
-        t.add_column(c, justify="left" if c == "run" else "right")
+    t = harness.table(title, cols)
     for name, e in report["phases"].items():
         if "skipped" in e or "error" in e:
             what = "skipped" if "skipped" in e else "ERROR"
@@ -636,8 +624,7 @@ def print_table(report: dict[str, Any], link_Bps: float) -> None:
             logits,
             tokens,
         )
-    console = Console(width=220)
-    console.print(t)
+    console = harness.show(t, width=220)
     console.print(f"model: {report['model_reduction']}")
     sm = report.get("summary") or {}
     console.print(
