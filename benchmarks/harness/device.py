@@ -158,6 +158,9 @@ def _pinned_probe(device: torch.device, sizes: dict[str, int], reps: int) -> dic
 
     out: dict[str, Any] = {}
     for name, n in sizes.items():
+        # The side stream's copies start after the compute stream's work on `dev`: what the caching
+        # allocator's block may still have queued, and the previous size's check of the bytes.
+        stream.wait_stream(torch.cuda.current_stream(device))
         entry = _best_of(pinned_copy, n, reps)
         head, tail = slice(0, 4096), slice(n - 4096, n)
         entry["verified"] = torch.equal(dev[head].cpu(), host[head]) and torch.equal(dev[tail].cpu(), host[tail])

@@ -16,8 +16,8 @@ def table(title: str, columns: Sequence[str], left: int = 1) -> Any:
     return t
 
 
-def show(*renderables: Any, width: int = 200) -> Any:
-    """Print tables or lines (rich markup allowed) on a console `width` wide; returns the console."""
+def show(*renderables: Any, width: int | None = 200) -> Any:
+    """Print tables or lines (rich markup allowed) on a console `width` wide (None: the terminal's); returns the console."""
     from rich.console import Console
 
     console = Console(width=width)
