@@ -268,10 +268,9 @@ def print_table(report: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from torus_adapters.default_model import default_model_path
+    from torus_adapters.transformers_adapter.default_model import default_model_path
 
-    run = harness.Run(harness.output_path(args, "cpu_decode.json"))
-    harness.set_threads(args.threads or os.cpu_count() or 1)
+    run = harness.begin(args, "cpu_decode.json", threads=args.threads or os.cpu_count() or 1)
     torch.manual_seed(0)
     path = default_model_path()
     inputs, pad_id = harness.chat_prompt(path, MESSAGES)

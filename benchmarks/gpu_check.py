@@ -195,21 +195,16 @@ def top1_agreement(ref: torch.Tensor, got: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------- the check's state
-@dataclass
-class Check:
+@dataclass(kw_only=True)
+class Check(harness.DeviceCheck):
     """What every phase reads: the settings, the one host model and its sizes, the baseline."""
 
-    args: argparse.Namespace
-    device: torch.device
-    transport: str
     dims: dict[str, int]
     resident_ffn: int
     lookaheads: list[int]
     modes: list[str]
     acc_memory: str
     same_la: int
-    run: harness.Run
-    report: dict[str, Any] = field(default_factory=dict)
     model: Any = None
     layer_bytes: int = 0
     non_ffn: int = 0
@@ -232,9 +227,6 @@ class Check:
 
     def budget_for(self, la: int) -> int:
         return self.non_ffn + self.kv_reserve + (la + 1 + self.resident_ffn) * self.layer_bytes + self.layer_bytes // 2
-
-    def save(self) -> None:
-        self.run.save(self.report)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -281,12 +273,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=2,
         help="accelerate gets the budget of the streamed runs at this lookahead (default 2)",
     )
-    ap.add_argument(
-        "--resident-ffn",
-        type=int,
-        default=None,
-        help="FFN layers the computed budget keeps resident (default 4; tiny 2)",
-    )
+    ap.add_argument("--resident-ffn", type=int, default=None, help="FFN layers the budget keeps resident (4; tiny 2)")
     ap.add_argument(
         "--kv-reserve-tokens", type=int, default=4096, help="TorusConfig.kv_reserve_tokens (counted in the budget)"
     )
@@ -322,7 +309,7 @@ def start(args: argparse.Namespace) -> Check | None:
         modes=[x.strip() for x in args.quant.split(",") if x.strip()],
         acc_memory=args.accelerate_memory or ("weights" if args.tiny else "budget"),
         same_la=args.same_budget_lookahead if args.same_budget_lookahead in lookaheads else lookaheads[0],
-        run=harness.Run(harness.output_path(args, name, device_out=True)),
+        run=harness.begin(args, name, device_out=True),
     )
     c.report = {
         "benchmark": "gpu_check" + ("_tiny" if args.tiny else ""),

@@ -228,16 +228,13 @@ def resident_run(model: nn.Module, args: Any, ids: torch.Tensor, warm: torch.Ten
 
 
 # --------------------------------------------------------------------------- the check's state
-@dataclass
-class Check:
-    args: argparse.Namespace
-    device: torch.device
-    transport: str
+@dataclass(kw_only=True)
+class Check(harness.DeviceCheck):
+    """What every phase reads: the model's shape, the one host model, the link, prompts and baseline."""
+
     dims: dict[str, int]
     layers: int
     reduction: str
-    run: harness.Run
-    report: dict[str, Any] = field(default_factory=dict)
     model: Any = None
     info: dict[str, Any] = field(default_factory=dict)
     link_Bps: float = 0.0
@@ -245,9 +242,6 @@ class Check:
     warm: Any = None
     base: dict[str, Any] = field(default_factory=dict)
     originals: list = field(default_factory=list)  # (expert parameter, its built tensor)
-
-    def save(self) -> None:
-        self.run.save(self.report)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -281,9 +275,8 @@ def start(args: argparse.Namespace) -> Check | None:
     )
     name = "gpu_moe_check_tiny.json" if args.tiny else "gpu_moe_check.json"
     dims = TINY if args.tiny else FULL
-    c = Check(
-        args, device, transport, dims, layers, reduction, harness.Run(harness.output_path(args, name, device_out=True))
-    )
+    run = harness.begin(args, name, device_out=True)
+    c = Check(args=args, device=device, transport=transport, run=run, dims=dims, layers=layers, reduction=reduction)
     c.report = {
         "benchmark": "gpu_moe_check" + ("_tiny" if args.tiny else ""),
         **harness.environment(),
@@ -318,7 +311,7 @@ def start(args: argparse.Namespace) -> Check | None:
 # --------------------------------------------------------------------------- phases
 def build_and_link(c: Check) -> None:
     """1. The host model and its sizes; the pinned link (256 MiB and one expert); the prompts."""
-    from torus_adapters.moe_architectures import moe_info
+    from torus_adapters.transformers_adapter.moe_architectures import moe_info
 
     t0 = time.perf_counter()
     c.model = model = build_model(c.dims, c.layers, c.args.seed)

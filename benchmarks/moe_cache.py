@@ -24,25 +24,25 @@ then at half the experts: LFU eviction, per-layer caches, and a larger prefetch 
 
     python benchmarks/moe_cache.py                       # MoEfied SmolLM2 (built once, cached)
     python benchmarks/moe_cache.py --tiny --tokens 16    # random-init shapes only (quick)
+
+Writes benchmarks/results/scratch/moe_cache.json (with --record the recorded
+benchmarks/results/moe_cache.json; --merge adds to the file it writes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
+import harness  # sets the offline defaults (HF_HUB_OFFLINE=1) before transformers loads
 import torch
 
 import torus_plugins as tp
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
     "What is the capital of France?",
     "Write a short poem about the sea.",
@@ -68,7 +68,8 @@ def tiny_models() -> dict[str, Any]:
     }
 
 
-def load(name: str, source: Any) -> tuple[Any, Any, list[torch.Tensor]]:
+def load(source: Any) -> tuple[Any, list[torch.Tensor]]:
+    """The model (eager experts) and the prompts' ids: chat turns for a checkpoint, random ids for a config."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
@@ -84,7 +85,7 @@ def load(name: str, source: Any) -> tuple[Any, Any, list[torch.Tensor]]:
         model = AutoModelForCausalLM.from_config(source, experts_implementation="eager").eval()
         g = torch.Generator().manual_seed(1)
         prompts = [torch.randint(0, source.vocab_size, (1, 24), generator=g) for _ in PROMPTS]
-    return model, None, prompts
+    return model, prompts
 
 
 @torch.no_grad()
@@ -171,9 +172,9 @@ def variants(total: int, top_k: int, predictor_path: str | None) -> list[dict[st
 
 
 def bench_model(name: str, source: Any, tokens: int, predictor_path: str | None, lookahead: int) -> dict[str, Any]:
-    from torus_adapters.moe_architectures import moe_info
+    from torus_adapters.transformers_adapter.moe_architectures import moe_info
 
-    model, _, prompts = load(name, source)
+    model, prompts = load(source)
     info = moe_info(model)
     total = info["moe_layers"] * info["experts"]
     base = decode(model, prompts, tokens, None)
@@ -214,7 +215,7 @@ def print_row(name: str, r: dict[str, Any]) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="an MoE model directory (default: the MoEfied SmolLM2 variants, built once)")
     ap.add_argument(
@@ -230,11 +231,59 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lookahead", type=int, default=1, help="MoE layers predicted ahead (default 1)")
     ap.add_argument("--tiny", action="store_true", help="random-init shapes only")
     ap.add_argument("--no-tiny", action="store_true", help="skip the random-init shapes")
-    ap.add_argument("--merge", action="store_true", help="add to --out's models instead of replacing the file")
+    ap.add_argument(
+        "--merge", action="store_true", help="add to the output file's models instead of replacing the file"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the copy worker gets a core)")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "moe_cache.json")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    harness.add_output_args(ap, "moe_cache.json")
+    return ap.parse_args(argv)
+
+
+def checkpoints(args: argparse.Namespace) -> list[tuple[Path, str | None]]:
+    """(model directory, learned predictor file or None) for every checkpoint measured."""
+    if args.tiny:
+        return []
+    if args.model:
+        paths = [Path(args.model)]
+    else:
+        from torus_adapters.tools.moefy import moefied_model_path
+
+        paths = [moefied_model_path(int(e), int(k), float(f)) for e, k, f in (x.split(",") for x in args.moefy)]
+    out = []
+    for path in paths:
+        pred = args.predictor if args.model else None
+        if pred is None and (path / "predictor.safetensors").is_file():
+            pred = str(path / "predictor.safetensors")
+        out.append((path, pred))
+    return out
+
+
+def bench_checkpoint(path: Path, pred: str | None, args: argparse.Namespace) -> dict[str, Any]:
+    entry = bench_model(path.name, path, args.tokens, pred, args.lookahead)
+    report = path / "moefy_report.json"
+    if report.is_file():
+        entry["moefy_report"] = json.loads(report.read_text())
+    return entry
+
+
+SETTINGS = ("tokens_per_prompt", "prompts", "lookahead", "threads")
+
+
+def merge_earlier(out: Path, results: dict[str, Any]) -> bool:
+    """Keep the models an earlier run of `out` (same settings) measured that this run did not redo."""
+    earlier = json.loads(out.read_text())
+    same = {k: earlier.get(k) == results[k] for k in SETTINGS}
+    if not all(same.values()):
+        print(f"--merge: settings differ from {out} ({same}); not merging", file=sys.stderr)
+        return False
+    done = {m["model"] for m in results["models"]}
+    results["models"] = [m for m in earlier["models"] if m["model"] not in done] + results["models"]
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = harness.begin(args, "moe_cache.json", threads=args.threads)
     del PROMPTS[args.prompts :]
     results: dict[str, Any] = {
         "method": __doc__,
@@ -242,42 +291,16 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": list(PROMPTS),
         "lookahead": args.lookahead,
         "threads": args.threads,
-        "models": [],
+        "models": [bench_checkpoint(path, pred, args) for path, pred in checkpoints(args)],
     }
-    if not args.tiny:
-        if args.model:
-            paths = [Path(args.model)]
-        else:
-            from torus_adapters.moefy import moefied_model_path
-
-            paths = []
-            for spec in args.moefy:
-                e, k, f = spec.split(",")
-                paths.append(moefied_model_path(int(e), int(k), float(f)))
-        for path in paths:
-            pred = args.predictor if args.model else None
-            if pred is None and (path / "predictor.safetensors").is_file():
-                pred = str(path / "predictor.safetensors")
-            entry = bench_model(path.name, path, args.tokens, pred, args.lookahead)
-            report = path / "moefy_report.json"
-            if report.is_file():
-                entry["moefy_report"] = json.loads(report.read_text())
-            results["models"].append(entry)
     if not args.no_tiny:
-        for name, cfg in tiny_models().items():
-            results["models"].append(bench_model(name, cfg, args.tokens, None, args.lookahead))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.merge and args.out.is_file():
-        # Keep the models measured by an earlier run (same settings) that this run did not redo.
-        earlier = json.loads(args.out.read_text())
-        same = {k: earlier.get(k) == results[k] for k in ("tokens_per_prompt", "prompts", "lookahead", "threads")}
-        if not all(same.values()):
-            print(f"--merge: settings differ from {args.out} ({same}); not merging", file=sys.stderr)
-            return 2
-        done = {m["model"] for m in results["models"]}
-        results["models"] = [m for m in earlier["models"] if m["model"] not in done] + results["models"]
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        results["models"] += [
+            bench_model(n, cfg, args.tokens, None, args.lookahead) for n, cfg in tiny_models().items()
+        ]
+    if args.merge and run.out.is_file() and not merge_earlier(run.out, results):
+        return 2
+    run.save({"benchmark": "moe_cache", **harness.environment(), **results})
+    print(f"wrote {run.out}")
     return 0
 
 

@@ -28,30 +28,23 @@ Measured on the test traces, over every decoded token and MoE layer j >= 1:
   the router ("linear"); and one that also sees layer j-1's routed set and the previous token's
   routed set at layer j ("linear+routing").
 
-Run:  python benchmarks/moe_predictability.py [--model DIR] [--tokens 32] [--train-tokens 40]
-Writes benchmarks/results/moe_predictability.json (or --out) and prints a table.
+Run:  python benchmarks/moe_predictability.py [--model DIR] [--tokens 32] [--train-tokens 40] [--record | --out PATH]
+Writes benchmarks/results/scratch/moe_predictability.json (with --record the recorded
+benchmarks/results/moe_predictability.json) and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
+import harness  # sets the offline defaults (HF_HUB_OFFLINE=1) before transformers loads
 import torch
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from moe_cache import PROMPTS  # noqa: E402  (the engine benchmark's prompts: the test set)
+from moe_cache import PROMPTS  # the engine benchmark's prompts: the test set (a sibling script)
 
 TRAIN_PROMPTS = [
     "Describe the water cycle.",
@@ -149,7 +142,7 @@ def fit_probe(
     return w.detach(), b.detach()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
         "--model", type=Path, help="an MoE model directory (default: the MoEfied SmolLM2, 32 experts, top-14)"
@@ -159,28 +152,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--train-tokens", type=int, default=40, help="decoded tokens per training prompt")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "moe_predictability.json")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
+    harness.add_output_args(ap, "moe_predictability.json")
+    return ap.parse_args(argv)
 
+
+@dataclass
+class Traces:
+    """Decode traces of the test and training prompts, and the MoE sites that made them."""
+
+    sites: list
+    spec: Any  # the engine's speculative scorer over these sites
+    h_te: torch.Tensor  # [T, L, H] router inputs
+    r_te: torch.Tensor  # [T, L, k] routed experts
+    h_tr: torch.Tensor
+    r_tr: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(MoE layers, experts, top-k)."""
+        return len(self.sites), self.sites[0].num_experts, self.sites[0].top_k
+
+
+def record_traces(path: Path, args: argparse.Namespace) -> Traces:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from torus_plugins.moe.streamer import _speculative_scores
     from torus_plugins.plugins import resolve
 
-    path = args.model
-    if path is None:
-        from torus_adapters.moefy import moefied_model_path
-
-        path = moefied_model_path(32, 14, 0.3334)
     model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").eval()
     tok = AutoTokenizer.from_pretrained(path)
     arch = next(a for a in resolve().architectures if hasattr(a, "expert_sites") and a.matches(model))
     sites = arch.expert_sites(model)
-    n_layers, n_exp, k = len(sites), sites[0].num_experts, sites[0].top_k
-    spec = _speculative_scores(arch, sites)
-
     print(
         f"recording decode traces: {len(PROMPTS)} test prompts x {args.tokens}, "
         f"{len(TRAIN_PROMPTS)} training prompts x {args.train_tokens} ...",
@@ -188,15 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     h_te, r_te = decode_traces(model, tok, sites, PROMPTS, args.tokens)
     h_tr, r_tr = decode_traces(model, tok, sites, TRAIN_PROMPTS, args.train_tokens)
-    y_te, y_tr = multihot(r_te, n_exp), multihot(r_tr, n_exp)
-    target = y_te[:, 1:]
+    return Traces(sites, _speculative_scores(arch, sites), h_te, r_te, h_tr, r_tr)
 
+
+def predictability(tr: Traces, tokens: int) -> dict[str, Any]:
+    """Every measure of the module docstring on the test traces (probes fitted on the training ones)."""
+    n_layers, n_exp, k = tr.shape
+    spec, h_te = tr.spec, tr.h_te
+    y_te, y_tr = multihot(tr.r_te, n_exp), multihot(tr.r_tr, n_exp)
+    target = y_te[:, 1:]
     with torch.no_grad():
         exact = torch.stack([spec(j, h_te[:, j]) for j in range(n_layers)], 1)
         s1_te = torch.stack([spec(j, h_te[:, j - 1], j - 1) for j in range(1, n_layers)], 1)
-        s1_tr = torch.stack([spec(j, h_tr[:, j - 1], j - 1) for j in range(1, n_layers)], 1)
+        s1_tr = torch.stack([spec(j, tr.h_tr[:, j - 1], j - 1) for j in range(1, n_layers)], 1)
         s2 = torch.stack([spec(j, h_te[:, j - 2], j - 2) for j in range(2, n_layers)], 1)
-
     ks = sorted({x for x in (k, k + 2, k + 4, k + 6, k + 10, 2 * k) if x <= n_exp})
     res: dict[str, Any] = {
         "exact_router_recall": recall(exact, y_te, k),
@@ -206,14 +213,24 @@ def main(argv: list[str] | None = None) -> int:
             round(recall(s1_te[:, i : i + 1], target[:, i : i + 1], k), 4) for i in range(n_layers - 1)
         ],
     }
+    res.update(recency(y_te, s1_te, k, tokens))
+    print("training probes ...", flush=True)
+    res.update(probes(tr, y_te, y_tr, s1_te, s1_tr))
+    return res
+
+
+def recency(y_te: torch.Tensor, s1_te: torch.Tensor, k: int, tokens: int) -> dict[str, Any]:
+    """Reuse from the previous token(s), alone and together with the speculative prediction."""
+    n_layers, n_exp = y_te.shape[1], y_te.shape[2]
+    target = y_te[:, 1:]
     prev1 = torch.cat([torch.zeros(1, n_layers, n_exp), y_te[:-1]], 0)[:, 1:]
     prev2 = torch.cat([torch.zeros(2, n_layers, n_exp), y_te[:-2]], 0)[:, 1:]
     # Token 0 of each prompt has no previous token in its own prompt: score tokens 1.. of each.
     first = torch.zeros(len(target), dtype=torch.bool)
-    first[:: args.tokens - 1] = True
+    first[:: tokens - 1] = True
     keep = ~first
     keep2 = keep.clone()
-    keep2[1 :: args.tokens - 1] = False
+    keep2[1 :: tokens - 1] = False
     named = torch.zeros_like(target).scatter_(-1, s1_te.topk(k, -1).indices, 1.0)
 
     def share(mask: torch.Tensor, rows: torch.Tensor) -> float:
@@ -221,18 +238,25 @@ def main(argv: list[str] | None = None) -> int:
 
     union1 = ((named + prev1) > 0).float()
     union2 = ((named + prev1 + prev2) > 0).float()
-    res["previous_token_reuse"] = share(prev1, keep)
-    res["union_predicted_or_previous_token"] = {
-        "covered": share(union1, keep),
-        "experts_per_layer": float(union1[keep].sum(-1).mean()),
+    return {
+        "previous_token_reuse": share(prev1, keep),
+        "union_predicted_or_previous_token": {
+            "covered": share(union1, keep),
+            "experts_per_layer": float(union1[keep].sum(-1).mean()),
+        },
+        "union_predicted_or_two_previous_tokens": {
+            "covered": share(union2, keep2),
+            "experts_per_layer": float(union2[keep2].sum(-1).mean()),
+        },
+        "half_cache_experts_per_layer": n_exp / 2,
     }
-    res["union_predicted_or_two_previous_tokens"] = {
-        "covered": share(union2, keep2),
-        "experts_per_layer": float(union2[keep2].sum(-1).mean()),
-    }
-    res["half_cache_experts_per_layer"] = n_exp / 2
 
-    print("training probes ...", flush=True)
+
+def probes(tr: Traces, y_te: torch.Tensor, y_tr: torch.Tensor, s1_te: torch.Tensor, s1_tr: torch.Tensor) -> dict:
+    """Per layer: a logistic probe from the previous layer's rescaled input ("linear"), and one that
+    also sees the routed sets ("linear+routing"); recall@top-k on the test traces."""
+    n_layers, n_exp, k = tr.shape
+    sites = tr.sites
     lin, rich = [], []
     prev_tr = torch.cat([torch.zeros(1, n_layers, n_exp), y_tr[:-1]], 0)
     prev_te = torch.cat([torch.zeros(1, n_layers, n_exp), y_te[:-1]], 0)
@@ -240,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(n_layers - 1):
         j = i + 1
         router_w = sites[j].router.weight.detach().float()
-        x_tr = _rescaled(sites, h_tr[:, i], i, j)
-        x_te = _rescaled(sites, h_te[:, i], i, j)
+        x_tr = _rescaled(sites, tr.h_tr[:, i], i, j)
+        x_te = _rescaled(sites, tr.h_te[:, i], i, j)
         w, b = fit_probe(x_tr, y_tr[:, j], router_w)
         lin.append(x_te @ w.T + b)
         f_tr = torch.cat([s1_tr[:, i] / norm, y_tr[:, i], prev_tr[:, j]], -1)
@@ -250,52 +274,60 @@ def main(argv: list[str] | None = None) -> int:
         init[:, :n_exp] = torch.eye(n_exp)
         w, b = fit_probe(f_tr, y_tr[:, j], init, epochs=400)
         rich.append(f_te @ w.T + b)
-    res["probe_linear_recall_at_topk"] = recall(torch.stack(lin, 1), target, k)
-    res["probe_linear_routing_recall_at_topk"] = recall(torch.stack(rich, 1), target, k)
+    target = y_te[:, 1:]
+    return {
+        "probe_linear_recall_at_topk": recall(torch.stack(lin, 1), target, k),
+        "probe_linear_routing_recall_at_topk": recall(torch.stack(rich, 1), target, k),
+    }
 
-    moe_cache = REPO / "benchmarks" / "results" / "moe_cache.json"
+
+ENGINE_KEYS = ("predictor", "eviction", "scope", "cache_share", "prefetch_k", "hit_rate", "recall", "wasted_share")
+
+
+def engine_rows(model_name: str) -> list[dict[str, Any]] | None:
+    """The recorded moe_cache.json's half-cache speculative rows for this model, beside the bounds."""
+    moe_cache = harness.RESULTS / "moe_cache.json"
+    if not moe_cache.is_file():
+        return None
     engine = None
-    if moe_cache.is_file():
-        for m in json.loads(moe_cache.read_text()).get("models", []):
-            if m.get("model") == Path(path).name:
-                engine = [
-                    {
-                        key: r.get(key)
-                        for key in (
-                            "predictor",
-                            "eviction",
-                            "scope",
-                            "cache_share",
-                            "prefetch_k",
-                            "hit_rate",
-                            "recall",
-                            "wasted_share",
-                        )
-                    }
-                    for r in m.get("rows", [])
-                    if r.get("cache_share") == 0.5 and r.get("predictor") == "speculative"
-                ]
+    for m in json.loads(moe_cache.read_text()).get("models", []):
+        if m.get("model") == model_name:
+            engine = [
+                {key: r.get(key) for key in ENGINE_KEYS}
+                for r in m.get("rows", [])
+                if r.get("cache_share") == 0.5 and r.get("predictor") == "speculative"
+            ]
+    return engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = harness.begin(args, "moe_predictability.json", threads=args.threads)
+    path = args.model
+    if path is None:
+        from torus_adapters.tools.moefy import moefied_model_path
+
+        path = moefied_model_path(32, 14, 0.3334)
+    tr = record_traces(path, args)
+    res = predictability(tr, args.tokens)
+    n_layers, n_exp, k = tr.shape
     out = {
         "benchmark": "moe_predictability",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        **harness.environment(),
         "method": __doc__,
         "model": {"path": str(path), "name": Path(path).name, "moe_layers": n_layers, "experts": n_exp, "top_k": k},
-        "test": {"prompts": PROMPTS, "tokens_per_prompt": args.tokens, "decoded_tokens": int(h_te.shape[0])},
+        "test": {"prompts": PROMPTS, "tokens_per_prompt": args.tokens, "decoded_tokens": int(tr.h_te.shape[0])},
         "train": {
             "prompts": TRAIN_PROMPTS,
             "tokens_per_prompt": args.train_tokens,
-            "decoded_tokens": int(h_tr.shape[0]),
+            "decoded_tokens": int(tr.h_tr.shape[0]),
         },
         "results": res,
-        "engine_half_cache_speculative_rows_from_moe_cache_json": engine,
-        "wall_s": time.perf_counter() - t_start,
+        "engine_half_cache_speculative_rows_from_moe_cache_json": engine_rows(Path(path).name),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    run.save(out, indent=1)
     _table(res, k)
-    print(f"wrote {args.out}")
+    print(f"wrote {run.out}")
     return 0
 
 
@@ -310,12 +342,9 @@ def _rescaled(sites: list, hidden: torch.Tensor, source: int, j: int) -> torch.T
 
 
 def _table(res: dict[str, Any], k: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title="MoE routing predictability (decode traces; recall = routed experts named / routed)")
-    t.add_column("measure")
-    t.add_column("value", justify="right")
+    t = harness.table(
+        "MoE routing predictability (decode traces; recall = routed experts named / routed)", ("measure", "value")
+    )
     t.add_row("exact router on its own input (sanity)", f"{res['exact_router_recall']:.4f}")
     for x, v in res["speculative_recall_at_k"].items():
         t.add_row(f"speculative recall@{x} (next layer)", f"{v:.3f}")
@@ -327,7 +356,7 @@ def _table(res: dict[str, Any], k: int) -> None:
     t.add_row(f"predicted or previous token ({u1['experts_per_layer']:.1f} experts/layer)", f"{u1['covered']:.3f}")
     t.add_row(f"predicted or two previous tokens ({u2['experts_per_layer']:.1f} experts/layer)", f"{u2['covered']:.3f}")
     t.add_row("half cache: experts per layer", f"{res['half_cache_experts_per_layer']:.0f}")
-    Console().print(t)
+    harness.show(t, width=None)
 
 
 if __name__ == "__main__":

@@ -345,7 +345,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def set_up() -> Setup:
-    from torus_adapters.default_model import default_model_path
+    from torus_adapters.transformers_adapter.default_model import default_model_path
 
     path = default_model_path()
     inputs, pad_id = harness.chat_prompt(path, MESSAGES)
@@ -570,8 +570,7 @@ def build_report(args: argparse.Namespace, s: Setup, link: Link, rounds: Rounds,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    run = harness.Run(harness.output_path(args, "overlap.json"))
-    harness.set_threads(args.threads)
+    run = harness.begin(args, "overlap.json", threads=args.threads)
     s = set_up()
     link = calibrate(s, args)
     rounds = interleaved_rounds(s, link, args)

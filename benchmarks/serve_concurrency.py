@@ -22,35 +22,28 @@ rotated order, so none always runs first). Reported numbers are medians over rou
 aggregate tok/s over the 1-client level's. The load average before and after is stored: on a
 shared machine, other processes slow and scatter the numbers.
 
-Run:  python benchmarks/serve_concurrency.py [--tokens 32] [--requests 2] [--repeats 2]
-Writes benchmarks/results/serve_concurrency.json and serve_concurrency.md unless --out says otherwise.
+Run:  python benchmarks/serve_concurrency.py [--tokens 32] [--requests 2] [--repeats 2] [--record | --out PATH]
+Writes benchmarks/results/scratch/serve_concurrency.json and .md (with --record the recorded
+benchmarks/results/serve_concurrency.json and .md).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
 import socket
 import statistics
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import harness  # sets the offline defaults (HF_HUB_OFFLINE=1) before transformers loads
+import requests
 
-import requests  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
+from torus_plugins import TorusConfig, TorusModel
 
-from torus_plugins import TorusConfig, TorusModel, __version__  # noqa: E402
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the server's threads tokenize
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = HERE / "results" / "serve_concurrency.json"
 LEVELS = (1, 2, 4, 8)
 PROMPTS = [
     "Once upon a time, in a small village by the sea,",
@@ -124,7 +117,7 @@ def run_level(url: str, clients: int, n_requests: int, tokens: int) -> dict[str,
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=32, help="max_tokens of every request (default 32)")
     ap.add_argument("--requests", type=int, default=2, help="requests each client sends in turn (default 2)")
@@ -132,37 +125,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport", default="copy", help="engine transport (default copy)")
     ap.add_argument("--resident-layers", type=int, default=0, help="FFN layers kept resident (default 0: all stream)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all CPUs)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    harness.add_output_args(ap, "serve_concurrency.json")
+    return ap.parse_args(argv)
 
-    from torus_adapters.server import ServerSettings, create_app
 
-    load_before = os.getloadavg()
-    began = time.perf_counter()
-    config = TorusConfig(transport=args.transport, resident_layers=args.resident_layers)
-    tm = TorusModel.from_pretrained(None, config, show_progress=False)
-    app = create_app(tm, ServerSettings(model_name="smollm2", max_batch_size=max(LEVELS)))
-    server = Server(app)
+def measure_rounds(tm: Any, app: Any, url: str, args: argparse.Namespace) -> dict[int, list[dict[str, Any]]]:
+    """One warm-up request, then `--repeats` rounds of every level in rotated order, each row with
+    the scheduler's tokens per decode step and the engine's bytes per token over that level."""
     counters = app.state.service.scheduler.counters
-    try:
-        run_level(server.url, 1, 1, 4)  # warm-up
-        rounds: dict[int, list[dict[str, Any]]] = {c: [] for c in LEVELS}
-        for r in range(args.repeats):
-            order = LEVELS[r % len(LEVELS) :] + LEVELS[: r % len(LEVELS)]
-            for clients in order:
-                steps, gen = counters.decode_steps, counters.generated_tokens
-                moved = tm.stats().bytes_moved
-                row = run_level(server.url, clients, args.requests, args.tokens)
-                d_gen = counters.generated_tokens - gen
-                row["tokens_per_decode_step"] = (d_gen - row["requests"]) / max(1, counters.decode_steps - steps)
-                row["streamed_bytes_per_token"] = (tm.stats().bytes_moved - moved) / max(1, d_gen)
-                rounds[clients].append(row)
-                print(f"round {r + 1}/{args.repeats}: {clients} client(s): {row['tok_s']:.2f} tok/s", flush=True)
-    finally:
-        server.stop()
+    run_level(url, 1, 1, 4)  # warm-up
+    rounds: dict[int, list[dict[str, Any]]] = {c: [] for c in LEVELS}
+    for r in range(args.repeats):
+        for clients in harness.rotated(LEVELS, r):
+            steps, gen = counters.decode_steps, counters.generated_tokens
+            moved = tm.stats().bytes_moved
+            row = run_level(url, clients, args.requests, args.tokens)
+            d_gen = counters.generated_tokens - gen
+            row["tokens_per_decode_step"] = (d_gen - row["requests"]) / max(1, counters.decode_steps - steps)
+            row["streamed_bytes_per_token"] = (tm.stats().bytes_moved - moved) / max(1, d_gen)
+            rounds[clients].append(row)
+            print(f"round {r + 1}/{args.repeats}: {clients} client(s): {row['tok_s']:.2f} tok/s", flush=True)
+    return rounds
 
+
+def summarize(rounds: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Medians over rounds per level; speedup against the 1-client level."""
     levels = []
     for clients in LEVELS:
         rows = rounds[clients]
@@ -180,18 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     for level in levels:
         level["speedup"] = level["tok_s"] / levels[0]["tok_s"]
+    return levels
+
+
+def build_report(args: argparse.Namespace, tm: Any, levels: list[dict[str, Any]]) -> dict[str, Any]:
     s = tm.stats()
-    report = {
+    return {
         "benchmark": "serve_concurrency",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "host": {
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "device": str(tm.engine.device),
-        },
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "torus_sparse": __version__},
+        **harness.environment(device=str(tm.engine.device)),
         "model": {"name": "SmolLM2-135M-Instruct (embedded default)", "dtype": str(next(tm.model.parameters()).dtype)},
         "engine": {
             "transport": s.transport,
@@ -209,16 +192,28 @@ def main(argv: list[str] | None = None) -> int:
         "method": "aggregate tok/s = completion tokens / wall time from a shared start to the last answer; "
         "medians over rounds with rotated level order",
         "levels": levels,
-        "wall_s": time.perf_counter() - began,
-        "loadavg_before": list(load_before),
-        "loadavg_after": list(os.getloadavg()),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from torus_adapters.server import ServerSettings, create_app
+
+    run = harness.begin(args, "serve_concurrency.json", threads=args.threads)
+    config = TorusConfig(transport=args.transport, resident_layers=args.resident_layers)
+    tm = TorusModel.from_pretrained(None, config, show_progress=False)
+    app = create_app(tm, ServerSettings(model_name="smollm2", max_batch_size=max(LEVELS)))
+    server = Server(app)
+    try:
+        rounds = measure_rounds(tm, app, server.url, args)
+    finally:
+        server.stop()
+    report = build_report(args, tm, summarize(rounds))
+    run.save(report)
     table = render_table(report)
-    args.out.with_suffix(".md").write_text(table + "\n")
+    run.out.with_suffix(".md").write_text(table + "\n")
     print(table)
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.md')}")
+    print(f"\nwrote {run.out} and {run.out.with_suffix('.md')}")
     return 0
 
 

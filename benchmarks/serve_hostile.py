@@ -30,18 +30,17 @@ limit stays cheap). This process is the clients. Scenarios, in order:
 Reported: requests by status, 5xx count (the sigterm scenario's 503s are the expected typed answers
 and are counted apart), correct / incorrect replies, largest stream stall, RSS before/after.
 
-Run:  python benchmarks/serve_hostile.py [--fuzz 2000] [--methods 2000] [--killed 50] [--slowloris 300]
-Writes benchmarks/results/serve_hostile.json unless --out says otherwise.
+Run:  python benchmarks/serve_hostile.py [--fuzz 2000] [--methods 2000] [--killed 50] [--slowloris 300] [--record | --out PATH]
+Writes benchmarks/results/scratch/serve_hostile.json (with --record the recorded
+benchmarks/results/serve_hostile.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import datetime as dt
 import json
 import os
-import platform
 import random
 import select
 import signal
@@ -54,16 +53,12 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import harness  # sets the offline defaults (HF_HUB_OFFLINE=1)
+import psutil
+import requests
 
-import psutil  # noqa: E402
-import requests  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = HERE / "results" / "serve_hostile.json"
 NO_EOS = {"0": -100, "2": -100}  # SmolLM2's end tokens
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # greedy SmolLM2 keeps counting (TGI has no logit_bias)
 SHUTDOWN_TIMEOUT = 5
@@ -88,7 +83,7 @@ class ServeProcess:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if k != "TORUS_SPARSE_API_KEY"}
-        cmd = [sys.executable, "-m", "torus_adapters.cli", "serve", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "torus_adapters.apps.cli", "serve", "--port", str(self.port)]
         cmd += ["--log-level", "warning", "--default-max-tokens", "4", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)]
         self.cmd = cmd + list(extra)
         self.proc = subprocess.Popen(self.cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -636,7 +631,7 @@ def sigterm(srv: ServeProcess, tally: Tally) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fuzz", type=int, default=2000, help="fuzzed bodies (default 2000)")
     ap.add_argument("--methods", type=int, default=2000, help="requests with random methods (default 2000)")
@@ -646,18 +641,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", default="16,64", help="concurrent clients (default 16,64)")
     ap.add_argument("--header-timeout", type=float, default=10.0, help="the server's --header-timeout (default 10)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
-    args = ap.parse_args(argv)
+    harness.add_output_args(ap, "serve_hostile.json")
+    return ap.parse_args(argv)
+
+
+def scenarios(args: argparse.Namespace, tally: Tally) -> tuple[dict[str, Any], tuple[int, int]]:
+    """Every scenario in order against one server process; (the report, its RSS at start and before SIGTERM)."""
     levels = tuple(int(x) for x in args.levels.split(","))
-
-    import torch
-    import transformers
-
-    from torus_plugins import __version__
-
-    began = time.perf_counter()
-    load_before = os.getloadavg()
-    tally = Tally()
     srv = ServeProcess("--header-timeout", str(args.header_timeout))
     rss_start = srv.rss()
     for prompt in PROMPTS[:2]:  # warm-up
@@ -676,14 +666,19 @@ def main(argv: list[str] | None = None) -> int:
     report["server_5xx_by_metrics"] = sum(
         v for (n, lab), v in srv.metrics().items() if n == "torus_http_requests_total" and dict(lab)["status"] >= "500"
     )
-    rss_end = srv.rss()
+    rss = (rss_start, srv.rss())
     print("sigterm ...", flush=True)
     report["sigterm"] = sigterm(srv, tally)
+    return report, rss
 
+
+def summarize(report: dict[str, Any], tally: Tally, rss: tuple[int, int]) -> dict[str, Any]:
+    """Answers by status, 5xx, correct / incorrect replies, stalls, RSS, and the targets."""
+    rss_start, rss_end = rss
     stalls = [r["largest_gap_during_s"] for r in report["stall"] if r["largest_gap_during_s"] is not None]
     hostile_scenarios = ("stall", "concurrency", "fuzz", "methods", "killed", "slowloris")
     f = report["fuzz"]
-    report["summary"] = {
+    s = {
         "requests_by_status": {k: dict(v) for k, v in tally.by_scenario.items()},
         "5xx": sum(tally.fivexx(s) for s in hostile_scenarios),
         "expected_503_at_sigterm": tally.fivexx("sigterm"),
@@ -701,45 +696,42 @@ def main(argv: list[str] | None = None) -> int:
         "killed_clients_cancelled": f"{report['killed']['cancelled']}/{report['killed']['clients']}",
         "slowloris_closed": f"{report['slowloris']['closed_by_server']}/{report['slowloris']['connections']}",
     }
-    s = report["summary"]
     s["targets"] = {
         "no_5xx": s["5xx"] == 0,
         "no_wrong_replies": s["incorrect_replies"] == 0,
         "largest_stall_under_1s": s["largest_stream_stall_s"] is not None and s["largest_stream_stall_s"] < 1.0,
         "rss_growth_under_10pct": s["rss_growth_after_fuzz"] < 0.10,
     }
-    report.update(
-        {
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "torus_sparse": __version__,
-            },
-            "settings": {
-                "fuzz_bodies": args.fuzz,
-                "odd_methods": args.methods,
-                "killed_clients": args.killed,
-                "slowloris_connections": args.slowloris,
-                "stall_rounds": args.stall_rounds,
-                "levels": list(levels),
-                "reply_tokens": REPLY_TOKENS,
-                "header_timeout_s": args.header_timeout,
-                "shutdown_timeout_s": SHUTDOWN_TIMEOUT,
-                "seed": args.seed,
-                "note": "the issue's runs used 6,564 fuzzed requests, 80,000 odd methods and 3,000 half-open "
-                "sockets; these counts are what fits a few minutes on the recording machine",
-            },
-            "wall_s": time.perf_counter() - began,
-            "loadavg_before": list(load_before),
-            "loadavg_after": list(os.getloadavg()),
-        }
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return s
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "fuzz_bodies": args.fuzz,
+        "odd_methods": args.methods,
+        "killed_clients": args.killed,
+        "slowloris_connections": args.slowloris,
+        "stall_rounds": args.stall_rounds,
+        "levels": [int(x) for x in args.levels.split(",")],
+        "reply_tokens": REPLY_TOKENS,
+        "header_timeout_s": args.header_timeout,
+        "shutdown_timeout_s": SHUTDOWN_TIMEOUT,
+        "seed": args.seed,
+        "note": "the issue's runs used 6,564 fuzzed requests, 80,000 odd methods and 3,000 half-open "
+        "sockets; these counts are what fits a few minutes on the recording machine",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = harness.begin(args, "serve_hostile.json")
+    tally = Tally()
+    report, rss = scenarios(args, tally)
+    report["summary"] = summarize(report, tally, rss)
+    report.update({**harness.environment(), "settings": settings(args)})
+    run.save(report)
     print(render_table(report))
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {run.out}")
     return 0
 
 

@@ -26,6 +26,7 @@ SCRIPTS = {
     "moe_cache": "moe_cache.json",
     "moe_predictability": "moe_predictability.json",
     "serve_concurrency": "serve_concurrency.json",
+    "serve_hostile": "serve_hostile.json",
     "gpu_check": "gpu_check.json",
     "gpu_moe_check": "gpu_moe_check.json",
 }

@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from .device import (  # noqa: E402
+    DeviceCheck,
     device_record,
     free_device_memory,
     host_pinned_stats,
@@ -39,6 +40,7 @@ from .record import (  # noqa: E402
     SCRATCH,
     Run,
     add_output_args,
+    begin,
     environment,
     output_path,
     package_version,
@@ -50,6 +52,7 @@ from .timing import Generation, StepClock, TimeGuard, generate_once, median, rot
 from .workload import SKY_MESSAGES, chat_prompt, load_in_memory  # noqa: E402
 
 __all__ = [
+    "DeviceCheck",
     "REPO",
     "RESULTS",
     "SCRATCH",
@@ -59,6 +62,7 @@ __all__ = [
     "StepClock",
     "TimeGuard",
     "add_output_args",
+    "begin",
     "chat_prompt",
     "device_record",
     "environment",

@@ -6,13 +6,17 @@ no-ops or None there, and the link probe times a host memcpy instead.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import platform
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from .record import Run
 
 
 # --------------------------------------------------------------------------- which device
@@ -40,6 +44,21 @@ def device_record(device: torch.device) -> dict[str, Any]:
             "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory,
         }
     return {"device": f"cpu ({platform.machine()})", "device_memory_bytes": None}
+
+
+@dataclass(kw_only=True)
+class DeviceCheck:
+    """What every phase of a GPU check reads and writes: its flags, the device and engine transport,
+    the report and the run that saves it (after every phase). Each check subclasses it with its own state."""
+
+    args: argparse.Namespace
+    device: torch.device
+    transport: str
+    run: Run
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def save(self) -> None:
+        self.run.save(self.report)
 
 
 # --------------------------------------------------------------------------- sync and memory

@@ -145,3 +145,10 @@ class Run:
     def save(self, report: dict[str, Any], indent: int = 2) -> Path:
         report.update(self.stamp())
         return write_json(self.out, report, indent)
+
+
+def begin(args: argparse.Namespace, name: str, *, threads: int | None = None, device_out: bool = False) -> Run:
+    """The first step of every main(): torch's threads set (`set_threads`), the clock started, the
+    output file chosen (`output_path`)."""
+    set_threads(threads)
+    return Run(output_path(args, name, device_out=device_out))
