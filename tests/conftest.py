@@ -114,7 +114,7 @@ def tiny_llama() -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     """The embedded default model's safetensors directory (converted from the GGUF once)."""
-    from torus_adapters.default_model import default_model_path
+    from torus_adapters.transformers_adapter.default_model import default_model_path
 
     return str(default_model_path())
 

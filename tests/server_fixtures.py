@@ -37,7 +37,7 @@ def tiny_model() -> Any:
     import torch
     import transformers as T
 
-    from torus_adapters.default_model import default_model_path
+    from torus_adapters.transformers_adapter.default_model import default_model_path
     from torus_plugins import TorusConfig, TorusModel, attach
 
     tokenizer = T.AutoTokenizer.from_pretrained(str(default_model_path()))

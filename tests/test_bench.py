@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from torus_adapters import bench, bench_report
-from torus_adapters.cli import main
+from torus_adapters.tools import bench, bench_report
+from torus_adapters.apps.cli import main
 from torus_plugins import ConfigError
 
 EXE = shutil.which("torus-sparse") or ""
@@ -113,7 +113,7 @@ def test_chart_is_a_png(run):
 
 def test_a_budget_too_small_is_one_clear_line_and_exit_2(tmp_path):
     argv = ["bench", "--vram", "1MB", "--tokens", "4", "--out", str(tmp_path / "r")]
-    cmd = [EXE, *argv] if EXE else [sys.executable, "-m", "torus_adapters.cli", *argv]
+    cmd = [EXE, *argv] if EXE else [sys.executable, "-m", "torus_adapters.apps.cli", *argv]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert out.stderr.startswith("torus-sparse: error:") and "minimum is" in out.stderr, out.stderr

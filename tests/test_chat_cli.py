@@ -14,7 +14,7 @@ import time
 import pytest
 from rich.console import Console
 
-from torus_adapters.chat_cli import ChatState, chat_loop
+from torus_adapters.apps.chat_cli import ChatState, chat_loop
 from torus_plugins import TorusError
 
 

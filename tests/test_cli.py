@@ -14,7 +14,7 @@ EXE = shutil.which("torus-sparse") or ""
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [EXE, *args] if EXE else [sys.executable, "-m", "torus_adapters.cli", *args]
+    cmd = [EXE, *args] if EXE else [sys.executable, "-m", "torus_adapters.apps.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from torus_adapters import default_model
+from torus_adapters.transformers_adapter import default_model
 from torus_plugins import ModelNotFoundError
 
 

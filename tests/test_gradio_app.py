@@ -163,7 +163,7 @@ def test_reload_with_new_lookahead(client, france_chat: list[tuple]) -> None:
 
 
 def test_history_becomes_chat_messages() -> None:
-    from torus_adapters.demo_session import to_messages
+    from torus_adapters.apps.demo_session import to_messages
 
     history = [  # as the Chatbot hands it back: content as a list of text parts
         {"role": "user", "metadata": None, "content": [{"text": "Hi", "type": "text"}], "options": None},

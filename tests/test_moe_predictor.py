@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers as T
 
-from torus_adapters.routing_traces import add_cli, fingerprint_of, moe_routers, record_traces
+from torus_adapters.tools.routing_traces import add_cli, fingerprint_of, moe_routers, record_traces
 from torus_plugins.errors import ConfigError
 from torus_plugins.moe.predictor_net import ExpertPredictorNet, PredictorFingerprint, load_predictor, save_predictor
 from torus_plugins.moe.training import RoutingTraces, train_predictor

@@ -39,7 +39,7 @@ _PREDICTOR_FILES: dict[str, str] = {}
 def predictor_file(name: str, tmp_dir) -> str:
     """A learned predictor trained (briefly) on the tiny model's own routing of random tokens."""
     if name not in _PREDICTOR_FILES:
-        from torus_adapters.routing_traces import fingerprint_of, record_traces
+        from torus_adapters.tools.routing_traces import fingerprint_of, record_traces
         from torus_plugins.moe.predictor_net import save_predictor
         from torus_plugins.moe.training import train_predictor
 
@@ -60,7 +60,7 @@ def predictor_dir(tmp_path_factory):
 
 
 def cache_size(model: torch.nn.Module, kind: str) -> int:
-    from torus_adapters.moe_architectures import moe_info
+    from torus_adapters.transformers_adapter.moe_architectures import moe_info
 
     info = moe_info(model)
     total = info["moe_layers"] * info["experts"]
@@ -352,8 +352,8 @@ def test_torus_model_on_moe_checkpoint_reports_expert_stats(tiny_moe_dir):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_one_expert_reads_lazily_from_the_checkpoint(arch: str, tmp_path) -> None:
     """Checkpoints keep experts apart: one expert's bytes, read alone, equal the loaded slice."""
-    from torus_adapters.expert_checkpoint import CheckpointExperts
-    from torus_adapters.moe_architectures import MOE_ARCHITECTURES
+    from torus_adapters.transformers_adapter.expert_checkpoint import CheckpointExperts
+    from torus_adapters.transformers_adapter.moe_architectures import MOE_ARCHITECTURES
 
     model = build_tiny(arch)
     model.save_pretrained(tmp_path)

@@ -15,7 +15,7 @@ import torch
 import transformers as T
 from safetensors import safe_open
 
-from torus_adapters import moefy as mf
+from torus_adapters.tools import moefy as mf
 
 pytestmark = pytest.mark.slow
 

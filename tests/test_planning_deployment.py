@@ -10,7 +10,7 @@ import pytest
 import transformers as T
 
 import torus_plugins as tp
-from torus_adapters.planning import meta_model, plan_model
+from torus_adapters.transformers_adapter.planning import meta_model, plan_model
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_plan_is_what_the_engine_does(smollm2_path):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "torus_adapters.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "torus_adapters.apps.cli", *args], capture_output=True, text=True, timeout=120
     )
 
 

@@ -348,7 +348,7 @@ def test_malformed_registrations_are_plugin_errors():
 
 
 def test_a_plugin_architecture_takes_over_a_builtin_family(tiny_llama):
-    from torus_adapters.architectures import DecoderFFN
+    from torus_adapters.transformers_adapter.architectures import DecoderFFN
 
     class Override:
         @hookimpl
@@ -593,7 +593,7 @@ def _tiny_glm4_moe() -> torch.nn.Module:
 
 def test_a_new_moe_architecture_is_one_table_row_in_a_plugin():
     """GLM-4-MoE is not built in; one `MoEDecoder` row registered by a plugin streams its experts."""
-    from torus_adapters.moe_architectures import MoEDecoder
+    from torus_adapters.transformers_adapter.moe_architectures import MoEDecoder
 
     class Glm4MoePlugin:
         @hookimpl
@@ -617,7 +617,7 @@ def test_a_new_moe_architecture_is_one_table_row_in_a_plugin():
 
 
 def test_a_third_party_expert_predictor_is_selected_by_name():
-    from torus_adapters.moe_architectures import MoEDecoder
+    from torus_adapters.transformers_adapter.moe_architectures import MoEDecoder
 
     calls = []
 

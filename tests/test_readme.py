@@ -24,7 +24,7 @@ SCRIPT_BLOCKS = [b for b in BLOCKS if "@hookimpl" not in b]
 
 def test_every_console_command_in_the_readme_is_a_real_subcommand():
     """The bash examples name subcommands and flags the CLI really has (argparse rejects others)."""
-    from torus_adapters.cli import build_parser
+    from torus_adapters.apps.cli import build_parser
 
     shell = "\n".join(re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S))
     subcommands = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]

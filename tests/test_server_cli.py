@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 def _serve(*args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "TORUS_SPARSE_API_KEY"}
-    cmd = [sys.executable, "-m", "torus_adapters.cli", "serve", "--log-level", "warning", *args]
+    cmd = [sys.executable, "-m", "torus_adapters.apps.cli", "serve", "--log-level", "warning", *args]
     return subprocess.Popen(
         cmd, env={**env, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -27,7 +27,7 @@ def server(smollm2_path):
     cmd = [
         sys.executable,
         "-m",
-        "torus_adapters.cli",
+        "torus_adapters.apps.cli",
         "transformers-serve",
         "--transport",
         "copy",

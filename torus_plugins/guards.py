@@ -4,16 +4,17 @@ models that another library already hooked.
 Concurrency contract: an attached model has one slot ring, one set of parameters that the hooks
 rebind, and one set of counters. A forward pass of the model (and so every `generate()` step) runs
 under the engine's `PassLock`: passes from different threads take turns, each one whole, so every
-thread gets exactly what it would get alone. The lock is taken by forward hooks on the model itself
-and on each module that holds streamed weights, so a direct call to a decoder layer or an MoE block
-is serialised too. It is re-entrant (a nested call from the same thread never deadlocks) and it is
-released even when a forward raises (`always_call`), so a failed pass never wedges other threads.
+thread gets exactly what it would get alone. The lock wraps the `forward` of the model itself and
+of each module around streamed weights (decoder layers, MoE blocks), so a direct call to a decoder
+layer is serialised too. It is re-entrant (a nested call from the same thread never deadlocks) and
+released in a `finally`, so a pass that raises (KeyboardInterrupt included) never wedges others.
 Batching concurrent requests into one pass remains the server's job; the lock only makes separate
 calls correct.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -47,26 +48,20 @@ class PassLock:
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
 
-    def install(self, modules: list[nn.Module]) -> list[Any]:
-        """Hold the lock from the first pre-hook to the last forward hook of each module.
+    def install(self, modules: list[nn.Module]) -> list["_ForwardWrap"]:
+        """Hold the lock around each module's `forward` (try/finally: released whatever the pass
+        raises, KeyboardInterrupt included, which forward hooks would miss). Returns handles
+        whose `remove()` puts the original `forward` back."""
+        return [_ForwardWrap(m, self) for m in modules]
 
-        The pre-hook is prepended so it runs before the engine's own pre-hooks (which bind
-        weights); the release hook runs last and also when the forward raises.
-        """
-        handles: list[Any] = []
-        for m in modules:
-            handles.append(m.register_forward_pre_hook(self._enter_hook, prepend=True))
-            handles.append(m.register_forward_hook(self._exit_hook, always_call=True))
-        return handles
-
-    def _enter_hook(self, module: nn.Module, args: Any) -> None:
+    def enter(self) -> None:
         self._lock.acquire()
         self._depth += 1
         if self._depth == 1 and self.volatile and torch.is_grad_enabled():
             self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
             self._saved_hooks.__enter__()
 
-    def _exit_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+    def exit(self) -> None:
         self._depth -= 1
         if self._depth == 0 and self._saved_hooks is not None:
             hooks, self._saved_hooks = self._saved_hooks, None
@@ -85,24 +80,49 @@ def _unpack(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class _ForwardWrap:
+    """`module.forward` replaced by the same call under the pass lock (an instance attribute, as
+    accelerate's hooks do; `functools.wraps` keeps the signature `generate()` inspects)."""
+
+    def __init__(self, module: nn.Module, lock: PassLock) -> None:
+        self.module = module
+        self._had_own = "forward" in module.__dict__
+        inner = module.forward
+
+        @functools.wraps(inner)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            lock.enter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                lock.exit()
+
+        self.wrapper = forward
+        module.forward = forward  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is self.wrapper:
+            if self._had_own:
+                self.module.forward = self.wrapper.__wrapped__  # type: ignore[attr-defined,method-assign]
+            else:
+                del self.module.forward
+
+
 def lock_points(model: nn.Module, sites: list[tuple[nn.Module, nn.Module]], expert_modules: list[nn.Module]) -> list[nn.Module]:
-    """The modules whose forward must hold the pass lock: the model, and for each streamed site the
-    smallest module whose forward covers both its entry and exit hooks (the FFN module itself when
-    entry is exit, else their closest common ancestor, e.g. OPT's decoder layer)."""
+    """The modules whose forward holds the pass lock: the model; for each streamed site the
+    closest module whose forward runs both its entry's pre-hook and its exit's hook (the parent of
+    an FFN module, e.g. the decoder layer; the common ancestor of OPT's fc1 and fc2); each experts
+    module (the MoE runner runs inside its forward). A direct call to the FFN module itself is the
+    one call that takes no lock."""
+    parents = {id(child): mod for mod in model.modules() for child in mod.children()}
     points: dict[int, nn.Module] = {id(model): model}
-    parents: dict[int, nn.Module] | None = None
     for entry, exit_ in sites:
-        if entry is exit_:
-            points.setdefault(id(entry), entry)
-            continue
-        if parents is None:
-            parents = {id(child): mod for mod in model.modules() for child in mod.children()}
-        chain, m = [], entry
+        chain, m = [], parents.get(id(entry))
         while m is not None:
             chain.append(m)
             m = parents.get(id(m))
-        m = exit_
         ancestors = {id(x) for x in chain}
+        m = parents.get(id(exit_)) if entry is exit_ else exit_
         while m is not None and id(m) not in ancestors:
             m = parents.get(id(m))
         common = m if m is not None else model

@@ -32,7 +32,7 @@ _FLUSH_S = 5
 def default_model_name(model_arg: str | None) -> str:
     """The id clients see: the embedded default's name, else the model path's or Hub id's last part."""
     if model_arg is None:
-        from torus_adapters.default_model import DEFAULT_MODEL_NAME
+        from torus_adapters.transformers_adapter.default_model import DEFAULT_MODEL_NAME
 
         return DEFAULT_MODEL_NAME
     name = os.path.basename(os.path.normpath(os.path.expanduser(model_arg)))

@@ -4,7 +4,7 @@ From the router input (hidden state) at MoE layer j, `ExpertPredictorNet` scores
 MoE layers j+1..j+horizon, so the engine can prefetch them before their router runs. The net is a
 sparse autoencoder over hidden states (its sparse code is the feature) plus a small MLP head that
 also sees a learned embedding of j. It is trained from `RoutingTraces` recorded on the real model
-(`torus_adapters.routing_traces.record_traces`; training lives in `moe.training`, so the runtime
+(`torus_adapters.tools.routing_traces.record_traces`; training lives in `moe.training`, so the runtime
 never imports it) and stored as safetensors, never pickle.
 
 This module imports torch only; `safetensors.torch` is imported inside the save/load functions.

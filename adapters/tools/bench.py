@@ -177,7 +177,7 @@ def torus_config(s: BenchSettings, env: Env, spec: VariantSpec, budget: int | No
 
 
 def plan_for(s: BenchSettings, env: Env, config: TorusConfig, **changes: Any):
-    from .planning import plan_model
+    from ..transformers_adapter.planning import plan_model
 
     return plan_model(
         s.model, config.replace(**changes) if changes else config, env.bandwidth_bps, str(env.device), s.dtype
@@ -589,7 +589,7 @@ def encode_prompt(tokenizer: Any, prompt: str, device: torch.device) -> dict[str
 
 def prepare(s: BenchSettings, specs: list[VariantSpec]) -> tuple[Env, dict[str, Any]]:
     """Resolve device, transport, bandwidth and budget, and plan every torus variant (no weights read)."""
-    from .transformers_adapter import resolve_model_source
+    from ..transformers_adapter import resolve_model_source
 
     device = resolve_device(s.device)
     dtype = resolve_dtype(s.dtype)

@@ -159,7 +159,7 @@ def run_chat(args: Any) -> int:
 
     from torus_plugins import TorusModel
 
-    from .cli import _config_from
+    from .config_args import config_from_args as _config_from
 
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())

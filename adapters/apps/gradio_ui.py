@@ -274,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--vram-budget",
         help="device budget, e.g. 550MiB (default: halfway between streaming every FFN layer and none)",
     )
-    p.add_argument("--lookahead", type=int, default=2, help="FFN layers copied ahead of compute (default 2)")
+    p.add_argument(
+        "--lookahead", type=int, default=TorusConfig().lookahead, help="FFN layers copied ahead of compute (default %(default)s)"
+    )
     p.add_argument("--transport", help="auto, copy, zero-copy, … (default: auto on a GPU, copy on the CPU)")
     return p
 

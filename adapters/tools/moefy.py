@@ -75,7 +75,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .default_model import cache_root
+from ..transformers_adapter.default_model import cache_root
 
 #: Defaults, chosen from the table in the module docstring.
 DEFAULT_NUM_EXPERTS = 32
@@ -552,7 +552,7 @@ def moefied_model_path(
     stats_tokens: int = DEFAULT_STATS_TOKENS,
 ) -> Path:
     """The MoEfied default model's directory, built once (a few minutes) and cached under `cache_root()`."""
-    from .default_model import default_model_path
+    from ..transformers_adapter.default_model import default_model_path
 
     target = _cache_dir(num_experts, top_k, shared_fraction, stats_tokens)
     if _is_built(target):
@@ -639,7 +639,7 @@ def _run_with_progress(args: argparse.Namespace, out: Path | None, err: Any) -> 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from transformers.utils import logging as hf_logging
 
-    from .default_model import default_model_path
+    from ..transformers_adapter.default_model import default_model_path
 
     settings = dict(num_experts=args.experts, top_k=args.top_k, shared_fraction=args.shared_fraction)
     target = out if out is not None else _cache_dir(stats_tokens=args.stats_tokens, **settings)

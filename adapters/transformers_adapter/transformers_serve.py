@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from torus_plugins import TorusConfig
 
-from .transformers_adapter import attached_models, enable
+from .enable import attached_models, enable
 
 STATS_ROUTE = "/torus/stats"
 

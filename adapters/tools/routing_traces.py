@@ -346,7 +346,7 @@ def report_table(report: dict) -> Any:
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .transformers_adapter import resolve_model_source
+    from ..transformers_adapter import resolve_model_source
 
     source, extra = resolve_model_source(args.model)
     try:
