@@ -16,7 +16,7 @@ from torch import nn
 from .architecture import Architecture, FFNSite
 from .config import TorusConfig
 from .errors import ConfigError
-from .guards import PassLock, lock_points
+from .guards import PassLock, freeze_grads, lock_points, restore_grads
 from .host_store import HostStore, materialize
 from .layer_streamer import LayerStreamer, bind
 from .moe.streamer import ExpertStreamer, check_moe_transport, expert_param_ids, plan_experts, predict_context
@@ -234,19 +234,8 @@ class Engine:
         self._undo_prepare = prepare(self.model) if prepare is not None else None
 
     def _freeze_ffn_grads(self) -> None:
-        """Streamed and resident FFN weights do not require grad while attached (restored at
-        detach). A parameter that requires grad is what autocast caches a cast copy of for the
-        whole autocast region: for streamed weights that would be a device copy of every layer,
-        far past the budget. Gradients still flow to the inputs, so backward works."""
-        for ps in self._params:
-            for p in ps:
-                self._grad_flags.append((p, p.requires_grad))
-        for site in self.expert_sites:
-            for _, attr in site.params:
-                p = getattr(site.module, attr)
-                self._grad_flags.append((p, p.requires_grad))
-        for p, _ in self._grad_flags:
-            p.requires_grad_(False)
+        experts = [getattr(site.module, attr) for site in self.expert_sites for _, attr in site.params]
+        self._grad_flags = freeze_grads([p for ps in self._params for p in ps] + experts)
 
     def _install_pass_lock(self) -> None:
         streamed = [] if self.transport.zero_copy else [(self.sites[i].entry, self.sites[i].exit) for i in self.plan.streamed]
@@ -415,9 +404,8 @@ class Engine:
                     t.data = t.data.to(o.device)
                 else:
                     o.owner._buffers[o.attr] = t.to(o.device)
-        for p, flag in self._grad_flags:
-            p.requires_grad_(flag)
-        self._grad_flags.clear()
+        restore_grads(self._grad_flags)
+        self._grad_flags = []
         if streamer is not None:
             streamer.ring = SlotRing([], [])  # the slots' device memory goes now
 

@@ -132,6 +132,24 @@ def lock_points(model: nn.Module, sites: list[tuple[nn.Module, nn.Module]], expe
     return list(points.values())
 
 
+def freeze_grads(params: list[nn.Parameter]) -> list[tuple[nn.Parameter, bool]]:
+    """Make the engine's FFN weights not require grad while attached; returns what to restore.
+
+    Autocast caches a cast copy of every weight that requires grad for its whole region: for
+    streamed weights that would be a device copy of every layer, far past the budget. Gradients
+    still reach the inputs, so backward works (see `PassLock`).
+    """
+    flags = [(p, p.requires_grad) for p in params]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    return flags
+
+
+def restore_grads(flags: list[tuple[nn.Parameter, bool]]) -> None:
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
 def check_traceable_call(device: torch.device) -> None:
     """Refuse to run a streamed layer under `torch.compile` or CUDA-graph capture.
 
