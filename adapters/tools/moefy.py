@@ -119,7 +119,7 @@ CHAT_PROMPTS = (
 _CACHE_VERSION = "1"
 #: Dense families with the llama layout (gate/up/down SwiGLU FFN, q/k/v/o attention, two RMSNorms).
 _DENSE_TYPES = ("llama",)
-_REPO_LICENSE = Path(__file__).resolve().parent.parent / "LICENSE"
+_REPO_LICENSE = Path(__file__).resolve().parents[2] / "LICENSE"
 
 Progress = Callable[[str, int, int], None]
 

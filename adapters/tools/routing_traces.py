@@ -215,7 +215,7 @@ _BUILTIN_TEXTS = (
 
 
 def _find_license() -> str | None:
-    candidates = [Path(__file__).resolve().parent.parent / "LICENSE"]
+    candidates = [Path(__file__).resolve().parents[2] / "LICENSE"]
     try:
         from importlib.metadata import PackageNotFoundError, distribution
 
