@@ -1,5 +1,5 @@
 """The engine of one attached model: plans, places weights, and tears down; the hot paths are its
-streamers (`layer_streamer.LayerStreamer` for dense FFN layers, `experts.ExpertStreamer` for MoE
+streamers (`layer_streamer.LayerStreamer` for dense FFN layers, `moe.streamer.ExpertStreamer` for MoE
 experts), and its stats are their counters.
 """
 
