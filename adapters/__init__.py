@@ -44,4 +44,14 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "DecoderFFN",
+    "MoEDecoder",
+    "TorusModel",
+    "default_model_path",
+    "disable",
+    "enable",
+    "enabled",
+    "plan_model",
+]
+assert sorted(__all__) == sorted(_LAZY)
