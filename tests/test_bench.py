@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from torus_adapters.tools import bench, bench_report
 from torus_adapters.apps.cli import main
+from torus_adapters.tools import bench, bench_report
 from torus_plugins import ConfigError
 
 EXE = shutil.which("torus-sparse") or ""

@@ -185,7 +185,6 @@ def test_generate_auto_compile_is_switched_off_while_attached() -> None:
 
 def test_accelerate_hooked_model_is_refused_and_left_unchanged() -> None:
     from accelerate import cpu_offload
-    from accelerate.hooks import remove_hook_from_module
 
     model = build_tiny("llama")
     with torch.no_grad():
