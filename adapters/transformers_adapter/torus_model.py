@@ -29,6 +29,8 @@ Messages = Sequence[dict[str, Any]]
 Prompt = str | Messages
 
 _ROLES = ("system", "user", "assistant", "tool")
+#: Seconds the one Hub metadata request may take before the model counts as unreachable.
+HUB_PROBE_TIMEOUT_S = 10.0
 
 
 class PromptError(TorusError, ValueError):
@@ -66,7 +68,47 @@ def resolve_model_source(path_or_id: str | os.PathLike[str] | None) -> tuple[str
         return str(p), {}
     if p.exists() or _looks_local(text):
         raise ModelNotFoundError(f"model path {text!r} does not exist")
+    check_hub_id(text)
     return text, {}
+
+
+def check_hub_id(repo_id: str) -> None:
+    """Refuse a Hub id that is neither in the local cache nor reachable, in one line and at once.
+
+    Left to `from_pretrained`, an unreachable Hub costs a storm of retries (about 30 s) and a
+    70-line traceback. One metadata request with a short timeout answers the same question.
+    """
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return  # cached: transformers loads it without the network
+    except HFValidationError:
+        raise ModelNotFoundError(
+            f"{repo_id!r} is neither an existing path nor a valid Hugging Face Hub id (owner/name)"
+        ) from None
+    local = "pass a local model directory or a .gguf file instead (e.g. --model ./my-model or --model model.gguf)"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {local}, or "
+            f"download it once with network access (hf download {repo_id})"
+        )
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_PROBE_TIMEOUT_S)
+    except GatedRepoError:
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is gated on the Hub: accept its terms on huggingface.co and log in (hf auth login), or {local}"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not on the Hugging Face Hub (or is private: log in with hf auth login); {local}"
+        ) from None
+    except Exception as exc:  # no network, DNS, proxy, timeout, 5xx: all mean "cannot reach it now"
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is neither in the Hugging Face cache nor reachable ({type(exc).__name__}: {exc}); "
+            f"{local}, or download it once with network access (hf download {repo_id})"
+        ) from None
 
 
 def _load_model(source: str, extra: dict[str, Any], dtype: Any, hf_kwargs: dict[str, Any]):
