@@ -18,6 +18,8 @@ DEFAULT_QUANT_GROUP_SIZE = 32
 WEIGHT_QUANTS = ("int8", "int4")
 MOE_CACHE_SCOPES = ("shared", "per-layer")
 MOE_EVICTIONS = ("next-use", "lru", "lfu")
+HOST_COMPUTE_MODES = ("off", "auto", "all")
+HOST_KERNELS = ("auto", "packed", "packed-bf16", "dequantize")
 
 _UNITS = {
     "": 1,
@@ -148,6 +150,24 @@ class TorusConfig:
             More raises the hit rate and the wasted bytes.
         moe_predictor_path: the safetensors file of a learned predictor
             (`torus-sparse train-predictor`).
+        host_compute: the `host` placement (see `host_compute`): "off" (default: every
+            non-resident unit streams), "auto" (each streamed FFN layer's intermediate neurons are
+            split between the link and host threads in proportion to the measured link bandwidth
+            and host FFN throughput; MoE experts missing from the device cache are computed on the
+            host instead of copied), or "all" (every streamed layer and every missing expert is
+            computed on the host). Only passes of at most `host_max_tokens` tokens with autograd
+            off compute on the host; longer passes (prefill) and grad-enabled ones stream.
+        host_share: override the measured split: the fraction (0..1) of each streamed dense
+            layer's neurons computed on the host (rounded to blocks of 64 neurons).
+        host_max_tokens: override the cost model's per-pass switch: passes with more tokens than
+            this stream instead (1 = decode only).
+        host_threads: CPU threads for host compute (`torch.set_num_threads` while attached;
+            restored at detach). `None`: all cores but one on a CUDA device, so the thread
+            feeding the GPU is never starved; unchanged on the CPU.
+        host_kernel: how quantized host weights compute: "auto" (the fastest measured on this
+            machine), "packed" (PyTorch's int8/int4 packed CPU kernels, activations in the
+            model's dtype), "packed-bf16" (the same kernels with bf16 activations, much faster
+            on CPUs without fp32 paths for them) or "dequantize" (dequantize + matmul).
         options: free-form settings for plugins, read by name.
     """
 
@@ -168,6 +188,11 @@ class TorusConfig:
     moe_predictor: str = "speculative"
     moe_expert_prefetch_k: int | None = None
     moe_predictor_path: str | None = None
+    host_compute: str = "off"
+    host_share: float | None = None
+    host_max_tokens: int | None = None
+    host_threads: int | None = None
+    host_kernel: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -202,6 +227,22 @@ class TorusConfig:
             raise ConfigError(
                 f"moe_expert_prefetch_k must be an integer >= 0 or None, got {self.moe_expert_prefetch_k!r}"
             )
+        if self.host_compute not in HOST_COMPUTE_MODES:
+            raise ConfigError(f"host_compute must be {_choices(HOST_COMPUTE_MODES)}, got {self.host_compute!r}")
+        if self.host_share is not None and (
+            isinstance(self.host_share, bool)
+            or not isinstance(self.host_share, (int, float))
+            or not 0.0 <= self.host_share <= 1.0
+        ):
+            raise ConfigError(f"host_share must be a number from 0 to 1 or None, got {self.host_share!r}")
+        if self.host_max_tokens is not None and (not _is_int(self.host_max_tokens) or self.host_max_tokens < 1):
+            raise ConfigError(f"host_max_tokens must be an integer >= 1 or None, got {self.host_max_tokens!r}")
+        if self.host_threads is not None and (not _is_int(self.host_threads) or self.host_threads < 1):
+            raise ConfigError(f"host_threads must be an integer >= 1 or None, got {self.host_threads!r}")
+        if self.host_kernel not in HOST_KERNELS:
+            raise ConfigError(f"host_kernel must be {_choices(HOST_KERNELS)}, got {self.host_kernel!r}")
+        if self.host_compute == "off" and (self.host_share is not None or self.host_max_tokens is not None):
+            raise ConfigError("host_share / host_max_tokens tune the host placement: set host_compute='auto' or 'all'")
         if not isinstance(self.transport, str) or not self.transport:
             raise ConfigError(f"transport must be a name such as 'auto', 'copy', 'zero-copy', got {self.transport!r}")
         if not isinstance(self.options, Mapping) or not all(isinstance(k, str) for k in self.options):

@@ -17,6 +17,7 @@ from .architecture import Architecture, FFNSite
 from .config import TorusConfig
 from .errors import ConfigError
 from .guards import PassLock, freeze_grads, lock_points, restore_grads
+from .host_compute.placement import HostPlacement, plan_host
 from .host_store import HostStore, materialize
 from .layer_streamer import LayerStreamer, bind
 from .moe.streamer import ExpertStreamer, check_moe_transport, expert_param_ids, plan_experts, predict_context
@@ -147,6 +148,8 @@ class Engine:
             ctx = predict_context(self.model, self.arch, self.expert_sites, self.config)  # type: ignore[arg-type]
             self._expert_predictor = factory(ctx)
             self._prefetch_k = ctx.prefetch_k
+        #: the host placement's plan (None with host_compute="off")
+        self.host_plan: HostPlacement | None = plan_host(self)
 
     def build(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Pack FFN weights into the host store, place everything, install hooks, warm the ring.
@@ -159,6 +162,7 @@ class Engine:
         self._non_ffn_origins: list[_Origin] = []
         self._ffn_origin_device: list[torch.device] = []
         self._resident: dict[int, torch.Tensor] = {}
+        self.host = self.host_plan.layers(self.device, self.config) if self.host_plan is not None else None
         pin = self.config.pin_memory if self.config.pin_memory is not None else self.device.type == "cuda"
         if pin and not torch.cuda.is_available():
             log.warning("pin_memory=True needs CUDA, which torch does not see; the host store stays pageable")
@@ -195,6 +199,9 @@ class Engine:
             names = [name for name, _, _ in self.sites[i].params]
             origin = ps[0].device
             packed, buf = self.store.add_layer([(n, p.data) for n, p in zip(names, ps)])
+            if self.host is not None and i in self.host_plan.rows:  # type: ignore[union-attr]
+                views = packed.compute.views(buf) if not packed.quantized else []
+                self.host.prepare(i, self.sites[i].entry, names, ps, views, self.host_plan.rows[i], self.host_plan.align)  # type: ignore[union-attr]
             self._ffn_origin_device.append(origin)
             self._placeholders.append([_placeholder(p, dev) for p in ps])
             if self.transport.zero_copy:
@@ -214,6 +221,8 @@ class Engine:
             if progress is not None:
                 progress(i + 1, total)
         self._move_non_ffn(dev)
+        if self.host is not None:
+            self._host_units = self.host.add_share_units(self.store)
         self._start_streaming()
         if self.expert_sites:
             self.experts = ExpertStreamer(
@@ -230,6 +239,8 @@ class Engine:
             )
             self.experts.build(progress)
         self._install_pass_lock()
+        if self.host_plan is not None:
+            self.host_plan.start(self)
         prepare = getattr(self.arch, "prepare_model", None)
         self._undo_prepare = prepare(self.model) if prepare is not None else None
 
@@ -287,7 +298,11 @@ class Engine:
             policy,
             self.device,
         )
+        if self.host is not None and streams:
+            self.streamer.host_units = dict(self._host_units)
         self._hooks.extend(self.streamer.start())
+        if self.host is not None and streams:
+            self._hooks.extend(self.host.install(self.sites, self.streamer))
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> EngineStats:
@@ -302,14 +317,30 @@ class Engine:
         resident = set(self.plan.resident)
         placement = "zero-copy" if self.transport.zero_copy else None
         positions = self.sizes.positions
+        host = self.host
+        host_layers = host.layers if host is not None else {}
+        host_counters = host.counters if host is not None else {}
+
+        def where(i: int) -> str:
+            if placement:
+                return placement
+            if i in resident:
+                return "resident"
+            if i in host_layers:
+                return "host" if host_layers[i].whole else "split"
+            return "streamed"
+
         layers = tuple(
             LayerStats(
                 positions[i],
-                placement or ("resident" if i in resident else "streamed"),
+                where(i),
                 c.hits,
                 c.misses,
                 c.bytes_moved,
                 c.stall_s,
+                host_counters[i].calls if i in host_counters else 0,
+                host_counters[i].host_s if i in host_counters else 0.0,
+                host_layers[i].rows / host_layers[i].intermediate if i in host_layers else 0.0,
             )
             for i, c in enumerate(counters)
         )
@@ -340,6 +371,11 @@ class Engine:
             peak_device_bytes=peak,
             layers=layers,
             experts=experts,
+            host_compute=self.config.host_compute,
+            host_layers=len(host_layers),
+            host_calls=sum(c.calls for c in host_counters.values()) + (sum(x.host_computed for x in experts.layers) if experts else 0),
+            host_s=sum(c.host_s for c in host_counters.values()) + (sum(x.host_s for x in experts.layers) if experts else 0.0),
+            host_max_tokens=self.host_plan.max_tokens if self.host_plan is not None else 0,
         )
 
     def reset_stats(self) -> None:
@@ -348,6 +384,8 @@ class Engine:
 
     def _reset_stats(self) -> None:
         self.streamer.reset_stats()
+        if self.host is not None:
+            self.host.reset_stats()
         if self.experts is not None:
             self.experts.reset_stats()
         if self.device.type == "cuda":
@@ -376,6 +414,10 @@ class Engine:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if getattr(self, "host", None) is not None:
+            self.host.teardown()  # type: ignore[union-attr]
+        if self.host_plan is not None:
+            self.host_plan.stop()
         try:
             self.transport.close()  # lets in-flight copies finish before their buffers go away
         except Exception:

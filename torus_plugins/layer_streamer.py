@@ -56,6 +56,12 @@ class LayerStreamer:
         self._active: Slot | None = None
         self._active_layer = -1
         self._last_streamed = streamed[-1] if streamed else -1
+        #: layers whose FFN forward is wrapped by the host placement (it calls acquire/release
+        #: itself), and the unit each streams in a host pass: its device share, or None (whole
+        #: layer on the host, nothing to copy)
+        self.host_units: dict[int, int | None] = {}
+        #: whether the last pass was served by the host: the next pass's prefetches assume the same
+        self.host_mode = False
 
     def start(self) -> list[Any]:
         """Install the per-layer hooks and queue the first copies; returns the hook handles."""
@@ -63,6 +69,8 @@ class LayerStreamer:
             return []
         hooks = []
         for i in self.streamed:
+            if i in self.host_units:
+                continue
             site = self.sites[i]
             hooks.append(site.entry.register_forward_pre_hook(self._make_pre(i)))
             hooks.append(site.exit.register_forward_hook(self._make_post(i)))
@@ -82,25 +90,28 @@ class LayerStreamer:
         return post
 
     # ------------------------------------------------------------------ hot path
-    def acquire(self, layer: int) -> None:
-        """Make `layer`'s weights computable: a prefetch hit, or a synchronous load (a miss)."""
+    def acquire(self, layer: int, unit: int | None = None) -> None:
+        """Make `layer`'s weights computable: a prefetch hit, or a synchronous load (a miss).
+        `unit`: what to bind, when not the whole layer (a split layer's device share)."""
         check_traceable_call(self.device)
         if self._active is not None:
             # The previous layer never reached its exit hook (an exception or an interrupt
             # inside its forward): release it now so its slot is fenced and reusable.
             self.release(self._active_layer)
+        unit = layer if unit is None else unit
         ring = self.ring
         c = self.counters[layer]
-        slot = ring.find(layer)
+        slot = ring.find(unit)
         if slot is None:
             slot = ring.victim((), None)
             assert slot is not None, "a ring with no active slot always has a victim"
-            c.bytes_moved += ring.fill(slot, layer, self.store.buffers[layer], self.transport)
+            c.bytes_moved += ring.fill(slot, unit, self.store.buffers[unit], self.transport)
             c.misses += 1
         else:
             c.hits += 1
-        source = self.store.buffers[layer] if self._aliases else None
-        views, waited = ring.land(slot, layer, self.transport, source, f"FFN layer {layer}")
+        source = self.store.buffers[unit] if self._aliases else None
+        what = f"FFN layer {layer}" if unit == layer else f"the device share of FFN layer {layer}"
+        views, waited = ring.land(slot, unit, self.transport, source, what)
         self._stalls.record(layer, waited)
         bind(self._params[layer], views.bind)
         self._active, self._active_layer = slot, layer
@@ -119,14 +130,30 @@ class LayerStreamer:
         assert self.policy is not None
         self._prefetch(self.policy.after(layer))
 
+    def skip(self, layer: int) -> None:
+        """`layer` ran wholly on the host this pass: nothing to bind, but the pass moves on."""
+        if layer == self._last_streamed:
+            self.forward_passes += 1
+        assert self.policy is not None
+        self._prefetch(self.policy.after(layer))
+
+    def _unit(self, layer: int) -> int | None:
+        """What a prefetch of `layer` copies: in a host pass, a host layer's device share (or
+        nothing); otherwise the layer."""
+        if self.host_mode and layer in self.host_units:
+            return self.host_units[layer]
+        return layer
+
     def _prefetch(self, wanted: Sequence[int]) -> None:
         ring = self.ring
-        for layer in wanted:
-            if ring.find(layer) is None:
-                slot = ring.victim(wanted, self._active)
+        units = [(layer, self._unit(layer)) for layer in wanted]
+        keep = tuple(u for _, u in units if u is not None)
+        for layer, unit in units:
+            if unit is not None and ring.find(unit) is None:
+                slot = ring.victim(keep, self._active)
                 if slot is None:
                     return
-                self.counters[layer].bytes_moved += ring.fill(slot, layer, self.store.buffers[layer], self.transport)
+                self.counters[layer].bytes_moved += ring.fill(slot, unit, self.store.buffers[unit], self.transport)
 
     # ------------------------------------------------------------------ stats / teardown
     def _add_stall(self, layer: int, seconds: float) -> None:

@@ -27,11 +27,14 @@ class LayerStats:
     """One FFN layer's counters at snapshot time."""
 
     layer: int
-    placement: str  # "resident", "streamed" or "zero-copy"
+    placement: str  # "resident", "streamed", "zero-copy", "host" (whole layer) or "split"
     hits: int
     misses: int
     bytes_moved: int
     stall_s: float
+    host_calls: int = 0  # passes this layer (or its host share) computed on the host
+    host_s: float = 0.0  # seconds of host compute (on the host worker for a split layer)
+    host_share: float = 0.0  # fraction of the layer's neurons computed on the host in a host pass
 
 
 @dataclass
@@ -46,6 +49,8 @@ class ExpertCounters:
     bytes_moved: int = 0
     wasted_bytes: int = 0
     stall_s: float = 0.0
+    host_computed: int = 0
+    host_s: float = 0.0
     predicted: int = 0
     predicted_routed: int = 0
     predicted_correct: int = 0
@@ -75,6 +80,8 @@ class ExpertLayerStats:
     predicted: int
     predicted_routed: int
     predicted_correct: int
+    host_computed: int = 0  # routed experts computed on the host instead of copied (misses in a host pass)
+    host_s: float = 0.0
 
     @property
     def hit_rate(self) -> float:
@@ -153,6 +160,8 @@ class ExpertStats:
             "wasted_bytes": self.wasted_bytes,
             "wasted_share": self.wasted_bytes / moved if moved else 0.0,
             "stall_s": self.stall_s,
+            "host_computed": self._sum("host_computed"),
+            "host_s": self._sum("host_s"),
         }
 
     def summary(self) -> str:
@@ -162,7 +171,7 @@ class ExpertStats:
             f"predictor={self.predictor} hit_rate={self.hit_rate:.1%} "
             f"recall={'-' if recall is None else f'{recall:.1%}'} moved={format_bytes(self.bytes_moved)} "
             f"wasted={format_bytes(self.wasted_bytes)}"
-        )
+        ) + (f" host_computed={self._sum('host_computed')}" if self._sum("host_computed") else "")
 
 
 @dataclass(frozen=True)
@@ -178,6 +187,9 @@ class EngineStats:
     resident_bytes: device bytes held permanently for FFN layers.
     ring_bytes: device bytes of the slot ring (all slots).
     experts: MoE models only: the expert cache, predictor and per-MoE-layer counters.
+    host_compute: the host placement's mode; host_layers: FFN layers computed wholly or in part
+        on the host in passes of at most `host_max_tokens` tokens; host_calls / host_s: layer (or
+        layer share) computations done on the host, and their seconds.
     peak_device_bytes: on CUDA, the peak allocated device memory since attach or the last
         `reset_stats()` (process-wide, as `torch.cuda.max_memory_allocated` reports it); on the
         CPU, the bytes the engine placed on the compute device (non-FFN + resident + ring).
@@ -201,6 +213,11 @@ class EngineStats:
     peak_device_bytes: int
     layers: tuple[LayerStats, ...] = field(default=())
     experts: ExpertStats | None = None
+    host_compute: str = "off"
+    host_layers: int = 0
+    host_calls: int = 0
+    host_s: float = 0.0
+    host_max_tokens: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -228,6 +245,10 @@ class EngineStats:
             f"moved={format_bytes(self.bytes_moved)} stall={self.stall_s * 1000:.1f}ms "
             f"resident_bytes={format_bytes(self.resident_bytes)} "
             f"peak_device={format_bytes(self.peak_device_bytes)}"
+        ) + (
+            f" host={self.host_layers} host_calls={self.host_calls} host_time={self.host_s * 1000:.1f}ms"
+            if self.host_compute != "off"
+            else ""
         ) + (f" | {self.experts.summary()}" if self.experts is not None else "")
 
     def __str__(self) -> str:

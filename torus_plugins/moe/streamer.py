@@ -21,6 +21,8 @@ from ..architecture import EXPERTS_RUNNER_ATTR, ExpertSite, MoEArchitecture
 from ..config import TorusConfig
 from ..errors import ConfigError, TransferError
 from ..guards import check_traceable_call
+from ..host_compute.kernels import HostComputeError, HostLinearMode, HostWeight, int4pack_from_store
+from ..host_compute.worker import HostWorker
 from ..host_store import HostStore, PackedLayer, plan_packed
 from ..slots import Slot
 from ..stalls import StallLedger
@@ -166,6 +168,13 @@ class ExpertStreamer:
         self._pending: set[int] = set()
         self._predicted: dict[int, set[int]] = {}
         self.cache: ExpertCache | None = None
+        #: host placement: passes of at most this many tokens compute cache misses on the host
+        self._host_max = 0
+        self._host_worker: HostWorker | None = None
+        self._host_shims: list[_ModuleShim] = []
+        self._host_mode: HostLinearMode | None = None
+        self._host_tensors: list[list[torch.Tensor]] = []
+        self._force_host = False  # `verify_host`: every routed expert on the host
 
     # ------------------------------------------------------------------ set-up
     def build(self, progress: Callable[[int, int], None] | None = None) -> None:
@@ -194,8 +203,13 @@ class ExpertStreamer:
     def _make_shim(self, j: int) -> _ModuleShim:
         site = self.sites[j]
 
+        n = site.num_experts
+
         def get(expert: Any, k: int) -> torch.Tensor:
-            return self._expert_tensor(j, int(expert), k)
+            e = int(expert)
+            if not 0 <= e < n:  # another layer's unit lies past this one's: never hand it out
+                raise HostComputeError(f"MoE layer {site.layer}'s experts were indexed with expert {e} of {n}")
+            return self._expert_tensor(j, e, k)
 
         views = {attr: _ExpertsView(get, k, getattr(site.module, attr)) for k, (_, attr) in enumerate(site.params)}
         return _ModuleShim(site.module, views)
@@ -228,9 +242,14 @@ class ExpertStreamer:
         ring = cache.ring(j)
         protect = set(units)
         self._pending = set(units)
+        host = self._host_max > 0 and not torch.is_grad_enabled() and hidden.numel() <= self._host_max * hidden.shape[-1]
+        on_host: list[int] = []
         for u in units:
             cache.freq[u] += 1
-            if ring.find(u) is None:
+            if self._force_host or (host and ring.find(u) is None):
+                c.misses += 1
+                on_host.append(u)  # computed where it lies instead of copied
+            elif ring.find(u) is None:
                 c.misses += 1
                 self._load(ring, u, protect, prefetched=False)  # a full cache defers it to compute
             else:
@@ -248,12 +267,117 @@ class ExpertStreamer:
                     if nring.find(u) is None and not self._load(nring, u, protect, prefetched=True):
                         break
         try:
+            if on_host:
+                return self._run_split(j, c, on_host, hidden, top_k_index, top_k_weights, eager)
             return eager(self._shims[j], hidden, top_k_index, top_k_weights)
         finally:
             self._release_active()
             self._pending = set()
             if j == len(self.sites) - 1:
                 self.forward_passes += 1
+
+    def _run_split(self, j: int, c: ExpertCounters, on_host: list[int], hidden, top_k_index, top_k_weights, eager):
+        """Cached experts on the device, `on_host` ones on the host worker at the same time; summed.
+        Each side sees the routing with the other side's experts replaced by the index one past the
+        last expert, which the eager loop skips (its padding index)."""
+        n = self.sites[j].num_experts
+        base = self.base[j]
+        self._pending.difference_update(on_host)
+        mine = torch.tensor([u - base for u in on_host], device=top_k_index.device, dtype=top_k_index.dtype)
+        host_mask = torch.isin(top_k_index, mine)
+        device_index = top_k_index.masked_fill(host_mask, n)
+        host_index = top_k_index.masked_fill(~host_mask, n)
+        assert self._host_worker is not None
+        pending = self._host_worker.submit(
+            self._host_eager, j, eager, hidden.to("cpu"), host_index.to("cpu"), top_k_weights.to("cpu")
+        )
+        try:
+            out = eager(self._shims[j], hidden, device_index, top_k_weights)
+        finally:
+            out_host, seconds = pending.result()  # always collected: the worker never outlives the pass
+        c.host_computed += len(on_host)
+        c.host_s += seconds
+        return out + out_host.to(out.device)
+
+    def _host_eager(self, j: int, eager, hidden, top_k_index, top_k_weights):
+        if self._host_mode is None:
+            return eager(self._host_shims[j], hidden, top_k_index, top_k_weights)
+        with self._host_mode:
+            return eager(self._host_shims[j], hidden, top_k_index, top_k_weights)
+
+    # ------------------------------------------------------------------ host placement
+    def enable_host(self, max_tokens: int, kernel: str, act: torch.dtype | None) -> None:
+        """Compute cache misses of passes with at most `max_tokens` tokens on the host, from the
+        host store: weights as stored, or quantized ones through the packed CPU kernels."""
+        self._host_max = max_tokens
+        self._host_worker = HostWorker()
+        weights: dict[int, HostWeight] = {}
+        tensors: list[list[torch.Tensor]] = []
+        for unit, packed in enumerate(self.store.layers):
+            views = packed.transfer.views(self.store.buffers[unit])  # type: ignore[arg-type]
+            if not packed.quantized:
+                tensors.append(views)
+                continue
+            unit_tensors = []
+            for (mode, ti, si), t in zip(packed.recipe, packed.compute.tensors):
+                if mode == "raw":
+                    unit_tensors.append(views[ti])
+                    continue
+                marker = torch.zeros((), dtype=t.dtype).expand(t.shape)
+                weights[id(marker)] = int4pack_from_store(views[ti], views[si], mode, tuple(t.shape), t.dtype, kernel, act)
+                unit_tensors.append(marker)
+            tensors.append(unit_tensors)
+        self._host_mode = HostLinearMode(weights) if weights else None
+        self._host_tensors = tensors
+        self._host_shims = [self._make_host_shim(j) for j in range(len(self.sites))]
+
+    def _make_host_shim(self, j: int) -> _ModuleShim:
+        site, base, n = self.sites[j], self.base[j], self.sites[j].num_experts
+
+        def get(expert: Any, k: int) -> torch.Tensor:
+            e = int(expert)
+            if not 0 <= e < n:
+                raise HostComputeError(f"MoE layer {site.layer}'s experts were indexed with expert {e} of {n}")
+            return self._host_tensors[base + e][k]
+
+        views = {attr: _ExpertsView(get, k, getattr(site.module, attr)) for k, (_, attr) in enumerate(site.params)}
+        return _ModuleShim(site.module, views)
+
+    def verify_host(self, tolerance: float) -> None:
+        """Prove host experts on the first MoE layer: a few tokens routed to its first experts,
+        computed on the device and on the host, must agree within `tolerance`."""
+        if not self._host_max:
+            return
+        site = self.sites[0]
+        weight = getattr(site.module, site.params[0][1])
+        hidden_size = int(getattr(getattr(self.model, "config", None), "hidden_size", 0) or weight.shape[-1])
+        gen = torch.Generator().manual_seed(0)
+        tokens, k = 2, min(site.top_k, site.num_experts)
+        hidden = torch.randn(tokens, hidden_size, generator=gen).to(self.device, weight.dtype)
+        index = torch.stack([torch.arange(k) + t for t in range(tokens)]).remainder(site.num_experts).to(self.device)
+        weights = torch.full((tokens, k), 1.0 / k).to(self.device, weight.dtype)
+        with torch.no_grad():
+            saved, self._host_max = self._host_max, 0
+            try:
+                ref = site.module(hidden, index, weights)
+            finally:
+                self._host_max = saved
+            self._force_host = True
+            try:
+                got = site.module(hidden, index, weights)
+            except HostComputeError:
+                raise
+            except Exception as exc:
+                raise HostComputeError(f"MoE layer {site.layer}'s experts failed on the host: {exc}") from exc
+            finally:
+                self._force_host = False
+        scale = ref.abs().max().item() or 1.0
+        err = (got.float() - ref.float()).abs().max().item() / scale
+        if not err <= tolerance:
+            raise HostComputeError(
+                f"MoE layer {site.layer}'s experts computed on the host differ from the streamed ones by {err:.2e} "
+                f"of the output (bound {tolerance:.0e}); use host_compute='off'"
+            )
 
     def _load(self, ring, unit: int, keep: set[int], prefetched: bool) -> Slot | None:
         active = self._active[0] if self._active is not None else None
@@ -320,6 +444,8 @@ class ExpertStreamer:
                 predicted=c.predicted,
                 predicted_routed=c.predicted_routed,
                 predicted_correct=c.predicted_correct,
+                host_computed=c.host_computed,
+                host_s=c.host_s,
             )
             for s, c in zip(self.sites, self.counters)
         )
@@ -345,6 +471,10 @@ class ExpertStreamer:
     def teardown(self) -> None:
         """Undo `build` (whatever part of it ran): forwards restored, fused parameters rebuilt
         from the host store bit for bit (dequantized with `weight_quant`), cache freed."""
+        if self._host_worker is not None:
+            self._host_worker.close()
+            self._host_worker = None
+        self._host_shims, self._host_tensors, self._host_mode = [], [], None
         if self._restore is not None:
             try:
                 self._restore()

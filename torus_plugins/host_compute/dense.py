@@ -1,0 +1,257 @@
+"""Host placement of dense FFN layers: whole layers, or the host share of a split layer.
+
+Per host-placed layer the FFN module's `forward` is wrapped (not hooked: the wrapper must choose
+between two computations and always collect the host's result, whatever the device side raises):
+- a pass the host serves (autograd off, at most `max_tokens` tokens) computes the host share on the
+  host twin — on the calling thread for a whole layer (the device would only wait), on the worker
+  for a split layer while the calling thread computes the device share, streamed as a unit of its
+  own (the first neurons' rows and columns), through the module; the shares are summed on the device;
+- any other pass streams the whole layer through the slot ring exactly as without host compute, so
+  prefill and training are bit-identical to streaming-only.
+Every host layer is proven at attach (`verify`): one random token through both paths must agree
+within the bound of its arithmetic, or the engine refuses (or, under "auto", keeps streaming).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .. import quant as quantization
+from ..guards import check_traceable_call
+from .kernels import HostComputeError, HostLinearMode, HostWeight, quantized_weight
+from .split import Cut, find_cut
+from .twin import host_twin
+from .worker import HostWorker, timed
+
+#: Neurons per block of a split: keeps every share a multiple of the packed kernels' tiles.
+SPLIT_ALIGN = 64
+
+
+@dataclass
+class HostCounters:
+    calls: int = 0
+    host_s: float = 0.0
+
+
+@dataclass
+class HostLayer:
+    layer: int
+    rows: int  # neurons computed on the host
+    intermediate: int
+    hidden: int
+    twin: nn.Module
+    mode: HostLinearMode | None
+    share_unit: int | None = None  # the device share's unit in the host store (split layers)
+    share_tensors: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    host_bytes: int = 0
+
+    @property
+    def whole(self) -> bool:
+        return self.rows >= self.intermediate
+
+
+def hidden_size(module: nn.Module, params: Sequence[nn.Parameter]) -> int:
+    """The FFN's hidden size: the one weight dimension for which a token goes in and comes out with
+    that width (run on the module's own weights, before anything is rebound)."""
+    dims = sorted({d for p in params if p.dim() == 2 for d in p.shape})
+    p0 = params[0]
+    found = []
+    for d in dims:
+        try:
+            with torch.no_grad():
+                out = module(torch.zeros(1, d, dtype=p0.dtype, device=p0.device))
+        except Exception:
+            continue
+        if isinstance(out, torch.Tensor) and tuple(out.shape) == (1, d):
+            found.append(d)
+    if len(found) != 1:
+        raise HostComputeError(
+            f"cannot tell the hidden size of {type(module).__name__} (weight dimensions {dims}: "
+            f"{len(found)} of them map one token to itself)"
+        )
+    return found[0]
+
+
+class HostLayers:
+    """The host-placed dense layers of one engine, their twins, counters and the worker."""
+
+    def __init__(self, device: torch.device, quant: str | None, group: int, kernel: str, act: torch.dtype | None,
+                 max_tokens: int) -> None:
+        self.device, self.quant, self.group = device, quant, group
+        self.kernel, self.act = kernel, act
+        self.max_tokens = max_tokens
+        self.layers: dict[int, HostLayer] = {}
+        self.counters: dict[int, HostCounters] = {}
+        self.worker = HostWorker()
+        self.streamer: Any = None
+        self._wraps: list[_Override] = []
+        self.force_stream = False  # `verify`'s reference path
+
+    # ------------------------------------------------------------------ set-up
+    def prepare(self, i: int, module: nn.Module, names: list[str], params: list[nn.Parameter],
+                compute_views: list[torch.Tensor], rows: int, align: int) -> None:
+        """Set layer i up for host compute from its weights as loaded (`params` still hold them).
+        `compute_views`: the layer's weights in the host store (unquantized stores only)."""
+        originals = [p.data for p in params]
+        hidden = hidden_size(module, params)
+        cut: Cut | None = None
+        inter = next((d for p in params if p.dim() == 2 for d in p.shape if d != hidden), hidden)
+        if rows < inter:
+            cut = find_cut([tuple(p.shape) for p in params], hidden)
+            inter = cut.intermediate
+            rows = (rows // align) * align
+            if rows <= 0:
+                return
+        twin, fresh = host_twin(module, params)
+        source = compute_views if self.quant is None else [t.detach().to("cpu") for t in originals]
+        if cut is not None and rows < inter:
+            start = inter - rows
+            host_part = cut.share(source, start, inter, device_share=False)
+            device_part = cut.share(originals, 0, start, device_share=True)
+            share = [(n + ".share", t.detach().to("cpu").clone()) for n, t in zip(names, device_part)]
+        else:
+            host_part, share = list(source), []
+        weights: dict[int, HostWeight] = {}
+        nbytes = 0
+        for f, t in zip(fresh, host_part):
+            if self.quant is not None and quantization.eligible(t):
+                hw = quantized_weight(t.contiguous(), self.quant, self.group, self.kernel, self.act)
+                f.data = torch.zeros((), dtype=t.dtype).expand(t.shape)  # memory-free: the mode computes
+                weights[id(f)] = hw
+                nbytes += hw.nbytes
+            else:
+                f.data = t if self.quant is None else t.contiguous()
+                nbytes += 0 if self.quant is None else t.numel() * t.element_size()
+        mode = HostLinearMode(weights) if weights else None
+        self.layers[i] = HostLayer(i, rows, inter, hidden, twin, mode, share_tensors=share, host_bytes=nbytes)
+        self.counters[i] = HostCounters()
+
+    def add_share_units(self, store: Any) -> dict[int, int | None]:
+        """Pack each split layer's device share into the host store (after every full layer, so
+        unit i is still layer i); returns the unit each host layer streams in a host pass."""
+        units: dict[int, int | None] = {}
+        for i, hl in self.layers.items():
+            if hl.share_tensors:
+                store.add_layer(hl.share_tensors)
+                hl.share_unit = len(store.layers) - 1
+                hl.share_tensors = []
+            units[i] = hl.share_unit
+        return units
+
+    def install(self, sites: Sequence[Any], streamer: Any) -> list["_Override"]:
+        self.streamer = streamer
+        for i in self.layers:
+            self._wraps.append(_Override(sites[i].entry, functools.partial(self._forward, i)))
+        return list(self._wraps)
+
+    # ------------------------------------------------------------------ hot path
+    def host_pass(self, x: torch.Tensor) -> bool:
+        return not self.force_stream and not torch.is_grad_enabled() and x.numel() <= self.max_tokens * x.shape[-1]
+
+    def _forward(self, i: int, inner: Any, *args: Any, **kwargs: Any) -> Any:
+        x = args[0] if args else next(iter(kwargs.values()))
+        streamer = self.streamer
+        if not (isinstance(x, torch.Tensor) and self.host_pass(x)):
+            streamer.host_mode = False
+            streamer.acquire(i)
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                streamer.release(i)
+        streamer.host_mode = True
+        hl, c = self.layers[i], self.counters[i]
+        if hl.share_unit is None:  # the whole layer on the host: nothing for the device to do meanwhile
+            check_traceable_call(self.device)
+            y, seconds = timed(self._host, hl, x.to("cpu"))
+            c.calls += 1
+            c.host_s += seconds
+            streamer.skip(i)
+            return y.to(x.device)
+        pending = self.worker.submit(self._host, hl, x.to("cpu"))
+        try:
+            streamer.acquire(i, hl.share_unit)
+            try:
+                y = inner(*args, **kwargs)
+            finally:
+                streamer.release(i)
+        finally:
+            yh, seconds = pending.result()  # always collected: the worker never outlives the pass
+        c.calls += 1
+        c.host_s += seconds
+        return y + yh.to(y.device)
+
+    @staticmethod
+    def _host(hl: HostLayer, x: torch.Tensor) -> torch.Tensor:
+        if hl.mode is None:
+            return hl.twin(x)
+        with hl.mode:
+            return hl.twin(x)
+
+    # ------------------------------------------------------------------ proof / teardown
+    def verify(self, sites: Sequence[Any], dtype: torch.dtype, tolerance: float) -> None:
+        """Run one random token through each host layer both ways; raise `HostComputeError` naming
+        the layer when they disagree by more than `tolerance` (relative to the largest output)."""
+        gen = torch.Generator().manual_seed(0)
+        for i, hl in self.layers.items():
+            x = torch.randn(1, hl.hidden, generator=gen).to(self.device, dtype)
+            with torch.no_grad():
+                self.force_stream = True
+                try:
+                    ref = sites[i].entry(x)
+                finally:
+                    self.force_stream = False
+                try:
+                    got = sites[i].entry(x)
+                except HostComputeError:
+                    raise
+                except Exception as exc:
+                    raise HostComputeError(f"FFN layer {i} failed on the host: {exc}") from exc
+            if not isinstance(got, torch.Tensor) or got.shape != ref.shape:
+                raise HostComputeError(f"FFN layer {i} returned a {type(got).__name__} on the host, not its output")
+            scale = ref.abs().max().item() or 1.0
+            err = (got.float() - ref.float()).abs().max().item() / scale
+            if not err <= tolerance:
+                raise HostComputeError(
+                    f"FFN layer {i} ({type(sites[i].entry).__name__}) computed on the host differs from the "
+                    f"streamed layer by {err:.2e} of its output (bound {tolerance:.0e}): its neurons are not "
+                    f"independent, or its forward uses the weights in a way host compute cannot follow"
+                )
+
+    def reset_stats(self) -> None:
+        self.counters = {i: HostCounters() for i in self.layers}
+
+    def teardown(self) -> None:
+        for w in self._wraps:
+            w.remove()
+        self._wraps.clear()
+        self.worker.close()
+        self.layers.clear()
+
+
+class _Override:
+    """`module.forward` replaced by fn(inner, *args, **kwargs) (an instance attribute, like the pass
+    lock's wrapper; `functools.wraps` keeps the signature callers inspect)."""
+
+    def __init__(self, module: nn.Module, fn: Any) -> None:
+        self.module = module
+        self._had_own = "forward" in module.__dict__
+        inner = module.forward
+
+        @functools.wraps(inner)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return fn(inner, *args, **kwargs)
+
+        self.wrapper = forward
+        module.forward = forward  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is self.wrapper:
+            if self._had_own:
+                self.module.forward = self.wrapper.__wrapped__  # type: ignore[attr-defined,method-assign]
+            else:
+                del self.module.forward

@@ -1,0 +1,158 @@
+"""Host weights and the `linear` they compute: as loaded, int8 or int4 in PyTorch's packed CPU layouts.
+
+A host-placed unit never dequantizes a whole matrix per token (that reads and writes it several
+times): int8 weights go to `aten._weight_int8pack_mm` (per-row scales, the host store's own int8
+bytes), int4 weights to `aten._weight_int4pack_mm_for_cpu` (a second, packed layout of the same codes,
+built once at attach). Both kernels take activations in the scales' dtype; on a CPU without native
+fp32 paths for them the bf16 one is an order of magnitude faster, so the activation dtype is a choice
+the probe makes by timing (`probe.choose_kernels`) and the accuracy bound covers.
+
+Modules reach these kernels through `HostLinearMode`: inside it, `F.linear(x, w)` with `w` one of
+the registered parameters computes with the host weight; any other use of such a parameter raises
+(its tensor is a memory-free placeholder, so computing with it would be wrong text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .. import quant as quantization
+from ..errors import TorusError
+
+#: The kernels a host weight can use, by weight format.
+KERNELS = ("raw", "int8pack", "int4pack", "dequantize")
+
+
+class HostComputeError(TorusError, RuntimeError):
+    """A host-placed unit was used in a way its host weights cannot compute."""
+
+
+@dataclass
+class HostWeight:
+    """One 2-D weight on the host, ready for `linear`.
+
+    kernel: "raw" (the weight as loaded), "int8pack", "int4pack" or "dequantize" (dequantize into
+        a scratch matrix, then matmul: the fallback for shapes the packed kernels refuse).
+    act_dtype: the dtype activations are cast to for the packed kernels (None: the input's).
+    """
+
+    kernel: str
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    tensors: tuple[torch.Tensor, ...]
+    act_dtype: torch.dtype | None = None
+    group: int = 0
+    mode: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kernel == "raw":
+            return F.linear(x, self.tensors[0], bias)
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        if self.kernel == "int8pack":
+            q, scales = self.tensors
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(self.act_dtype), q, scales)
+        elif self.kernel == "int4pack":
+            packed, scale_zeros = self.tensors
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(self.act_dtype), packed, self.group, scale_zeros)
+        else:
+            q, scale = self.tensors
+            w = torch.empty(self.shape, dtype=self.dtype)
+            quantization.dequantize_into(w, q, scale, self.mode)
+            y = F.linear(x2.to(self.dtype), w)
+        y = y.to(x.dtype).view(*lead, self.shape[0])
+        return y if bias is None else y + bias
+
+
+def raw_weight(w: torch.Tensor) -> HostWeight:
+    return HostWeight("raw", tuple(w.shape), w.dtype, (w,))  # type: ignore[arg-type]
+
+
+def _int4_codes(q: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes int32 [rows, cols], step [rows, groups], offset [rows, groups]) of `quant`'s int4 layout:
+    w = codes * step - offset."""
+    rows, half = q.shape
+    cols = half * 2
+    groups = 2 * (meta.shape[1] - 4) // 3
+    dd = meta[:, :4].contiguous().view(torch.float16).to(torch.float32)
+    codes = meta[:, 4:]
+    if groups % 2:
+        codes = torch.cat((codes, codes.new_zeros(rows, 1)), dim=1)
+    b = codes.reshape(rows, -1, 3).to(torch.int32)
+    v = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+    sc = torch.stack((v & 63, (v >> 12) & 63), dim=-1).view(rows, -1)[:, :groups]
+    mn = torch.stack(((v >> 6) & 63, (v >> 18) & 63), dim=-1).view(rows, -1)[:, :groups]
+    nib = torch.stack((q & 0xF, q >> 4), dim=-1).view(rows, cols).to(torch.int32)
+    return nib, dd[:, 0:1] * sc.to(torch.float32), dd[:, 1:2] * mn.to(torch.float32)
+
+
+def quantized_weight(
+    w: torch.Tensor, mode: str, group_size: int, kernel: str, act_dtype: torch.dtype | None, refine: bool = True
+) -> HostWeight:
+    """A host weight for `w` quantized as the streamed path quantizes it (`quant.quantize`)."""
+    q, scale = quantization.quantize(w, mode, group_size, refine=refine)
+    return int4pack_from_store(q, scale, mode, tuple(w.shape), w.dtype, kernel, act_dtype)  # type: ignore[arg-type]
+
+
+def int4pack_from_store(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    mode: str,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    kernel: str,
+    act_dtype: torch.dtype | None,
+) -> HostWeight:
+    """A host weight from the host store's quantized bytes (`quant`'s layouts), in the layout `kernel`
+    reads: int8 uses the stored integers as they are; int4 is repacked once for the CPU kernel (the
+    same codes, scales and minimums). Falls back to "dequantize" where a packed kernel's shape rules
+    are not met (int4pack: rows a multiple of 16, a group of 32..256 columns)."""
+    rows, cols = shape
+    act = act_dtype or dtype
+    if kernel == "int8pack" and mode == "int8":
+        return HostWeight("int8pack", shape, dtype, (q.contiguous(), scale.to(act)), act, mode=mode)
+    if kernel == "int4pack" and mode == "int4":
+        groups = 2 * (scale.shape[1] - 4) // 3
+        g = cols // groups if groups else 0
+        if rows % 16 == 0 and g in (32, 64, 128, 256) and g * groups == cols:
+            codes, step, offset = _int4_codes(q, scale)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+            # The kernel computes w = (code - 8) * scale + zero per group: scale = step, zero = 8 step - offset.
+            scale_zeros = torch.stack((step, 8 * step - offset), dim=-1).transpose(0, 1).contiguous().to(act)
+            return HostWeight("int4pack", shape, dtype, (packed, scale_zeros), act, group=g, mode=mode)
+    return HostWeight("dequantize", shape, dtype, (q, scale), mode=mode)
+
+
+class HostLinearMode(TorchFunctionMode):
+    """Routes `linear` calls on registered parameters to their `HostWeight`s (thread-local: enter it
+    on the thread that computes)."""
+
+    def __init__(self, weights: dict[int, HostWeight]) -> None:
+        super().__init__()
+        self.weights = weights
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear or func is torch._C._nn.linear:
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            hw = self.weights.get(id(w))
+            if hw is not None:
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                return hw.linear(args[0], bias)
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor) and id(a) in self.weights:
+                name = getattr(func, "__name__", str(func))
+                raise HostComputeError(
+                    f"a host-placed weight was used by {name}, not by linear: its host kernel computes "
+                    f"only linear(x, weight); run this model with host_compute='off' or without weight_quant"
+                )
+        return func(*args, **kwargs)

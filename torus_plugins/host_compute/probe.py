@@ -1,0 +1,114 @@
+"""What the host can do, measured: memory read bandwidth and FFN weight bytes computed per second.
+
+The planner and the engine use the same numbers (`torus-sparse plan` prints them): the dense split
+gives the host the share its throughput earns beside the link, and the per-pass switch sends passes
+with more tokens than the host keeps up with to the device.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import HostWeight, quantized_weight, raw_weight
+
+
+@dataclass(frozen=True)
+class HostProbe:
+    """memory_bps: host memory read bandwidth (bytes/s); ffn_bps: host-format FFN weight bytes
+    computed per second at one token; ffn_bps_at: the same at `probe_tokens` tokens (how host
+    time grows with a pass's tokens); kernel / act_dtype: the fastest host kernel found."""
+
+    memory_bps: float
+    ffn_bps: float
+    ffn_bps_at: float
+    probe_tokens: int
+    kernel: str
+    act_dtype: torch.dtype | None
+    threads: int
+
+    @property
+    def efficiency(self) -> float:
+        """FFN weight bytes read per second ÷ memory read bandwidth (1.0 = at the memory limit)."""
+        return self.ffn_bps / self.memory_bps if self.memory_bps else 0.0
+
+
+def _best(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def memory_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Best-of-`repeats` bytes per second of a sum over `nbytes` of fp32 (a pure read)."""
+    t = torch.ones(nbytes // 4)
+    return nbytes / _best(t.sum, repeats)
+
+
+def _ffn_weights(hidden: int, inter: int, dtype: torch.dtype, quant: str | None, kernel: str,
+                 act: torch.dtype | None, group: int, layers: int) -> list[list[HostWeight]]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(layers):
+        ws = [torch.randn(s, generator=gen).div_(hidden**0.5).to(dtype) for s in ((inter, hidden), (inter, hidden), (hidden, inter))]
+        out.append([raw_weight(w) if quant is None else quantized_weight(w, quant, group, kernel, act, refine=False) for w in ws])
+    return out
+
+
+def _ffn(x: torch.Tensor, ws: list[HostWeight]) -> torch.Tensor:
+    g, u, d = ws
+    return d.linear(F.silu(g.linear(x)) * u.linear(x))
+
+
+def ffn_throughput(hidden: int, inter: int, dtype: torch.dtype, quant: str | None, group: int, kernel: str,
+                   act: torch.dtype | None, tokens: int = 1, target_bytes: int = 96 * 2**20,
+                   repeats: int = 3) -> float:
+    """Host-format weight bytes per second through gated FFNs of these shapes at `tokens` tokens.
+    Enough layers to exceed the caches (`target_bytes` of weights as loaded), as a model does."""
+    per_layer = 3 * hidden * inter * torch.empty((), dtype=dtype).element_size()
+    layers = max(1, min(64, target_bytes // max(1, per_layer)))
+    weights = _ffn_weights(hidden, inter, dtype, quant, kernel, act, group, layers)
+    nbytes = sum(w.nbytes for ws in weights for w in ws)
+    x = torch.randn(tokens, hidden).to(dtype)
+
+    def run() -> None:
+        with torch.no_grad():
+            for ws in weights:
+                _ffn(x, ws)
+
+    return nbytes / _best(run, repeats)
+
+
+def candidates(dtype: torch.dtype, quant: str | None) -> list[tuple[str, torch.dtype | None]]:
+    """(kernel, activation dtype) pairs worth timing for weights of `dtype` streamed as `quant`."""
+    if quant is None:
+        return [("raw", None)]
+    packed = "int8pack" if quant == "int8" else "int4pack"
+    acts = [dtype] + ([torch.bfloat16] if dtype == torch.float32 else [])
+    return [(packed, a) for a in acts] + [("dequantize", None)]
+
+
+def probe_host(hidden: int, inter: int, dtype: torch.dtype, quant: str | None, group: int,
+               probe_tokens: int = 16, quick: bool = False) -> HostProbe:
+    """Measure the host for FFNs of these shapes; picks the fastest kernel among `candidates`.
+    `quick`: smaller buffers and fewer repeats (tests, tiny models)."""
+    target = 8 * 2**20 if quick else 96 * 2**20
+    reps = 1 if quick else 3
+    mem = memory_bandwidth(32 * 2**20 if quick else 256 * 2**20, 2 if quick else 5)
+    best: tuple[float, str, torch.dtype | None] | None = None
+    for kernel, act in candidates(dtype, quant):
+        bps = ffn_throughput(hidden, inter, dtype, quant, group, kernel, act, 1, target, reps)
+        if best is None or bps > best[0]:
+            best = (bps, kernel, act)
+    assert best is not None
+    bps, kernel, act = best
+    at = ffn_throughput(hidden, inter, dtype, quant, group, kernel, act, probe_tokens, target, reps)
+    return HostProbe(mem, bps, at, probe_tokens, kernel, act, torch.get_num_threads())
