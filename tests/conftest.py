@@ -124,5 +124,15 @@ def smollm2_tokenizer(smollm2_path: str):
     return T.AutoTokenizer.from_pretrained(smollm2_path)
 
 
+@pytest.fixture(scope="session")
+def streamed_smollm2(smollm2_path: str):
+    """One `TorusModel` of the embedded SmolLM2 streaming 20 of its 30 FFN layers through the copy
+    ring, shared by every test that only generates with it (loaded once per session). Tests that
+    attach, detach, quantize or count stats from zero load their own."""
+    from torus_plugins import TorusConfig, TorusModel
+
+    return TorusModel.from_pretrained(smollm2_path, TorusConfig(transport="copy", resident_layers=10))
+
+
 def load_smollm2(path: str) -> torch.nn.Module:
     return T.AutoModelForCausalLM.from_pretrained(path).eval()

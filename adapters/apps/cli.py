@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Sequence
 
@@ -21,21 +22,33 @@ from torus_plugins.config import WEIGHT_QUANTS
 
 from .config_args import add_config_args as _config_args
 from .config_args import config_from_args as _config_from
+from .loading import load_model
+from .sampling_args import add_sampling_args
+
+
+def _version() -> str:
+    try:
+        return version("torus-sparse")
+    except PackageNotFoundError:  # a source tree that was never installed
+        from torus_plugins import __version__
+
+        return __version__
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
     from rich.console import Console
-    from transformers.utils import logging as hf_logging
 
-    from torus_plugins import TorusModel
+    from .sampling_args import sampling_kwargs
 
     err = Console(stderr=True)
-    config = _config_from(args)
-    hf_logging.disable_progress_bar()  # the spinner below says what is happening
-    with err.status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}…"):
-        tm = TorusModel.from_pretrained(args.model, config, show_progress=False)
+    config = _config_from(args)  # before loading: a bad flag costs no model load
+    tm = load_model(args, config, err)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    sampling = sampling_kwargs(args, tm.model.generation_config)
     out = sys.stdout
-    for piece in tm.stream_generate(args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.raw):
+    for piece in tm.stream_generate(args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.raw, **sampling):
         out.write(piece)
         out.flush()
     out.write("\n")
@@ -116,9 +129,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from transformers.utils import logging as hf_logging
 
-    from torus_plugins import ConfigError, TorusModel
+    from torus_plugins import ConfigError
 
     from ..server import ServerSettings, serve
     from ..server.auth import resolve_api_key
@@ -152,9 +164,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         err.print(
             f"[yellow]warning:[/yellow] serving on {args.host} without an API key: anyone who can reach it can use it"
         )
-    hf_logging.disable_progress_bar()
-    with err.status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}…"):
-        tm = TorusModel.from_pretrained(args.model, _config_from(args), show_progress=False)
+    tm = load_model(args, _config_from(args), err)
     err.print(
         f"serving [bold]{settings.model_name}[/bold] at http://{args.host}:{args.port} (OpenAI: /v1, TGI: /generate)"
     )
@@ -169,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torus-sparse", description="Stream FFN weights from host memory to run models larger than the GPU."
     )
+    parser.add_argument("--version", action="version", version=f"torus-sparse {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="stream a reply and print the engine's stats line")
     g.add_argument("prompt", help="the user's message (a chat turn when the model has a chat template)")
@@ -176,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
     g.add_argument("--json-stats", action="store_true", help="print the stats as one JSON line")
+    add_sampling_args(g)
     _config_args(g)
     g.set_defaults(func=_cmd_generate)
     pl = sub.add_parser("plan", help="plan placement and predict the decode ceiling without loading weights")
@@ -210,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--model", help="model directory, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
     ch.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens (default 256)")
     ch.add_argument("--system", help="system prompt sent before the conversation")
+    add_sampling_args(ch)
     _config_args(ch)
     ch.set_defaults(func=_cmd_chat)
     b = sub.add_parser("bench", help="measure baseline vs torus-sparse vs accelerate offload on one prompt")
@@ -234,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     b.add_argument("--dtype", help="load the weights in this dtype, e.g. bfloat16 (default: the checkpoint's)")
     b.add_argument(
-        "--kv-reserve-tokens", type=int, default=TorusConfig().kv_reserve_tokens, help="KV-cache tokens the budget reserves"
+        "--kv-reserve-tokens",
+        type=int,
+        default=TorusConfig().kv_reserve_tokens,
+        help="KV-cache tokens the budget reserves",
     )
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     b.set_defaults(func=_cmd_bench)

@@ -24,6 +24,8 @@ from torus_plugins.errors import ConfigError, ModelNotFoundError, TorusError
 from torus_plugins.moe.predictor_net import PredictorFingerprint, save_predictor
 from torus_plugins.moe.training import RoutingTraces, train_predictor
 
+from .progress_report import progress_bar
+
 Progress = Callable[[int, int], None]
 
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -296,26 +298,6 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--text-file {f!r} does not exist")
 
 
-def _rich_bar(label: str) -> tuple[Progress, Callable[[], None]]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(
-        TextColumn(label),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        transient=True,
-        console=_stderr_console(),
-    )
-    task = bar.add_task(label, total=None)
-    bar.start()
-
-    def update(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total)
-
-    return update, bar.stop
-
-
 def _stderr_console() -> Any:
     from rich.console import Console
 
@@ -411,7 +393,7 @@ def _train_predictor_cmd(args: argparse.Namespace) -> int:
         texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in args.text_file]
     else:
         texts = default_trace_texts()
-    update, stop = _rich_bar("recording routing")
+    update, stop = progress_bar("recording routing")
     try:
         traces = record_traces(model, tokenizer, texts, args.tokens, update, window=args.window)
     finally:
@@ -423,7 +405,7 @@ def _train_predictor_cmd(args: argparse.Namespace) -> int:
         err.print(f"[yellow]note:[/yellow] the texts gave only {traces.num_tokens} of the {args.tokens} tokens asked")
     if args.save_traces:
         traces.save(args.save_traces)
-    update, stop = _rich_bar("training")
+    update, stop = progress_bar("training")
     try:
         net, report = train_predictor(
             traces,

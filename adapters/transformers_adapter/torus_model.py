@@ -10,6 +10,7 @@ import logging
 import os
 import queue
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -141,6 +142,28 @@ def _rich_progress(label: str) -> tuple[Callable[[int, int], None], Callable[[],
     return update, bar.stop
 
 
+class BudgetIgnoredWarning(UserWarning):
+    """A placement setting (a VRAM budget, resident layers) that the chosen transport cannot apply."""
+
+
+def ignored_placement(config: TorusConfig, engine: Engine) -> str | None:
+    """Why `config`'s placement settings do nothing on `engine`, or None when they apply.
+
+    The zero-copy transport (the CPU default: the fastest there) computes from the host store in
+    place, so a budget or a resident-layer count would be accepted and silently ignored.
+    """
+    if not getattr(engine.transport, "zero_copy", False):
+        return None
+    named = [name for name in ("vram_budget", "resident_layers") if getattr(config, name) is not None]
+    if not named:
+        return None
+    return (
+        f"{' and '.join(named)} cannot apply with the zero-copy transport (the default on the CPU): compute reads "
+        f"the weights where they lie in host memory, so nothing is placed on a device or streamed; use "
+        f"transport='copy' (--transport copy) to stream through a budget on the CPU"
+    )
+
+
 class _Cancelled:
     """A stopping criterion that ends `generate()` when a streaming consumer goes away."""
 
@@ -194,10 +217,15 @@ class TorusModel:
         if show_progress is None:
             show_progress = os.isatty(2)
         progress, stop = _rich_progress("packing FFN layers") if show_progress else (None, lambda: None)
+        config = config or TorusConfig()
         try:
-            attach(model, config or TorusConfig(), progress=progress)
+            engine = attach(model, config, progress=progress)
         finally:
             stop()
+        reason = ignored_placement(config, engine)
+        if reason is not None:
+            # A warning, not an error: the same script may run on a GPU, where the budget applies.
+            warnings.warn(reason, BudgetIgnoredWarning, stacklevel=2)
         return cls(model, tokenizer)
 
     def __repr__(self) -> str:
