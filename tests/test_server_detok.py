@@ -46,15 +46,15 @@ def test_hold_back_never_shows_a_stop_string():
 def test_sampling_degenerate_settings_pick_a_valid_token(params):
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.9]])
     row = RowSampler(params, prompt_ids=[3], device=torch.device("cpu"))
-    ids, logprobs = choose_tokens(logits, [row])
-    assert 0 <= ids[0] < 4 and logprobs[0] <= 0.0
+    (choice,) = choose_tokens(logits, [row])
+    assert 0 <= choice.id < 4 and choice.logprob <= 0.0
 
 
 def test_seeded_sampling_is_reproducible():
     logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=1.0, seed=42)
     draws = [
-        [choose_tokens(logits, [r])[0][0] for _ in range(5)]
+        [choose_tokens(logits, [r])[0].id for _ in range(5)]
         for r in (RowSampler(params, [], torch.device("cpu")) for _ in range(2))
     ]
     assert draws[0] == draws[1]

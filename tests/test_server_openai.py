@@ -120,7 +120,6 @@ def test_logit_bias_bans_and_forces_tokens_each_request_its_own(client, server_m
 UNSUPPORTED = {
     "functions": dict(functions=[{"name": "f", "parameters": {"type": "object"}}]),
     "function_call": dict(function_call={"name": "f"}),
-    "parallel_tool_calls": dict(parallel_tool_calls=False),
     "reasoning_effort": dict(reasoning_effort="low"),
     "store": dict(store=True),
     "frobnicate": dict(extra_body={"frobnicate": 1}),
@@ -167,7 +166,7 @@ BAD_CHAT = {
     "top_p zero": dict(top_p=0),
     "top_p above one": dict(top_p=1.5),
     "prompt longer than the context": dict(messages=[{"role": "user", "content": LONG}]),
-    "n above one": dict(n=2),
+    "n above the batch size": dict(n=9),
     "boolean temperature": dict(temperature=True),
 }
 

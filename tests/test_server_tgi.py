@@ -99,7 +99,8 @@ BAD_TGI = {
     "top_p 1": {"inputs": "hi", "parameters": {"top_p": 1.0}},
     "top_k 0": {"inputs": "hi", "parameters": {"top_k": 0}},
     "prompt longer than the context": {"inputs": LONG},
-    "grammar unsupported": {"inputs": "hi", "parameters": {"grammar": {"type": "regex", "value": "a"}}},
+    "grammar that cannot compile": {"inputs": "hi", "parameters": {"grammar": {"type": "regex", "value": "[a-"}}},
+    "grammar of unknown type": {"inputs": "hi", "parameters": {"grammar": {"type": "ebnf", "value": "a"}}},
     "boolean as a number": {"inputs": "hi", "parameters": {"frequency_penalty": True}},
 }
 

@@ -79,7 +79,7 @@ def create_app(tm: Any, settings: ServerSettings | None = None, *, scheduler: Sc
     if settings.allowed_hosts is not None and "*" not in settings.allowed_hosts:
         app.add_middleware(HostCheckMiddleware, allowed=settings.allowed_hosts)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
-    _finish_openapi(app, service.max_tokens_limit, service.vocab_size, bool(settings.api_key))
+    _finish_openapi(app, service.max_tokens_limit, service.vocab_size, bool(settings.api_key), scheduler.max_batch_size)
     return app
 
 
@@ -123,9 +123,10 @@ def decimal_below(n: int) -> str:
     return "^(?:" + "|".join(dict.fromkeys(alts)) + ")$"
 
 
-def _finish_openapi(app: FastAPI, max_tokens: int, vocab_size: int, secured: bool) -> None:
+def _finish_openapi(app: FastAPI, max_tokens: int, vocab_size: int, secured: bool, max_choices: int = 8) -> None:
     """Complete the OpenAPI document: request bodies the routes parse themselves, event payload
-    schemas, the token limit, the token ids `logit_bias` accepts, bearer auth."""
+    schemas, the token limit, the most choices `n` may ask for (the batch size), the token ids
+    `logit_bias` accepts, bearer auth."""
     plain = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -146,6 +147,10 @@ def _finish_openapi(app: FastAPI, max_tokens: int, vocab_size: int, secured: boo
                     for branch in prop.get("anyOf", [prop]):
                         if branch.get("type") == "integer":
                             branch["maximum"] = max_tokens
+                if name == "n" and component.get("title") in ("ChatCompletionRequest", "CompletionRequest"):
+                    for branch in prop.get("anyOf", [prop]):
+                        if branch.get("type") == "integer":
+                            branch["maximum"] = max_choices
                 if name == "logit_bias":
                     for branch in prop.get("anyOf", [prop]):
                         if branch.get("type") == "object":

@@ -106,6 +106,8 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if part == "body" and not out:
             continue
+        if isinstance(part, str) and part[:1].isupper() and part.isidentifier():
+            continue  # a union member's tag (request fields are lower case), not a field
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 

@@ -12,6 +12,7 @@ import asyncio
 import threading
 from dataclasses import dataclass, field
 
+from .constraints import Constraint
 from .sampling import SamplingParams
 
 #: Why a generation ended. The first three are normal ends; TGI spells them this way.
@@ -24,20 +25,27 @@ MODEL_FAILED, SHUTTING_DOWN = "model_failed", "shutting_down"
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """What the scheduler runs. `constraint`: the grammar the reply must match (a fresh matcher,
+    built in the prepare thread; one per request). `top_logprobs`: alternatives reported per token."""
+
     prompt_ids: tuple[int, ...]
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
+    constraint: Constraint | None = field(default=None, compare=False)
+    top_logprobs: int = 0
 
 
 @dataclass(frozen=True)
 class Token:
-    """One generated token. `text` is what it adds to the reply ("" for a special token's reply text)."""
+    """One generated token. `text` is what it adds to the reply ("" for a special token's reply text).
+    `logprob` and `top` ((id, logprob) alternatives) are from the distribution it was drawn from."""
 
     id: int
     text: str
     logprob: float
     special: bool
+    top: tuple[tuple[int, float], ...] = ()
 
     @property
     def reply_text(self) -> str:

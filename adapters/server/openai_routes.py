@@ -4,6 +4,10 @@ Any model name is accepted (`huggingface_hub.InferenceClient` sends "dummy") and
 names the served model. Sampling follows OpenAI's defaults (temperature 1, top_p 1); temperature
 0 is greedy. Stop strings are cut from the reply, also when streaming (text that could begin a
 stop string is held back until it cannot).
+
+Here: parsing, limits and starting the generations (one per choice, `n`, in the same decode
+batch; a seeded request's choice i samples with seed + i). `reply_plan` decides tools and
+grammars, `openai_reply` turns generations into choices and events.
 """
 
 from __future__ import annotations
@@ -11,13 +15,21 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from .detok import HoldBack
-from .errors import ApiError, error_docs, openai_body
-from .generation import CANCELLED, ERROR, LENGTH, Completion, GenerationRequest, Handle
+from .constraints import Grammar
+from .errors import ApiError, bad_request, error_docs
+from .generation import GenerationRequest
+from .openai_reply import (
+    ToolPlan,
+    chat_choice,
+    chat_choice_events,
+    completion_choice,
+    completion_choice_events,
+    merged_events,
+)
+from .openai_reply import usage as _usage
 from .openai_schemas import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -28,36 +40,25 @@ from .openai_schemas import (
     _Request,
 )
 from .openai_schemas import Completion as CompletionBody
+from .reply_plan import plan_tools
 from .request_model import body_doc, parse
 from .sampling import SamplingParams
-from .service import ModelService, failure, stop_strings
-from .sse import DONE, EventStream, openai_event, stream_docs
+from .service import ModelService, stop_strings
+from .sse import EventStream, stream_docs
 
 
-def _finish(reason: str) -> str:
-    return "length" if reason == LENGTH else "stop"
-
-
-def _sampling(service: ModelService, body: _Request) -> SamplingParams:
+def _sampling(service: ModelService, body: _Request, choice: int = 0) -> SamplingParams:
+    seed = body.seed if body.seed is None or choice == 0 else (body.seed + choice) % 2**63  # n choices differ
     return SamplingParams(
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
-        seed=body.seed,
+        seed=seed,
         repetition_penalty=body.repetition_penalty or 1.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
         logit_bias=service.logit_bias(body.logit_bias),
     )
-
-
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _stream_error(err: ApiError) -> str:
-    """The event that ends a stream that failed: OpenAI's error object (the `openai` client raises it)."""
-    return openai_event(openai_body(err.status, err.message, err.param, err.code))
 
 
 class _Meta:
@@ -80,39 +81,40 @@ class _Meta:
         }
 
 
-class _Reply:
-    """Reads a generation's steps as (text to show, finish reason or None), stop strings held back and cut."""
-
-    def __init__(self, handle: Handle, stop: tuple[str, ...]) -> None:
-        self.handle = handle
-        self.hold = HoldBack(stop)
-        self.tokens = 0
-        self.error: ApiError | None = None
-
-    async def pieces(self) -> AsyncIterator[tuple[str, str | None]]:
-        hold = self.hold
-        async for step in self.handle.steps():
-            if step.finish_reason in (CANCELLED, ERROR):
-                self.error = failure(step) if step.finish_reason == ERROR else ApiError(500, "generation was cancelled")
-                return
-            assert step.token is not None
-            self.tokens += 1
-            text = step.token.reply_text
-            if step.finish_reason is None:
-                yield hold.push(text), None
-            elif step.stop_at is not None:
-                yield hold.push(text, end=step.stop_at), step.finish_reason
-            else:
-                yield hold.push(text) + hold.finish(), step.finish_reason
-
-
 @dataclass
 class _Prepared:
-    """A request parsed, tokenized and checked (in a worker thread), ready to start."""
+    """A request parsed, tokenized and checked (in a worker thread), ready to start: one
+    generation per choice (`n`)."""
 
     body: ChatCompletionRequest | CompletionRequest
-    gen: GenerationRequest
+    gens: list[GenerationRequest]
     echo: str = ""
+    tools: ToolPlan | None = None
+
+
+def _choices(service: ModelService, body: _Request) -> int:
+    n = body.n or 1
+    most = service.scheduler.max_batch_size
+    if n > most:
+        raise bad_request(f"n is {n} but this server decodes at most {most} sequences together (--max-batch-size)", "n")
+    return n
+
+
+def _generations(
+    service: ModelService, body: _Request, prompt: list[int], limit: int, grammar: Grammar | None, top: int
+) -> list[GenerationRequest]:
+    stop = stop_strings(body.stop)
+    return [
+        GenerationRequest(
+            tuple(prompt),
+            limit,
+            _sampling(service, body, i),
+            stop,
+            constraint=service.grammars.start(grammar) if grammar is not None else None,
+            top_logprobs=top,
+        )
+        for i in range(_choices(service, body))
+    ]
 
 
 def build_router(service: ModelService) -> APIRouter:
@@ -121,25 +123,34 @@ def build_router(service: ModelService) -> APIRouter:
 
     def prepare_chat(raw: bytes) -> _Prepared:
         body = parse(ChatCompletionRequest, raw)
-        prompt = service.encode_chat([m.model_dump(include={"role", "content"}) for m in body.messages])
+        if body.top_logprobs and not body.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        messages = [m.model_dump(exclude_none=True, by_alias=True) for m in body.messages]
+        plan = plan_tools(service, body)
+        prompt = service.encode_chat(messages, plan.rendered, plan.fmt)
         wanted, param = (
             (body.max_completion_tokens, "max_completion_tokens")
             if body.max_completion_tokens
             else (body.max_tokens, "max_tokens")
         )
         limit = service.max_new_tokens(len(prompt), wanted, param, prompt_param="messages")
-        return _Prepared(
-            body, GenerationRequest(tuple(prompt), limit, _sampling(service, body), stop_strings(body.stop))
-        )
+        top = (body.top_logprobs or 0) if body.logprobs else 0
+        return _Prepared(body, _generations(service, body, prompt, limit, plan.grammar, top), tools=plan.reading)
 
     def prepare_completion(raw: bytes) -> _Prepared:
         body = parse(CompletionRequest, raw)
         text = body.prompt[0] if isinstance(body.prompt, list) else body.prompt  # the schema allows one
+        if body.echo and body.logprobs is not None:
+            raise bad_request(
+                "logprobs with echo would need the prompt's log-probabilities, which this server does not compute; "
+                "drop echo or logprobs",
+                "logprobs",
+            )
         prompt = service.encode_text(text)
         # OpenAI's default for completions is 16 tokens
         limit = service.max_new_tokens(len(prompt), body.max_tokens, default=16, prompt_param="prompt")
-        gen = GenerationRequest(tuple(prompt), limit, _sampling(service, body), stop_strings(body.stop))
-        return _Prepared(body, gen, echo=text if body.echo else "")
+        gens = _generations(service, body, prompt, limit, None, body.logprobs or 0)
+        return _Prepared(body, gens, echo=text if body.echo else "")
 
     @router.post(
         "/v1/chat/completions",
@@ -157,24 +168,25 @@ def build_router(service: ModelService) -> APIRouter:
     )
     async def chat_completions(request: Request):
         ready = await service.prepare(request, prepare_chat)
-        body, gen = ready.body, ready.gen
-        handle = service.start(gen)
-        meta = _Meta(service, "chatcmpl", len(gen.prompt_ids))
+        body, gens = ready.body, ready.gens
+        assert isinstance(body, ChatCompletionRequest)
+        handles = service.start_all(gens)
+        meta = _Meta(service, "chatcmpl", len(gens[0].prompt_ids))
+        logprobs, top = bool(body.logprobs), bool(body.top_logprobs)
+        piece = service.token_piece
         if body.stream:
+            events = [
+                chat_choice_events(i, h, gens[i].stop, ready.tools, logprobs, top, piece) for i, h in enumerate(handles)
+            ]
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(_chat_events(handle, gen.stop, meta, usage), handle)
-        done = await service.complete(handle, request)
+            return EventStream(
+                merged_events(meta.head("chat.completion.chunk"), events, meta.prompt_tokens, usage), handles
+            )
+        done = await service.complete_all(handles, request)
         return {
             **meta.head("chat.completion"),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": done.text_before_stop},
-                    "logprobs": None,
-                    "finish_reason": _finish(done.finish_reason),
-                }
-            ],
-            "usage": _usage(done.prompt_tokens, len(done.tokens)),
+            "choices": [chat_choice(i, d, ready.tools, logprobs, top, piece) for i, d in enumerate(done)],
+            "usage": _usage(meta.prompt_tokens, sum(len(d.tokens) for d in done)),
         }
 
     @router.post(
@@ -191,24 +203,23 @@ def build_router(service: ModelService) -> APIRouter:
     )
     async def completions(request: Request):
         ready = await service.prepare(request, prepare_completion)
-        body, gen = ready.body, ready.gen
-        handle = service.start(gen)
-        meta = _Meta(service, "cmpl", len(gen.prompt_ids))
+        body, gens = ready.body, ready.gens
+        assert isinstance(body, CompletionRequest)
+        handles = service.start_all(gens)
+        meta = _Meta(service, "cmpl", len(gens[0].prompt_ids))
+        piece = service.token_piece
         if body.stream:
+            events = [
+                completion_choice_events(i, h, gens[i].stop, ready.echo, body.logprobs, piece)
+                for i, h in enumerate(handles)
+            ]
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(_completion_events(handle, gen.stop, meta, usage, ready.echo), handle)
-        done: Completion = await service.complete(handle, request)
+            return EventStream(merged_events(meta.head("text_completion"), events, meta.prompt_tokens, usage), handles)
+        done = await service.complete_all(handles, request)
         return {
             **meta.head("text_completion"),
-            "choices": [
-                {
-                    "index": 0,
-                    "text": ready.echo + done.text_before_stop,
-                    "logprobs": None,
-                    "finish_reason": _finish(done.finish_reason),
-                }
-            ],
-            "usage": _usage(done.prompt_tokens, len(done.tokens)),
+            "choices": [completion_choice(i, d, ready.echo, body.logprobs, piece) for i, d in enumerate(done)],
+            "usage": _usage(meta.prompt_tokens, sum(len(d.tokens) for d in done)),
         }
 
     @router.get("/v1/models", response_model=ModelList, responses=errors_doc, summary="The served model")
@@ -231,54 +242,3 @@ def build_router(service: ModelService) -> APIRouter:
 
 def _card(service: ModelService) -> dict:
     return {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "torus-sparse"}
-
-
-async def _chat_events(handle: Handle, stop: tuple[str, ...], meta: _Meta, usage: bool) -> AsyncIterator[str]:
-    head = meta.head("chat.completion.chunk")
-
-    def chunk(delta: dict, finish: str | None = None) -> str:
-        return openai_event(
-            {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-        )
-
-    yield chunk({"role": "assistant", "content": ""})  # as OpenAI: the role once, in the first chunk
-    reply = _Reply(handle, stop)
-    async for text, reason in reply.pieces():
-        if text:
-            yield chunk({"content": text})
-        if reason is not None:
-            yield chunk({}, _finish(reason))
-    if reply.error:
-        yield _stream_error(reply.error)
-        yield DONE
-        return
-    if usage:
-        yield openai_event({**head, "choices": [], "usage": _usage(meta.prompt_tokens, reply.tokens)})
-    yield DONE
-
-
-async def _completion_events(
-    handle: Handle, stop: tuple[str, ...], meta: _Meta, usage: bool, echo: str
-) -> AsyncIterator[str]:
-    head = meta.head("text_completion")
-
-    def chunk(text: str, finish: str | None = None) -> str:
-        return openai_event(
-            {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-        )
-
-    if echo:
-        yield chunk(echo)
-    reply = _Reply(handle, stop)
-    async for text, reason in reply.pieces():
-        if reason is not None:
-            yield chunk(text, _finish(reason))
-        elif text:
-            yield chunk(text)
-    if reply.error:
-        yield _stream_error(reply.error)
-        yield DONE
-        return
-    if usage:
-        yield openai_event({**head, "choices": [], "usage": _usage(meta.prompt_tokens, reply.tokens)})
-    yield DONE

@@ -1,22 +1,25 @@
 """Request and response bodies of the OpenAI-compatible routes.
 
 Every field OpenAI defines is either honoured or refused with a 400 that names it: unknown keys
-are refused (`StrictRequestModel`), and fields this server does not implement (tools, logprobs,
-reasoning, audio, n > 1, ...) are accepted only at their neutral value. Fields that cannot change
-the answer (`user`, `metadata`, `safety_identifier`, `prompt_cache_key`) are accepted and unused.
+are refused (`StrictRequestModel`), and fields this server does not implement (legacy `functions`,
+reasoning, audio, ...) are accepted only at their neutral value. Fields that cannot change the
+answer (`user`, `metadata`, `safety_identifier`, `prompt_cache_key`) are accepted and unused.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 
 from .request_model import StrictRequestModel
 
-Role = Literal["system", "user", "assistant", "tool"]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
 StopString = Annotated[str, Field(max_length=256)]
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+#: The most tools one request may define, and the most alternatives `top_logprobs` may ask for (OpenAI's limits).
+MAX_TOOLS, MAX_TOP_LOGPROBS = 128, 20
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 #: The most `logit_bias` entries one request may carry.
 MAX_LOGIT_BIAS = 1024
 Unsupported = Annotated[None, Field(description="Not supported: leave it out (or null).")]
@@ -26,8 +29,91 @@ class StreamOptions(StrictRequestModel):
     include_usage: bool | None = False
 
 
-class ResponseFormat(StrictRequestModel):
-    type: Literal["text"] = "text"
+class ResponseFormatText(StrictRequestModel):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(StrictRequestModel):
+    """The reply is one JSON object (constrained decoding: it always parses)."""
+
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(StrictRequestModel):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="The JSON Schema the reply matches.")
+    strict: bool | None = Field(None, description="Either way the reply is decoded to match the schema.")
+
+
+class ResponseFormatJsonSchema(StrictRequestModel):
+    """The reply is JSON matching `json_schema.schema` (constrained decoding: it always validates)."""
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+def _by_type(tags: dict[str, str]):
+    """A callable discriminator: the union member a value's `type` (or a bare string) selects, so a
+    wrong body gets that member's error only. Tags are capitalised: `errors._loc` drops them."""
+
+    def pick(value: Any) -> str | None:
+        kind = value if isinstance(value, str) else (value.get("type") if isinstance(value, dict) else None)
+        return tags.get(kind) if isinstance(kind, str) else None
+
+    return Discriminator(pick, custom_error_type="invalid_type", custom_error_message=_one_of(tags))
+
+
+def _one_of(tags: dict[str, str]) -> str:
+    return "must be one of " + ", ".join(repr(k) for k in tags if k != "function")
+
+
+ResponseFormat = Annotated[
+    Annotated[ResponseFormatText, Tag("Text")]
+    | Annotated[ResponseFormatJsonObject, Tag("JsonObject")]
+    | Annotated[ResponseFormatJsonSchema, Tag("JsonSchema")],
+    _by_type({"text": "Text", "json_object": "JsonObject", "json_schema": "JsonSchema"}),
+]
+
+
+class FunctionDefinition(StrictRequestModel):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON Schema of the arguments (none: no arguments).")
+    strict: bool | None = Field(
+        None, description="With tool_choice required or this function named, the arguments always match."
+    )
+
+
+class Tool(StrictRequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName_(StrictRequestModel):
+    name: FunctionName
+
+
+class NamedToolChoice(StrictRequestModel):
+    type: Literal["function"]
+    function: FunctionName_
+
+
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("Mode")] | Annotated[NamedToolChoice, Tag("Function")],
+    _by_type({"none": "Mode", "auto": "Mode", "required": "Mode", "function": "Function"}),
+]
+
+
+class FunctionCallIn(StrictRequestModel):
+    name: FunctionName
+    arguments: str = Field(description="The arguments as JSON text (an object).")
+
+
+class ToolCallIn(StrictRequestModel):
+    id: Annotated[str, Field(max_length=256)]
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
 
 
 class _Request(StrictRequestModel):
@@ -35,7 +121,9 @@ class _Request(StrictRequestModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy (default 1).")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, description="Extension: keep the k most likely tokens (0 = off).")
-    n: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
+    n: int | None = Field(
+        None, ge=1, description="Choices to generate, decoded together (at most the server's batch size)."
+    )
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=4, fail_fast=True)] | None = Field(
@@ -61,19 +149,41 @@ class _Request(StrictRequestModel):
 
 class ChatMessage(StrictRequestModel):
     role: Role
-    content: str
+    content: str | None = Field(None, description="Text; null or absent only on an assistant turn with tool_calls.")
     name: Unsupported = Field(None, description="Not supported (chat templates have no participant names).")
+    tool_calls: Annotated[list[ToolCallIn], Field(min_length=1, max_length=MAX_TOOLS)] | None = Field(
+        None, description="Assistant turns only: the calls the model made."
+    )
+    tool_call_id: Annotated[str, Field(max_length=256)] | None = Field(
+        None, description="Tool turns: the call this result answers."
+    )
+    refusal: None = Field(None, description="Accepted as null (the server never refuses).")
+    function_call: Unsupported = None
+
+    @model_validator(mode="after")
+    def _fields_fit_the_role(self) -> "ChatMessage":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls: only assistant messages carry tool_calls")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("tool_call_id: only tool messages carry tool_call_id")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content: must be a string (null only on an assistant turn with tool_calls)")
+        return self
 
 
 class ChatCompletionRequest(_Request):
     messages: Annotated[list[ChatMessage], Field(min_length=1, fail_fast=True)]
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Literal[False] | None = Field(None, description="Not supported: only false.")
-    top_logprobs: int | None = Field(None, ge=0, le=0, description="Not supported: only 0.")
-    tools: list[Any] | None = Field(None, max_length=0, description="Not supported: only empty.")
-    tool_choice: Literal["none", "auto"] | None = None
-    parallel_tool_calls: Unsupported = None
+    logprobs: bool | None = Field(None, description="Log-probabilities of the reply's tokens.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="Most likely alternatives per token (needs logprobs)."
+    )
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS, fail_fast=True)] | None = None
+    tool_choice: ToolChoice | None = Field(
+        None, description="Default auto with tools; required / a named function: exactly one valid call."
+    )
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per reply.")
     functions: list[Any] | None = Field(None, max_length=0, description="Not supported (legacy): only empty.")
     function_call: Literal["none", "auto"] | None = Field(None, description="Legacy; no functions are supported.")
     response_format: ResponseFormat | None = None
@@ -100,7 +210,9 @@ class CompletionRequest(_Request):
     ) = Field(description="One prompt (a list must hold exactly one).")
     max_tokens: int | None = Field(None, ge=1, description="Default 16, as OpenAI's.")
     echo: bool | None = Field(False, description="Put the prompt before the completion.")
-    logprobs: int | None = Field(None, ge=0, le=0, description="Not supported: only 0 or null.")
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="Log-probabilities of the tokens, with this many alternatives each."
+    )
     suffix: str | None = Field(None, max_length=0, description="Not supported.")
     best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
 
@@ -112,15 +224,42 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -134,17 +273,32 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a streamed tool call: the first names id, type and function name; later ones add arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     """What one chunk adds: the first names the role, the last (with `finish_reason`) is empty."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -160,10 +314,17 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

@@ -1,8 +1,15 @@
 """Choosing the next token of each sequence in a batch: greedy, or sampled with its own settings.
 
 Every sequence carries its own `SamplingParams` and its own `torch.Generator`, so a seeded request
-draws the same tokens whether it runs alone or shares a batch. The reported log-probability is the
-model's own (`log_softmax` of the raw logits), whatever temperature, penalty or bias chose the token.
+draws the same tokens whether it runs alone or shares a batch. A row may carry a grammar
+(`constraints.Constraint`): its logits are masked to the tokens the grammar allows before the
+choice, and the chosen token advances the grammar; rows without one are untouched, so constrained
+and free requests share a batch.
+
+The reported log-probabilities are those of the distribution the token was drawn from, as OpenAI
+defines them: `log_softmax` of the logits after `logit_bias`, penalties, the grammar's mask and the
+temperature (greedy rows: temperature 1). top_k / top_p truncation is not applied to them (it would
+make every cut token -inf).
 """
 
 from __future__ import annotations
@@ -11,9 +18,11 @@ import math
 import secrets
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
+
+from .constraints import Constraint, ConstraintViolated
 
 # Below this, dividing logits by the temperature could overflow; it is greedy in all but name.
 _MIN_TEMPERATURE = 1e-4
@@ -52,11 +61,30 @@ class SamplingParams:
         return self.penalised or bool(self.logit_bias)
 
 
-class RowSampler:
-    """One sequence's sampling state: its parameters, its generator and the token counts penalties need."""
+class Choice(NamedTuple):
+    """One row's next token, its log-probability and, when asked for, the most likely alternatives."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], device: torch.device) -> None:
+    id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class RowSampler:
+    """One sequence's sampling state: its parameters, its generator, the token counts penalties need,
+    its grammar (if any) and how many alternatives to report (`top_logprobs`)."""
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_ids: Sequence[int],
+        device: torch.device,
+        constraint: Constraint | None = None,
+        top_logprobs: int = 0,
+    ) -> None:
         self.params = params
+        self.constraint = constraint
+        self.top_logprobs = top_logprobs
+        self.failure: str | None = None  # why this row's grammar cannot go on (the request then ends)
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator: torch.Generator | None = None
         if not params.greedy:
@@ -75,8 +103,14 @@ class RowSampler:
             if self.params.repetition_penalty != 1.0:
                 self._seen.add(token_id)
 
-    def choose(self, logits: torch.Tensor) -> int:
-        """Pick a token from one row of logits (1-D, float32)."""
+    @property
+    def plain(self) -> bool:
+        """Greedy on the raw logits: the batch's argmax and log-softmax serve this row as they are."""
+        return self.params.greedy and not self.params.adjusted and self.constraint is None
+
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """One row of logits (1-D, float32) as the choice sees them: bias, penalties, grammar mask,
+        temperature. Returns a new tensor when anything changes."""
         p = self.params
         x = logits
         if p.adjusted:
@@ -92,9 +126,17 @@ class RowSampler:
                 idx = torch.tensor(list(self._output), device=x.device)
                 counts = torch.tensor(list(self._output.values()), dtype=x.dtype, device=x.device)
                 x[idx] -= p.frequency_penalty * counts + p.presence_penalty
+        if self.constraint is not None:
+            x = self.constraint.mask(x)
+        if not p.greedy:
+            x = x / max(p.temperature, _MIN_TEMPERATURE)
+        return x
+
+    def pick(self, x: torch.Tensor) -> int:
+        """Choose a token from adjusted logits (`adjust`'s output)."""
+        p = self.params
         if p.greedy:
             return int(torch.argmax(x))
-        x = x / max(p.temperature, _MIN_TEMPERATURE)
         if p.top_k and p.top_k < x.numel():
             kth = torch.topk(x, p.top_k).values[-1]
             x = x.masked_fill(x < kth, float("-inf"))
@@ -109,16 +151,40 @@ class RowSampler:
             return int(torch.argmax(x))
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
+    def choose(self, logits: torch.Tensor) -> int:
+        """Pick a token from one row of raw logits (1-D, float32)."""
+        return self.pick(self.adjust(logits))
 
-def choose_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> tuple[list[int], list[float]]:
-    """Next token and its log-probability for every row of `logits` ([batch, vocab])."""
+
+def choose_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[Choice]:
+    """Next token of every row of `logits` ([batch, vocab]), with its log-probability (and the
+    row's `top_logprobs` alternatives); each row's grammar consumes its token."""
     logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    ids = torch.argmax(logits, dim=-1).tolist()
+    dists = torch.log_softmax(logits, dim=-1)
+    ids = torch.argmax(logits, dim=-1).tolist()  # host sync: one for the whole batch
+    own: dict[int, torch.Tensor] = {}  # rows whose distribution is not the raw one
     for i, row in enumerate(rows):
-        if not row.params.greedy or row.params.adjusted:
-            ids[i] = row.choose(logits[i])
-    chosen = logprobs.gather(1, torch.tensor(ids, device=logits.device)[:, None]).squeeze(1).tolist()
-    for row, token in zip(rows, ids):
-        row.record(token)
-    return ids, chosen
+        if not row.plain:
+            try:
+                x = row.adjust(logits[i])
+            except ConstraintViolated as exc:  # this row ends with an error; the others go on
+                row.failure, x = str(exc), logits[i]
+            ids[i] = row.pick(x)  # host sync per adjusted row
+            own[i] = torch.log_softmax(x, dim=-1)
+    if own:
+        dists = torch.stack([own.get(i, dists[i]) for i in range(len(rows))])
+    chosen = dists.gather(1, torch.tensor(ids, device=dists.device)[:, None]).squeeze(1).tolist()  # host sync
+    out: list[Choice] = []
+    for i, row in enumerate(rows):
+        top: tuple[tuple[int, float], ...] = ()
+        if row.top_logprobs:
+            values, indices = torch.topk(dists[i], row.top_logprobs)
+            top = tuple(zip(indices.tolist(), values.tolist()))
+        out.append(Choice(ids[i], chosen[i], top))
+        row.record(ids[i])
+        if row.constraint is not None and row.failure is None:
+            try:
+                row.constraint.consume(ids[i])
+            except ConstraintViolated as exc:
+                row.failure = str(exc)
+    return out

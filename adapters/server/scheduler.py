@@ -16,7 +16,8 @@ Design (the simplest that batches and stays exact):
 - When the model raises, the requests it was computing end with a message that names no
   exception (clients must not see internals); the traceback goes to the log with a reference
   that the message repeats.
-- Each row samples with its own parameters and generator (`sampling.py`); stop strings and
+- Each row samples with its own parameters, generator and grammar (`sampling.py`,
+  `constraints.py`: a constrained row ends when its grammar is complete); stop strings and
   incremental detokenization run here (`detok.py`), so a request ends at the step that completes it.
 
 Models whose cache cannot be padded (sliding-window or linear-attention layers) run one request
@@ -52,7 +53,7 @@ from .generation import (
     Token,
 )
 from .kvbatch import BatchCache, batchable
-from .sampling import RowSampler, choose_tokens
+from .sampling import Choice, RowSampler, choose_tokens
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class Scheduler:
         self.counters = SchedulerCounters()
         self._eos = _eos_ids(model, tokenizer)
         self._special = frozenset(getattr(tokenizer, "all_special_ids", ()))
+        self.special_ids = self._special
         self._waiting: collections.deque[Handle] = collections.deque()
         self._active: list[_Seq] = []
         self._batch = BatchCache()
@@ -174,20 +176,20 @@ class Scheduler:
         try:
             seq = _Seq(
                 handle=handle,
-                sampler=RowSampler(req.sampling, req.prompt_ids, self.device),
+                sampler=RowSampler(req.sampling, req.prompt_ids, self.device, req.constraint, req.top_logprobs),
                 decoder=IncrementalDecoder(self.tokenizer),
                 stops=StopMatcher(req.stop),
             )
             ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
             with torch.inference_mode():
                 out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
-            (token,), (logprob,) = choose_tokens(out.logits[:, -1, :], [seq.sampler])
+            (choice,) = choose_tokens(out.logits[:, -1, :], [seq.sampler])
         except Exception:  # this request fails; the batch in flight is untouched
             self._finish_quietly(handle, ERROR, _logged_failure("prefill failed"))
             return
         self.counters.prefills += 1
         self.counters.prompt_tokens += len(req.prompt_ids)
-        if self._emit(seq, token, logprob):
+        if self._emit(seq, choice):
             return
         self._batch.add(out.cache, len(req.prompt_ids))
         self._active.append(seq)
@@ -208,12 +210,17 @@ class Scheduler:
         self._batch.advance(out.cache, mask)
         self.counters.decode_steps += 1
         self.counters.batch_size = len(self._active)
-        tokens, logprobs = choose_tokens(out.logits[:, -1, :], [s.sampler for s in self._active])
-        done = [i for i, (s, t, lp) in enumerate(zip(self._active, tokens, logprobs)) if self._emit(s, t, lp)]
+        choices = choose_tokens(out.logits[:, -1, :], [s.sampler for s in self._active])
+        done = [i for i, (s, c) in enumerate(zip(self._active, choices)) if self._emit(s, c)]
         self._remove(done)
 
-    def _emit(self, seq: _Seq, token_id: int, logprob: float) -> bool:
+    def _emit(self, seq: _Seq, choice: Choice) -> bool:
         """Report one token; return True when it ends the request."""
+        if seq.sampler.failure is not None:  # its grammar could not go on: this request ends, the batch goes on
+            log.warning("a constrained generation stopped: %s", seq.sampler.failure)
+            self._finish_quietly(seq.handle, ERROR, f"the grammar could not continue: {seq.sampler.failure[:300]}")
+            return True
+        token_id = choice.id
         seq.generated += 1
         seq.next_token = token_id
         self.counters.tokens_generated(1)
@@ -223,7 +230,8 @@ class Scheduler:
         else:
             text = seq.decoder.push(token_id)
             stop_at = seq.stops.push(text)
-        if token_id in self._eos:
+        constraint = seq.sampler.constraint
+        if token_id in self._eos or (constraint is not None and constraint.done):  # the grammar is complete
             reason = EOS
         elif stop_at is not None:
             reason = STOP
@@ -231,7 +239,7 @@ class Scheduler:
             reason = LENGTH
         else:
             reason = None
-        step = Step(Token(token_id, text, logprob, special), reason, stop_at)
+        step = Step(Token(token_id, text, choice.logprob, special, choice.top), reason, stop_at)
         try:
             seq.handle.deliver(step)
         except RuntimeError:  # the request's event loop is gone: nobody is listening

@@ -12,21 +12,24 @@ small machine a burst of them leaves the decode thread and the event loop their 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from starlette.requests import Request
 
 from torus_plugins import __version__
 
+from .constraints import Grammars
 from .errors import ApiError, bad_request, log_reference, shutting_down
 from .generation import SHUTTING_DOWN, Completion, GenerationFailed, GenerationRequest, Handle, Step
 from .scheduler import Overloaded, Scheduler
 from .settings import ServerSettings
+from .tools import FALLBACK, render_messages, template_format
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -89,6 +92,9 @@ class ModelService:
             )
         self.max_tokens_limit = min(settings.max_tokens_limit or self.context_length, self.context_length)
         self.vocab_size = _vocab_size(tm.model, tm.tokenizer)
+        self.grammars = Grammars(tm.tokenizer, self.vocab_size)
+        #: The model's tool-call format (`tools.py`); None: its template renders tools in a format not known here.
+        self.tool_format = template_format(getattr(tm.tokenizer, "chat_template", None))
         self.model_name = settings.model_name
         self.created = int(time.time())
         self.fingerprint = f"torus-sparse-{__version__}"
@@ -107,17 +113,26 @@ class ModelService:
         """Let the worker threads go (those still preparing a request finish it first)."""
         self._workers.shutdown(wait=False, cancel_futures=True)
 
-    def encode_chat(self, messages: Iterable[dict[str, str]]) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = (), fmt: str = FALLBACK
+    ) -> list[int]:
+        """Token ids of OpenAI chat `messages` through the chat template, with `tools` rendered in
+        the model's tool format `fmt` (`tools.render_messages`)."""
         from jinja2.exceptions import TemplateError
 
         from torus_adapters.transformers_adapter import PromptError
 
-        checked = [
-            {"role": m["role"], "content": check_text(m["content"], f"messages[{i}].content")}
-            for i, m in enumerate(messages)
-        ]
+        for i, m in enumerate(messages):
+            check_text(m.get("content") or "", f"messages[{i}].content")
+        rendered = render_messages(messages, tools, fmt)
+        native = fmt != FALLBACK and (tools or any(len(m) > 2 for m in rendered))
         try:
-            return self.tm.encode(checked, chat=True)["input_ids"][0].tolist()
+            if not native:
+                return self.tm.encode(rendered, chat=True)["input_ids"][0].tolist()
+            enc = self.tm.tokenizer.apply_chat_template(
+                rendered, tools=list(tools) or None, add_generation_prompt=True, return_dict=True
+            )
+            return list(enc["input_ids"])
         except PromptError as exc:
             raise bad_request(str(exc), "messages") from None
         except TemplateError as exc:  # the template's own words, e.g. "roles must alternate"
@@ -195,23 +210,49 @@ class ModelService:
         self._live.add(handle)
         return handle
 
+    def start_all(self, requests: Sequence[GenerationRequest]) -> list[Handle]:
+        """Start several generations (a request's `n` choices); all or none: on 429 the started ones are cancelled."""
+        handles: list[Handle] = []
+        try:
+            for request in requests:
+                handles.append(self.start(request))
+        except ApiError:
+            for handle in handles:
+                handle.cancel()
+            raise
+        return handles
+
     async def complete(self, handle: Handle, request: Request) -> Completion:
         """Wait for the whole answer; cancel the generation if the client disconnects first."""
-        collect = asyncio.ensure_future(handle.collect())
+        return (await self.complete_all([handle], request))[0]
+
+    async def complete_all(self, handles: Sequence[Handle], request: Request) -> list[Completion]:
+        """Wait for every answer; cancel them all if the client disconnects first or one fails."""
+        collect = asyncio.ensure_future(asyncio.gather(*(h.collect() for h in handles)))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             done, _ = await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
             if collect not in done:
                 raise ClientGone()
             try:
-                return collect.result()
+                return list(collect.result())
             except GenerationFailed as exc:
                 raise failure(exc) from None
         finally:
             gone.cancel()
             if not collect.done():
                 collect.cancel()
-            handle.cancel()
+            for handle in handles:
+                handle.cancel()
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 (one service per process; ids are bounded by the vocabulary)
+    def token_piece(self, token_id: int) -> tuple[str, bytes]:
+        """A token's text and its exact bytes (what OpenAI's logprobs report for it)."""
+        if token_id in self.scheduler.special_ids:
+            text = self.tm.tokenizer.decode([token_id])
+            return text, text.encode("utf-8")
+        raw = self.grammars.tokenizer.decode_bytes([token_id])
+        return raw.decode("utf-8", errors="replace"), raw
 
     async def drain(self, grace: float) -> None:
         """Refuse new generations; give the running ones `grace` seconds, then end each with a

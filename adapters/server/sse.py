@@ -7,7 +7,7 @@ and have no terminator (the `text-generation` client cannot parse `[DONE]`).
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -26,20 +26,21 @@ def tgi_event(payload: Any) -> str:
 
 
 class EventStream(StreamingResponse):
-    """`text/event-stream` response whose generation is cancelled however the response ends
-    (finished, client disconnected, server shutting down)."""
+    """`text/event-stream` response whose generations (one, or a request's `n`) are cancelled
+    however the response ends (finished, client disconnected, server shutting down)."""
 
-    def __init__(self, events: AsyncIterator[str], handle: Handle) -> None:
+    def __init__(self, events: AsyncIterator[str], handles: Handle | Sequence[Handle]) -> None:
         super().__init__(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
-        self.handle = handle
+        self.handles = [handles] if isinstance(handles, Handle) else list(handles)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.handle.cancel()
+            for handle in self.handles:
+                handle.cancel()
 
 
 #: Models whose JSON the documented event streams carry; `app` adds them to the OpenAPI components.

@@ -3,10 +3,13 @@
 `POST /` is what `text_generation.Client` and `InferenceClient.text_generation` call: it streams
 when the body says `"stream": true`, else answers a one-element list. The prompt is raw text (no
 chat template), as in TGI. The reply keeps a stop string that ended it, as TGI's does.
+`parameters.grammar` (`json` schema or `regex`) constrains the reply as OpenAI's `response_format`
+does (`constraints.py`); a grammar that cannot compile is a 422 `validation` error.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -15,7 +18,8 @@ from fastapi import APIRouter, Request
 
 from torus_plugins import __version__
 
-from .errors import ApiError, error_docs, tgi_body
+from .constraints import Constraint
+from .errors import ApiError, bad_request, error_docs, tgi_body
 from .generation import CANCELLED, ERROR, Completion, GenerationRequest, Handle
 from .request_model import body_doc, parse
 from .sampling import SamplingParams
@@ -58,12 +62,30 @@ def _prepare(service: ModelService, raw: bytes) -> _Prepared:
         service.max_new_tokens(len(prompt), p.max_new_tokens, "max_new_tokens", prompt_param="inputs"),
         _sampling(p),
         stop_strings(p.stop, "parameters.stop"),
+        constraint=_constraint(service, p),
     )
     ready = _Prepared(body, p, gen)
     if p.details and p.decoder_input_details:
         decode = service.tm.tokenizer.decode
         ready.prefill = [{"id": i, "text": decode([i]), "logprob": None} for i in prompt]
     return ready
+
+
+def _constraint(service: ModelService, p: Parameters) -> Constraint | None:
+    """TGI's `grammar` through the same constrained decoding as OpenAI's `response_format`."""
+    if p.grammar is None:
+        return None
+    value, param = p.grammar.value, "parameters.grammar.value"
+    if p.grammar.type == "regex":
+        if not isinstance(value, str):
+            raise bad_request(f"{param} must be a regular expression (a string) for type regex", param)
+        return service.grammars.start(service.grammars.regex(value, param))
+    if isinstance(value, str):  # TGI accepts the schema as JSON text too
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise bad_request(f"{param} must be a JSON Schema (an object, or its JSON text)", param) from None
+    return service.grammars.start(service.grammars.json_schema(value, param))
 
 
 def _token(t: Any) -> dict[str, Any]:

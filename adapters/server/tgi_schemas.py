@@ -14,6 +14,13 @@ from .request_model import RequestModel
 TGIFinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 
+class GrammarSpec(RequestModel):
+    """TGI's `grammar`: `{"type": "json", "value": <JSON Schema>}` or `{"type": "regex", "value": "<pattern>"}`."""
+
+    type: Literal["json", "regex"]
+    value: Any
+
+
 class Parameters(RequestModel):
     do_sample: bool | None = False
     max_new_tokens: int | None = Field(None, ge=1)
@@ -32,7 +39,7 @@ class Parameters(RequestModel):
     typical_p: None = Field(None, description="Not supported.")
     watermark: bool | None = False
     top_n_tokens: int | None = Field(None, ge=0, le=0, description="Not supported: only 0.")
-    grammar: None = Field(None, description="Not supported.")
+    grammar: GrammarSpec | None = Field(None, description="Constrain the reply: a JSON schema or a regular expression.")
     adapter_id: None = Field(None, description="Not supported.")
 
 
