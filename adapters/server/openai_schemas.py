@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag
 
 from .request_model import StrictRequestModel
 
-Role = Literal["system", "developer", "user", "assistant", "tool"]
 StopString = Annotated[str, Field(max_length=256)]
 FinishReason = Literal["stop", "length", "tool_calls"]
 #: The most tools one request may define, and the most alternatives `top_logprobs` may ask for (OpenAI's limits).
@@ -147,28 +146,74 @@ class _Request(StrictRequestModel):
     user: str | None = Field(None, description="Accepted; not used.")
 
 
-class ChatMessage(StrictRequestModel):
-    role: Role
-    content: str | None = Field(None, description="Text; null or absent only on an assistant turn with tool_calls.")
-    name: Unsupported = Field(None, description="Not supported (chat templates have no participant names).")
-    tool_calls: Annotated[list[ToolCallIn], Field(min_length=1, max_length=MAX_TOOLS)] | None = Field(
-        None, description="Assistant turns only: the calls the model made."
-    )
-    tool_call_id: Annotated[str, Field(max_length=256)] | None = Field(
-        None, description="Tool turns: the call this result answers."
-    )
+_NoName = Annotated[None, Field(description="Not supported (chat templates have no participant names).")]
+
+
+class SystemMessage(StrictRequestModel):
+    """A system turn; `developer` is the same turn under OpenAI's newer name."""
+
+    role: Literal["system", "developer"]
+    content: str
+    name: _NoName = None
+
+
+class UserMessage(StrictRequestModel):
+    role: Literal["user"]
+    content: str
+    name: _NoName = None
+
+
+class AssistantText(StrictRequestModel):
+    """An assistant turn with text (and possibly the calls it made)."""
+
+    role: Literal["assistant"]
+    content: str
+    tool_calls: Annotated[list[ToolCallIn], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
+    name: _NoName = None
     refusal: None = Field(None, description="Accepted as null (the server never refuses).")
     function_call: Unsupported = None
 
-    @model_validator(mode="after")
-    def _fields_fit_the_role(self) -> "ChatMessage":
-        if self.tool_calls is not None and self.role != "assistant":
-            raise ValueError("tool_calls: only assistant messages carry tool_calls")
-        if self.tool_call_id is not None and self.role != "tool":
-            raise ValueError("tool_call_id: only tool messages carry tool_call_id")
-        if self.content is None and not self.tool_calls:
-            raise ValueError("content: must be a string (null only on an assistant turn with tool_calls)")
-        return self
+
+class AssistantCalls(StrictRequestModel):
+    """An assistant turn that only called tools (content null or absent)."""
+
+    role: Literal["assistant"]
+    content: None = None
+    tool_calls: Annotated[list[ToolCallIn], Field(min_length=1, max_length=MAX_TOOLS)]
+    name: _NoName = None
+    refusal: None = Field(None, description="Accepted as null (the server never refuses).")
+    function_call: Unsupported = None
+
+
+class ToolMessage(StrictRequestModel):
+    """A tool's result, answering the call `tool_call_id`."""
+
+    role: Literal["tool"]
+    content: str
+    tool_call_id: Annotated[str, Field(max_length=256)] | None = None
+
+
+def _message_kind(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return None
+    role = value.get("role")
+    if role == "assistant":
+        return "Text" if value.get("content") is not None or "tool_calls" not in value else "Calls"
+    return {"system": "System", "developer": "System", "user": "User", "tool": "Tool"}.get(role)  # type: ignore[arg-type]
+
+
+ChatMessage = Annotated[
+    Annotated[SystemMessage, Tag("System")]
+    | Annotated[UserMessage, Tag("User")]
+    | Annotated[AssistantText, Tag("Text")]
+    | Annotated[AssistantCalls, Tag("Calls")]
+    | Annotated[ToolMessage, Tag("Tool")],
+    Discriminator(
+        _message_kind,
+        custom_error_type="invalid_role",
+        custom_error_message="role must be one of 'system', 'developer', 'user', 'assistant', 'tool'",
+    ),
+]
 
 
 class ChatCompletionRequest(_Request):
