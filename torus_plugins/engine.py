@@ -200,8 +200,7 @@ class Engine:
             origin = ps[0].device
             packed, buf = self.store.add_layer([(n, p.data) for n, p in zip(names, ps)])
             if self.host is not None and i in self.host_plan.rows:  # type: ignore[union-attr]
-                views = packed.compute.views(buf) if not packed.quantized else []
-                self.host.prepare(i, self.sites[i].entry, names, ps, views, self.host_plan.rows[i], self.host_plan.align)  # type: ignore[union-attr]
+                self.host.prepare(i, self.sites[i].entry, names, ps, packed, buf, self.host_plan.rows[i])  # type: ignore[union-attr]
             self._ffn_origin_device.append(origin)
             self._placeholders.append([_placeholder(p, dev) for p in ps])
             if self.transport.zero_copy:
@@ -326,7 +325,7 @@ class Engine:
                 return placement
             if i in resident:
                 return "resident"
-            if i in host_layers:
+            if i in host_layers and i not in host.refused:  # type: ignore[union-attr]
                 return "host" if host_layers[i].whole else "split"
             return "streamed"
 
@@ -340,7 +339,7 @@ class Engine:
                 c.stall_s,
                 host_counters[i].calls if i in host_counters else 0,
                 host_counters[i].host_s if i in host_counters else 0.0,
-                host_layers[i].rows / host_layers[i].intermediate if i in host_layers else 0.0,
+                host_layers[i].rows / host_layers[i].intermediate if where(i) in ("host", "split") else 0.0,
             )
             for i, c in enumerate(counters)
         )
@@ -372,7 +371,7 @@ class Engine:
             layers=layers,
             experts=experts,
             host_compute=self.config.host_compute,
-            host_layers=len(host_layers),
+            host_layers=len([i for i in host_layers if i not in host.refused]),  # type: ignore[union-attr]
             host_calls=sum(c.calls for c in host_counters.values()) + (sum(x.host_computed for x in experts.layers) if experts else 0),
             host_s=sum(c.host_s for c in host_counters.values()) + (sum(x.host_s for x in experts.layers) if experts else 0.0),
             host_max_tokens=self.host_plan.max_tokens if self.host_plan is not None else 0,

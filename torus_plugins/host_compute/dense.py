@@ -21,15 +21,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .. import quant as quantization
 from ..guards import check_traceable_call
-from .kernels import HostComputeError, HostLinearMode, HostWeight, quantized_weight
+from .kernels import HostComputeError, HostLinearMode, HostWeight, stored_weight
 from .split import Cut, find_cut
 from .twin import host_twin
 from .worker import HostWorker, timed
 
-#: Neurons per block of a split: keeps every share a multiple of the packed kernels' tiles.
-SPLIT_ALIGN = 64
+#: Neurons per block of a split: int4pack wants rows in multiples of 16 (int4 also aligns to its group).
+SPLIT_ALIGN = 16
 
 
 @dataclass
@@ -91,44 +90,56 @@ class HostLayers:
         self.streamer: Any = None
         self._wraps: list[_Override] = []
         self.force_stream = False  # `verify`'s reference path
+        #: layers the plan put on the host that cannot compute there (why): they stream
+        self.refused: dict[int, str] = {}
 
     # ------------------------------------------------------------------ set-up
-    def prepare(self, i: int, module: nn.Module, names: list[str], params: list[nn.Parameter],
-                compute_views: list[torch.Tensor], rows: int, align: int) -> None:
-        """Set layer i up for host compute from its weights as loaded (`params` still hold them).
-        `compute_views`: the layer's weights in the host store (unquantized stores only)."""
-        originals = [p.data for p in params]
-        hidden = hidden_size(module, params)
-        cut: Cut | None = None
+    def prepare(self, i: int, module: nn.Module, names: list[str], params: list[nn.Parameter], packed: Any,
+                buffer: torch.Tensor, rows: int) -> None:
+        """Set layer i up for host compute: a twin of its FFN module bound to the host share of its
+        weights in the host store (`packed` / `buffer`: the layer as just stored; `params` still
+        hold the weights as loaded). Split layers also keep their device share's tensors, packed
+        into the store by `add_share_units`."""
+        try:
+            hidden = hidden_size(module, params)
+        except HostComputeError as exc:  # e.g. an FFN whose forward takes the residual too (BLOOM)
+            self.refused[i] = str(exc)
+            return
         inter = next((d for p in params if p.dim() == 2 for d in p.shape if d != hidden), hidden)
+        cut: Cut | None = None
         if rows < inter:
-            cut = find_cut([tuple(p.shape) for p in params], hidden)
-            inter = cut.intermediate
-            rows = (rows // align) * align
-            if rows <= 0:
+            try:
+                cut = find_cut([tuple(p.shape) for p in params], hidden)
+            except HostComputeError as exc:  # a fused gate_up, say: the layer keeps streaming
+                self.refused[i] = str(exc)
                 return
+        start = inter - rows if cut is not None else 0
         twin, fresh = host_twin(module, params)
-        source = compute_views if self.quant is None else [t.detach().to("cpu") for t in originals]
-        if cut is not None and rows < inter:
-            start = inter - rows
-            host_part = cut.share(source, start, inter, device_share=False)
-            device_part = cut.share(originals, 0, start, device_share=True)
-            share = [(n + ".share", t.detach().to("cpu").clone()) for n, t in zip(names, device_part)]
-        else:
-            host_part, share = list(source), []
+        stored = packed.transfer.views(buffer)
+        compute = packed.compute.views(buffer) if not packed.quantized else None
         weights: dict[int, HostWeight] = {}
         nbytes = 0
-        for f, t in zip(fresh, host_part):
-            if self.quant is not None and quantization.eligible(t):
-                hw = quantized_weight(t.contiguous(), self.quant, self.group, self.kernel, self.act)
-                f.data = torch.zeros((), dtype=t.dtype).expand(t.shape)  # memory-free: the mode computes
-                weights[id(f)] = hw
-                nbytes += hw.nbytes
-            else:
-                f.data = t if self.quant is None else t.contiguous()
-                nbytes += 0 if self.quant is None else t.numel() * t.element_size()
-        mode = HostLinearMode(weights) if weights else None
-        self.layers[i] = HostLayer(i, rows, inter, hidden, twin, mode, share_tensors=share, host_bytes=nbytes)
+        for k, (f, (mode, ti, si)) in enumerate(zip(fresh, packed.recipe)):
+            dim = cut.dims[k] if cut is not None else None
+            if dim == -1:  # the output bias: added once, by the device share
+                f.data = torch.zeros_like(stored[ti], device="cpu")
+                continue
+            if mode == "raw":
+                t = compute[k] if compute is not None else stored[ti]
+                f.data = t if dim is None else (t[start:] if dim == 0 else t[:, start:])
+                continue
+            span = slice(start, None)
+            hw = stored_weight(stored[ti], stored[si], mode, self.kernel, self.act, f.dtype,
+                               rows=span if dim == 0 else slice(None), cols=span if dim == 1 else slice(None))
+            f.data = torch.zeros((), dtype=f.dtype).expand(hw.shape)  # memory-free: the mode computes
+            weights[id(f)] = hw
+            nbytes += hw.nbytes
+        share: list[tuple[str, torch.Tensor]] = []
+        if cut is not None:
+            device_part = cut.share([p.data for p in params], 0, start, device_share=True)
+            share = [(n + ".share", t.detach().to("cpu").clone()) for n, t in zip(names, device_part)]
+        mode_ = HostLinearMode(weights) if weights else None
+        self.layers[i] = HostLayer(i, rows, inter, hidden, twin, mode_, share_tensors=share, host_bytes=nbytes)
         self.counters[i] = HostCounters()
 
     def add_share_units(self, store: Any) -> dict[int, int | None]:
@@ -154,9 +165,9 @@ class HostLayers:
         return not self.force_stream and not torch.is_grad_enabled() and x.numel() <= self.max_tokens * x.shape[-1]
 
     def _forward(self, i: int, inner: Any, *args: Any, **kwargs: Any) -> Any:
-        x = args[0] if args else next(iter(kwargs.values()))
+        x = args[0] if len(args) == 1 and not kwargs else None  # the only call shape `verify` proved
         streamer = self.streamer
-        if not (isinstance(x, torch.Tensor) and self.host_pass(x)):
+        if i in self.refused or not (isinstance(x, torch.Tensor) and self.host_pass(x)):
             streamer.host_mode = False
             streamer.acquire(i)
             try:
@@ -194,10 +205,13 @@ class HostLayers:
 
     # ------------------------------------------------------------------ proof / teardown
     def verify(self, sites: Sequence[Any], dtype: torch.dtype, tolerance: float) -> None:
-        """Run one random token through each host layer both ways; raise `HostComputeError` naming
-        the layer when they disagree by more than `tolerance` (relative to the largest output)."""
+        """Run one random token through each host layer both ways; a layer whose results disagree
+        by more than `tolerance` (relative to the largest output), or that fails on the host, is
+        refused (`refused` says why) and streams from then on."""
         gen = torch.Generator().manual_seed(0)
         for i, hl in self.layers.items():
+            if i in self.refused:
+                continue
             x = torch.randn(1, hl.hidden, generator=gen).to(self.device, dtype)
             with torch.no_grad():
                 self.force_stream = True
@@ -207,20 +221,23 @@ class HostLayers:
                     self.force_stream = False
                 try:
                     got = sites[i].entry(x)
-                except HostComputeError:
-                    raise
                 except Exception as exc:
-                    raise HostComputeError(f"FFN layer {i} failed on the host: {exc}") from exc
+                    self.refused[i] = f"FFN layer {i} ({type(sites[i].entry).__name__}) failed on the host: {exc}"
+                    continue
             if not isinstance(got, torch.Tensor) or got.shape != ref.shape:
-                raise HostComputeError(f"FFN layer {i} returned a {type(got).__name__} on the host, not its output")
+                self.refused[i] = f"FFN layer {i} returned a {type(got).__name__} on the host, not its output"
+                continue
             scale = ref.abs().max().item() or 1.0
             err = (got.float() - ref.float()).abs().max().item() / scale
             if not err <= tolerance:
-                raise HostComputeError(
+                self.refused[i] = (
                     f"FFN layer {i} ({type(sites[i].entry).__name__}) computed on the host differs from the "
                     f"streamed layer by {err:.2e} of its output (bound {tolerance:.0e}): its neurons are not "
                     f"independent, or its forward uses the weights in a way host compute cannot follow"
                 )
+        for i in self.refused:
+            if self.streamer is not None:
+                self.streamer.host_units.pop(i, None)  # prefetch the whole layer, as for any streamed one
 
     def reset_stats(self) -> None:
         self.counters = {i: HostCounters() for i in self.layers}

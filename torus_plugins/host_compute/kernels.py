@@ -37,7 +37,8 @@ class HostWeight:
     """One 2-D weight on the host, ready for `linear`.
 
     kernel: "raw" (the weight as loaded), "int8pack", "int4pack" or "dequantize" (dequantize into
-        a scratch matrix, then matmul: the fallback for shapes the packed kernels refuse).
+        a scratch matrix, then matmul: the fallback for shapes the packed kernels refuse); its
+        tensors are (q, scale) for int8 and (codes, step, offset) for int4.
     act_dtype: the dtype activations are cast to for the packed kernels (None: the input's).
     """
 
@@ -64,11 +65,15 @@ class HostWeight:
         elif self.kernel == "int4pack":
             packed, scale_zeros = self.tensors
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(self.act_dtype), packed, self.group, scale_zeros)
-        else:
+        elif self.mode == "int8":
             q, scale = self.tensors
-            w = torch.empty(self.shape, dtype=self.dtype)
-            quantization.dequantize_into(w, q, scale, self.mode)
+            w = (q.to(torch.float32) * scale[:, None]).to(self.dtype)
             y = F.linear(x2.to(self.dtype), w)
+        else:
+            codes, step, offset = self.tensors
+            rows, cols = self.shape
+            w = codes.view(rows, -1, self.group).to(torch.float32) * step[..., None] - offset[..., None]
+            y = F.linear(x2.to(self.dtype), w.view(rows, cols).to(self.dtype))
         y = y.to(x.dtype).view(*lead, self.shape[0])
         return y if bias is None else y + bias
 
@@ -100,36 +105,46 @@ def quantized_weight(
 ) -> HostWeight:
     """A host weight for `w` quantized as the streamed path quantizes it (`quant.quantize`)."""
     q, scale = quantization.quantize(w, mode, group_size, refine=refine)
-    return int4pack_from_store(q, scale, mode, tuple(w.shape), w.dtype, kernel, act_dtype)  # type: ignore[arg-type]
+    return stored_weight(q, scale, mode, kernel, act_dtype, w.dtype)
 
 
-def int4pack_from_store(
+def stored_weight(
     q: torch.Tensor,
     scale: torch.Tensor,
     mode: str,
-    shape: tuple[int, int],
-    dtype: torch.dtype,
     kernel: str,
     act_dtype: torch.dtype | None,
+    dtype: torch.dtype,
+    rows: slice = slice(None),
+    cols: slice = slice(None),
 ) -> HostWeight:
-    """A host weight from the host store's quantized bytes (`quant`'s layouts), in the layout `kernel`
-    reads: int8 uses the stored integers as they are; int4 is repacked once for the CPU kernel (the
-    same codes, scales and minimums). Falls back to "dequantize" where a packed kernel's shape rules
-    are not met (int4pack: rows a multiple of 16, a group of 32..256 columns)."""
-    rows, cols = shape
-    act = act_dtype or dtype
-    if kernel == "int8pack" and mode == "int8":
-        return HostWeight("int8pack", shape, dtype, (q.contiguous(), scale.to(act)), act, mode=mode)
-    if kernel == "int4pack" and mode == "int4":
-        groups = 2 * (scale.shape[1] - 4) // 3
-        g = cols // groups if groups else 0
-        if rows % 16 == 0 and g in (32, 64, 128, 256) and g * groups == cols:
-            codes, step, offset = _int4_codes(q, scale)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
-            # The kernel computes w = (code - 8) * scale + zero per group: scale = step, zero = 8 step - offset.
-            scale_zeros = torch.stack((step, 8 * step - offset), dim=-1).transpose(0, 1).contiguous().to(act)
-            return HostWeight("int4pack", shape, dtype, (packed, scale_zeros), act, group=g, mode=mode)
-    return HostWeight("dequantize", shape, dtype, (q, scale), mode=mode)
+    """A host weight from the host store's quantized bytes (`quant`'s layouts), or a block of it
+    (`rows` / `cols`: a split layer's host share; int4 columns cut on group boundaries), holding
+    exactly the codes the streamed layer dequantizes. int8 keeps the stored integers; int4 is
+    repacked once into the CPU kernel's layout (same codes, scales and minimums)."""
+    if mode == "int8":
+        qs, ss = q[rows, cols].contiguous(), scale[rows]
+        shape = (qs.shape[0], qs.shape[1])
+        if kernel == "int8pack":
+            act = act_dtype or dtype
+            return HostWeight("int8pack", shape, dtype, (qs, ss.to(act)), act, mode=mode)
+        return HostWeight("dequantize", shape, dtype, (qs, ss), mode=mode)
+    codes, step, offset = _int4_codes(q, scale)
+    g = codes.shape[1] // step.shape[1]
+    start = cols.start or 0
+    stop = codes.shape[1] if cols.stop is None else cols.stop
+    if start % g or stop % g:
+        raise HostComputeError(f"an int4 weight's host share must start and end on a {g}-column group boundary")
+    gcols = slice(start // g, stop // g)
+    codes, step, offset = codes[rows, cols], step[rows, gcols], offset[rows, gcols]
+    shape = (codes.shape[0], codes.shape[1])
+    if kernel == "int4pack" and shape[0] % 16 == 0 and g in (32, 64, 128, 256):
+        act = act_dtype or dtype
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        # The kernel computes w = (code - 8) * scale + zero per group: scale = step, zero = 8 step - offset.
+        scale_zeros = torch.stack((step, 8 * step - offset), dim=-1).transpose(0, 1).contiguous().to(act)
+        return HostWeight("int4pack", shape, dtype, (packed, scale_zeros), act, group=g, mode=mode)
+    return HostWeight("dequantize", shape, dtype, (codes.to(torch.uint8).contiguous(), step.contiguous(), offset.contiguous()), group=g, mode=mode)
 
 
 class HostLinearMode(TorchFunctionMode):

@@ -72,14 +72,28 @@ class HostPlacement:
             torch.set_num_threads(threads)
         if engine.experts is not None:
             engine.experts.enable_host(self.max_tokens, self.kernel, self.act)
+        bound = tolerance(self.dtype, self.quant)
+        refused: list[str] = []
         with engine.pass_lock:
             try:
-                if engine.host is not None and engine.host.layers:
-                    engine.host.verify(engine.sites, self.dtype, tolerance(self.dtype, self.quant))
+                if engine.host is not None:
+                    engine.host.verify(engine.sites, self.dtype, bound)
+                    refused += engine.host.refused.values()
                 if engine.experts is not None:
-                    engine.experts.verify_host(tolerance(self.dtype, self.quant))
+                    try:
+                        engine.experts.verify_host(bound)
+                    except HostComputeError as exc:
+                        engine.experts.disable_host()
+                        refused.append(str(exc))
             finally:
                 engine._reset_stats()
+        if refused and self.mode == "all":
+            raise HostComputeError(
+                "host_compute='all' cannot place every unit on the host: " + "; ".join(dict.fromkeys(refused))
+                + ". Use host_compute='auto' (those units stream) or 'off'"
+            )
+        for reason in dict.fromkeys(refused):
+            log.warning("torus-sparse: host compute refused, streaming instead: %s", reason)
 
     def stop(self) -> None:
         if self._threads is not None:
@@ -118,13 +132,25 @@ def _kernel(config: TorusConfig, probe: HostProbe | None, dtype: torch.dtype) ->
 
 def _shapes(engine: Any) -> tuple[int, int, torch.dtype] | None:
     """(hidden, intermediate, dtype) of the FFN units that may go to the host."""
+    reasons = []
     for i in engine.plan.streamed:
         site = engine.sites[i]
         if site.entry is site.exit:
             ps = engine._params[i]
-            hidden = hidden_size(site.entry, ps)
+            try:
+                hidden = hidden_size(site.entry, ps)
+            except HostComputeError as exc:
+                reasons.append(str(exc))
+                continue
             inter = next((d for p in ps if p.dim() == 2 for d in p.shape if d != hidden), hidden)
             return hidden, inter, ps[0].dtype
+    if reasons and engine.config.host_compute == "all":
+        raise HostComputeError(
+            f"host_compute='all' cannot place FFN layers on the host: {reasons[0]}. "
+            f"Use host_compute='auto' (those layers stream) or 'off'"
+        )
+    if reasons:
+        log.warning("torus-sparse: host compute refused, streaming instead: %s", reasons[0])
     for site in engine.expert_sites:
         w = getattr(site.module, site.params[0][1])
         hidden = int(getattr(getattr(engine.model, "config", None), "hidden_size", 0) or w.shape[-1])

@@ -21,7 +21,7 @@ from ..architecture import EXPERTS_RUNNER_ATTR, ExpertSite, MoEArchitecture
 from ..config import TorusConfig
 from ..errors import ConfigError, TransferError
 from ..guards import check_traceable_call
-from ..host_compute.kernels import HostComputeError, HostLinearMode, HostWeight, int4pack_from_store
+from ..host_compute.kernels import HostComputeError, HostLinearMode, HostWeight, stored_weight
 from ..host_compute.worker import HostWorker
 from ..host_store import HostStore, PackedLayer, plan_packed
 from ..slots import Slot
@@ -324,7 +324,7 @@ class ExpertStreamer:
                     unit_tensors.append(views[ti])
                     continue
                 marker = torch.zeros((), dtype=t.dtype).expand(t.shape)
-                weights[id(marker)] = int4pack_from_store(views[ti], views[si], mode, tuple(t.shape), t.dtype, kernel, act)
+                weights[id(marker)] = stored_weight(views[ti], views[si], mode, kernel, act, t.dtype)
                 unit_tensors.append(marker)
             tensors.append(unit_tensors)
         self._host_mode = HostLinearMode(weights) if weights else None
@@ -342,6 +342,10 @@ class ExpertStreamer:
 
         views = {attr: _ExpertsView(get, k, getattr(site.module, attr)) for k, (_, attr) in enumerate(site.params)}
         return _ModuleShim(site.module, views)
+
+    def disable_host(self) -> None:
+        """Every expert streams again (the host path failed its proof)."""
+        self._host_max = 0
 
     def verify_host(self, tolerance: float) -> None:
         """Prove host experts on the first MoE layer: a few tokens routed to its first experts,
@@ -368,7 +372,10 @@ class ExpertStreamer:
             except HostComputeError:
                 raise
             except Exception as exc:
-                raise HostComputeError(f"MoE layer {site.layer}'s experts failed on the host: {exc}") from exc
+                raise HostComputeError(
+                    f"MoE layer {site.layer}'s experts ({type(site.module).__name__}) failed on the host: {exc} "
+                    f"(host experts need the eager loop to skip the padding index {site.num_experts})"
+                ) from exc
             finally:
                 self._force_host = False
         scale = ref.abs().max().item() or 1.0
