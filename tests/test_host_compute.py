@@ -35,7 +35,11 @@ def wide_llama() -> torch.nn.Module:
     """A tiny Llama whose FFN is wide enough to split into several 16-neuron blocks."""
     torch.manual_seed(0)
     cfg = T.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
         num_key_value_heads=2,
     )
     return T.LlamaForCausalLM(cfg).eval()
@@ -48,8 +52,13 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def decode_logits(model: torch.nn.Module) -> torch.Tensor:
     """Logits of the first one-token pass after an 8-token prefill (the pass decode runs)."""
     out = model.generate(
-        PROMPT, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0,
-        output_logits=True, return_dict_in_generate=True,
+        PROMPT,
+        max_new_tokens=2,
+        min_new_tokens=2,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     return out.logits[1]
 
@@ -248,7 +257,12 @@ def test_quantized_moe_host_experts() -> None:
     ref = decode_logits(model)
     tp.detach(model)
     engine = tp.attach(
-        model, transport="copy", moe_cache_experts=8, weight_quant="int8", host_compute="all", host_max_tokens=1,
+        model,
+        transport="copy",
+        moe_cache_experts=8,
+        weight_quant="int8",
+        host_compute="all",
+        host_max_tokens=1,
         host_kernel="packed",
     )
     assert relative(decode_logits(model), ref) <= tolerance(torch.float32, "int8")
@@ -271,7 +285,9 @@ def test_a_split_that_changes_the_output_is_refused(caplog) -> None:
     for layer in model.model.layers:
         layer.mlp.forward = EntangledMLP.forward.__get__(layer.mlp)
     ref_tokens, ref_logits = greedy(model), decode_logits(model)
-    engine = tp.attach(model, transport="copy", resident_layers=0, host_compute="auto", host_share=0.5, host_max_tokens=1)
+    engine = tp.attach(
+        model, transport="copy", resident_layers=0, host_compute="auto", host_share=0.5, host_max_tokens=1
+    )
     assert "not independent" in caplog.text
     # the refused layers stream: the same arithmetic as the plain model, bit for bit
     assert torch.equal(decode_logits(model), ref_logits) and torch.equal(greedy(model), ref_tokens)

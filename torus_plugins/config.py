@@ -81,9 +81,13 @@ def parse_bandwidth(value: int | float | str, what: str = "bandwidth") -> float:
     try:
         bps = float(parse_bytes(text, what)) if isinstance(text, str) else float(text)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise ConfigError(f"{what}: cannot read {_shown(value)}; use bytes per second or e.g. '25GB/s', '12 GiB/s'") from exc
+        raise ConfigError(
+            f"{what}: cannot read {_shown(value)}; use bytes per second or e.g. '25GB/s', '12 GiB/s'"
+        ) from exc
     if not bps > 0 or bps > MAX_BYTES:
-        raise ConfigError(f"{what}: {_shown(value)} must be a positive, finite number of bytes per second, e.g. '25GB/s'")
+        raise ConfigError(
+            f"{what}: {_shown(value)} must be a positive, finite number of bytes per second, e.g. '25GB/s'"
+        )
     return bps
 
 

@@ -248,7 +248,9 @@ class Engine:
         self._grad_flags = freeze_grads([p for ps in self._params for p in ps] + experts)
 
     def _install_pass_lock(self) -> None:
-        streamed = [] if self.transport.zero_copy else [(self.sites[i].entry, self.sites[i].exit) for i in self.plan.streamed]
+        streamed = (
+            [] if self.transport.zero_copy else [(self.sites[i].entry, self.sites[i].exit) for i in self.plan.streamed]
+        )
         if not streamed and not self.expert_sites:
             return  # nothing rebinds weights or keeps per-pass state: no lock needed
         points = lock_points(self.model, streamed, [s.module for s in self.expert_sites])
@@ -372,8 +374,10 @@ class Engine:
             experts=experts,
             host_compute=self.config.host_compute,
             host_layers=len([i for i in host_layers if i not in host.refused]),  # type: ignore[union-attr]
-            host_calls=sum(c.calls for c in host_counters.values()) + (sum(x.host_computed for x in experts.layers) if experts else 0),
-            host_s=sum(c.host_s for c in host_counters.values()) + (sum(x.host_s for x in experts.layers) if experts else 0.0),
+            host_calls=sum(c.calls for c in host_counters.values())
+            + (sum(x.host_computed for x in experts.layers) if experts else 0),
+            host_s=sum(c.host_s for c in host_counters.values())
+            + (sum(x.host_s for x in experts.layers) if experts else 0.0),
             host_max_tokens=self.host_plan.max_tokens if self.host_plan is not None else 0,
         )
 

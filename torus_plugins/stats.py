@@ -240,16 +240,20 @@ class EngineStats:
             else f"resident={self.resident_layers} streamed={self.streamed_layers}"
         )
         return (
-            f"transport={self.transport} device={self.device} {placement} "
-            f"hits={self.hits} misses={self.misses} hit_rate={self.hit_rate:.1%} "
-            f"moved={format_bytes(self.bytes_moved)} stall={self.stall_s * 1000:.1f}ms "
-            f"resident_bytes={format_bytes(self.resident_bytes)} "
-            f"peak_device={format_bytes(self.peak_device_bytes)}"
-        ) + (
-            f" host={self.host_layers} host_calls={self.host_calls} host_time={self.host_s * 1000:.1f}ms"
-            if self.host_compute != "off"
-            else ""
-        ) + (f" | {self.experts.summary()}" if self.experts is not None else "")
+            (
+                f"transport={self.transport} device={self.device} {placement} "
+                f"hits={self.hits} misses={self.misses} hit_rate={self.hit_rate:.1%} "
+                f"moved={format_bytes(self.bytes_moved)} stall={self.stall_s * 1000:.1f}ms "
+                f"resident_bytes={format_bytes(self.resident_bytes)} "
+                f"peak_device={format_bytes(self.peak_device_bytes)}"
+            )
+            + (
+                f" host={self.host_layers} host_calls={self.host_calls} host_time={self.host_s * 1000:.1f}ms"
+                if self.host_compute != "off"
+                else ""
+            )
+            + (f" | {self.experts.summary()}" if self.experts is not None else "")
+        )
 
     def __str__(self) -> str:
         return self.summary()

@@ -79,8 +79,9 @@ def hidden_size(module: nn.Module, params: Sequence[nn.Parameter]) -> int:
 class HostLayers:
     """The host-placed dense layers of one engine, their twins, counters and the worker."""
 
-    def __init__(self, device: torch.device, quant: str | None, group: int, kernel: str, act: torch.dtype | None,
-                 max_tokens: int) -> None:
+    def __init__(
+        self, device: torch.device, quant: str | None, group: int, kernel: str, act: torch.dtype | None, max_tokens: int
+    ) -> None:
         self.device, self.quant, self.group = device, quant, group
         self.kernel, self.act = kernel, act
         self.max_tokens = max_tokens
@@ -94,8 +95,16 @@ class HostLayers:
         self.refused: dict[int, str] = {}
 
     # ------------------------------------------------------------------ set-up
-    def prepare(self, i: int, module: nn.Module, names: list[str], params: list[nn.Parameter], packed: Any,
-                buffer: torch.Tensor, rows: int) -> None:
+    def prepare(
+        self,
+        i: int,
+        module: nn.Module,
+        names: list[str],
+        params: list[nn.Parameter],
+        packed: Any,
+        buffer: torch.Tensor,
+        rows: int,
+    ) -> None:
         """Set layer i up for host compute: a twin of its FFN module bound to the host share of its
         weights in the host store (`packed` / `buffer`: the layer as just stored; `params` still
         hold the weights as loaded). Split layers also keep their device share's tensors, packed
@@ -129,8 +138,16 @@ class HostLayers:
                 f.data = t if dim is None else (t[start:] if dim == 0 else t[:, start:])
                 continue
             span = slice(start, None)
-            hw = stored_weight(stored[ti], stored[si], mode, self.kernel, self.act, f.dtype,
-                               rows=span if dim == 0 else slice(None), cols=span if dim == 1 else slice(None))
+            hw = stored_weight(
+                stored[ti],
+                stored[si],
+                mode,
+                self.kernel,
+                self.act,
+                f.dtype,
+                rows=span if dim == 0 else slice(None),
+                cols=span if dim == 1 else slice(None),
+            )
             f.data = torch.zeros((), dtype=f.dtype).expand(hw.shape)  # memory-free: the mode computes
             weights[id(f)] = hw
             nbytes += hw.nbytes

@@ -144,7 +144,14 @@ def stored_weight(
         # The kernel computes w = (code - 8) * scale + zero per group: scale = step, zero = 8 step - offset.
         scale_zeros = torch.stack((step, 8 * step - offset), dim=-1).transpose(0, 1).contiguous().to(act)
         return HostWeight("int4pack", shape, dtype, (packed, scale_zeros), act, group=g, mode=mode)
-    return HostWeight("dequantize", shape, dtype, (codes.to(torch.uint8).contiguous(), step.contiguous(), offset.contiguous()), group=g, mode=mode)
+    return HostWeight(
+        "dequantize",
+        shape,
+        dtype,
+        (codes.to(torch.uint8).contiguous(), step.contiguous(), offset.contiguous()),
+        group=g,
+        mode=mode,
+    )
 
 
 class HostLinearMode(TorchFunctionMode):

@@ -89,7 +89,8 @@ class HostPlacement:
                 engine._reset_stats()
         if refused and self.mode == "all":
             raise HostComputeError(
-                "host_compute='all' cannot place every unit on the host: " + "; ".join(dict.fromkeys(refused))
+                "host_compute='all' cannot place every unit on the host: "
+                + "; ".join(dict.fromkeys(refused))
                 + ". Use host_compute='auto' (those units stream) or 'off'"
             )
         for reason in dict.fromkeys(refused):
@@ -181,7 +182,9 @@ def plan_host(engine: Any) -> HostPlacement | None:
     if need_probe:
         probe = probe_host(hidden, inter, dtype, quant, group)
         link = config.options.get("link_bandwidth")
-        link_bps = parse_bandwidth(link, "options['link_bandwidth']") if link is not None else probe_bandwidth(engine.device)
+        link_bps = (
+            parse_bandwidth(link, "options['link_bandwidth']") if link is not None else probe_bandwidth(engine.device)
+        )
         costs = HostCosts(link_bps, probe.ffn_bps, probe.ffn_bps_at, probe.probe_tokens, probe.memory_bps)
     kernel, act = _kernel(config, probe, dtype)
     dense = [i for i in engine.plan.streamed if engine.sites[i].entry is engine.sites[i].exit]
@@ -189,7 +192,8 @@ def plan_host(engine: Any) -> HostPlacement | None:
     if skipped:
         log.warning(
             "torus-sparse: FFN layers %s keep their linears on the decoder layer itself (no FFN module): "
-            "they stream; host compute needs one FFN module per layer", skipped
+            "they stream; host compute needs one FFN module per layer",
+            skipped,
         )
     rows: dict[int, int] = {}
     shares: list[float] = []
@@ -218,8 +222,20 @@ def plan_host(engine: Any) -> HostPlacement | None:
         nbytes = [engine.transfer_bytes[i] for i in dense]
         predicted = predict(costs, nbytes, nbytes, shares)
     return HostPlacement(
-        config.host_compute, rows, inter, hidden, align, max_tokens, kernel, act, dtype, quant, costs, probe,
-        predicted, skipped,
+        config.host_compute,
+        rows,
+        inter,
+        hidden,
+        align,
+        max_tokens,
+        kernel,
+        act,
+        dtype,
+        quant,
+        costs,
+        probe,
+        predicted,
+        skipped,
     )
 
 

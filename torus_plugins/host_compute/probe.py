@@ -53,13 +53,29 @@ def memory_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     return nbytes / _best(t.sum, repeats)
 
 
-def _ffn_weights(hidden: int, inter: int, dtype: torch.dtype, quant: str | None, kernel: str,
-                 act: torch.dtype | None, group: int, layers: int) -> list[list[HostWeight]]:
+def _ffn_weights(
+    hidden: int,
+    inter: int,
+    dtype: torch.dtype,
+    quant: str | None,
+    kernel: str,
+    act: torch.dtype | None,
+    group: int,
+    layers: int,
+) -> list[list[HostWeight]]:
     gen = torch.Generator().manual_seed(0)
     out = []
     for _ in range(layers):
-        ws = [torch.randn(s, generator=gen).div_(hidden**0.5).to(dtype) for s in ((inter, hidden), (inter, hidden), (hidden, inter))]
-        out.append([raw_weight(w) if quant is None else quantized_weight(w, quant, group, kernel, act, refine=False) for w in ws])
+        ws = [
+            torch.randn(s, generator=gen).div_(hidden**0.5).to(dtype)
+            for s in ((inter, hidden), (inter, hidden), (hidden, inter))
+        ]
+        out.append(
+            [
+                raw_weight(w) if quant is None else quantized_weight(w, quant, group, kernel, act, refine=False)
+                for w in ws
+            ]
+        )
     return out
 
 
@@ -68,9 +84,18 @@ def _ffn(x: torch.Tensor, ws: list[HostWeight]) -> torch.Tensor:
     return d.linear(F.silu(g.linear(x)) * u.linear(x))
 
 
-def ffn_throughput(hidden: int, inter: int, dtype: torch.dtype, quant: str | None, group: int, kernel: str,
-                   act: torch.dtype | None, tokens: int = 1, target_bytes: int = 96 * 2**20,
-                   repeats: int = 3) -> float:
+def ffn_throughput(
+    hidden: int,
+    inter: int,
+    dtype: torch.dtype,
+    quant: str | None,
+    group: int,
+    kernel: str,
+    act: torch.dtype | None,
+    tokens: int = 1,
+    target_bytes: int = 96 * 2**20,
+    repeats: int = 3,
+) -> float:
     """Host-format weight bytes per second through gated FFNs of these shapes at `tokens` tokens.
     Enough layers to exceed the caches (`target_bytes` of weights as loaded), as a model does."""
     per_layer = 3 * hidden * inter * torch.empty((), dtype=dtype).element_size()
@@ -96,8 +121,15 @@ def candidates(dtype: torch.dtype, quant: str | None) -> list[tuple[str, torch.d
     return [(packed, a) for a in acts] + [("dequantize", None)]
 
 
-def probe_host(hidden: int, inter: int, dtype: torch.dtype, quant: str | None, group: int,
-               probe_tokens: int = 16, quick: bool = False) -> HostProbe:
+def probe_host(
+    hidden: int,
+    inter: int,
+    dtype: torch.dtype,
+    quant: str | None,
+    group: int,
+    probe_tokens: int = 16,
+    quick: bool = False,
+) -> HostProbe:
     """Measure the host for FFNs of these shapes; picks the fastest kernel among `candidates`.
     `quick`: smaller buffers and fewer repeats (tests, tiny models)."""
     target = 8 * 2**20 if quick else 96 * 2**20

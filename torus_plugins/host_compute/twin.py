@@ -32,9 +32,7 @@ def host_twin(module: nn.Module, params: Sequence[nn.Parameter]) -> tuple[nn.Mod
         raise HostComputeError(f"{type(module).__name__} cannot be copied for host compute: {exc}") from exc
     mapped = {id(f) for f in fresh}
     copied = sum(
-        t.numel() * t.element_size()
-        for t in list(twin.parameters()) + list(twin.buffers())
-        if id(t) not in mapped
+        t.numel() * t.element_size() for t in list(twin.parameters()) + list(twin.buffers()) if id(t) not in mapped
     )
     if copied > MAX_COPIED_BYTES:
         raise HostComputeError(

@@ -242,7 +242,9 @@ class ExpertStreamer:
         ring = cache.ring(j)
         protect = set(units)
         self._pending = set(units)
-        host = self._host_max > 0 and not torch.is_grad_enabled() and hidden.numel() <= self._host_max * hidden.shape[-1]
+        host = (
+            self._host_max > 0 and not torch.is_grad_enabled() and hidden.numel() <= self._host_max * hidden.shape[-1]
+        )
         on_host: list[int] = []
         for u in units:
             cache.freq[u] += 1
