@@ -19,11 +19,9 @@ from torus_plugins import TorusError
 
 
 # ---------------------------------------------------------------------- the loop, in process
-@pytest.fixture(scope="module")
-def tm(smollm2_path):
-    from torus_plugins import TorusConfig, TorusModel
-
-    return TorusModel.from_pretrained(smollm2_path, TorusConfig(transport="copy", resident_layers=10))
+@pytest.fixture
+def tm(streamed_smollm2):
+    return streamed_smollm2  # the session's shared copy-transport SmolLM2 (conftest)
 
 
 def chat(tm, *lines: str, system: str | None = None) -> tuple[int, str, ChatState]:
@@ -187,7 +185,7 @@ def ask(t: Terminal, line: str) -> str:
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
 def test_chat_streams_answers_keeps_history_shows_stats_and_resets(terminal):
-    t = terminal("--max-new-tokens", "24", "--transport", "copy", "--resident-layers", "10")
+    t = terminal("--max-new-tokens", "24", "--transport", "copy", "--resident-layers", "10", "--temperature", "0")
     assert "Paris" in ask(t, "What is the capital of France?")
     stats = ask(t, "/stats")
     assert int(re.search(r"hits\W+(\d+)", stats).group(1)) > 0
@@ -209,7 +207,7 @@ def test_chat_streams_answers_keeps_history_shows_stats_and_resets(terminal):
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
 def test_ctrl_c_stops_a_reply_then_the_chat_goes_on_and_ctrl_c_at_the_prompt_leaves(terminal):
-    t = terminal("--max-new-tokens", "200")
+    t = terminal("--max-new-tokens", "200", "--temperature", "0")
     t.send("Write a long story about a dragon.\r")
     t.expect(r"dragon\.\n.*?(?:[A-Za-z,.']+ ){6}")  # the reply has started streaming
     t.send("\x03")

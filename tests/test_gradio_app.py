@@ -145,7 +145,7 @@ def test_reload_with_new_lookahead(client, france_chat: list[tuple]) -> None:
     assert after["engine"]["lookahead"] == before["engine"]["lookahead"] + 1
     assert f"lookahead {after['engine']['lookahead']}" in status
 
-    # The smallest budget offered holds a ring for lookahead 1, not 8: the error reaches the client
+    # The smallest budget offered holds a ring for the configured lookahead (2), not 8: the error reaches the client
     # and the previous engine stays attached.
     smallest = math.ceil(before["engine"]["vram_budget_range"]["minimum"] / 2**20)
     with pytest.raises(AppError, match="too small"):

@@ -30,6 +30,8 @@ class ChatState:
     max_new_tokens: int = 256
     system: str | None = None
     history: list[dict[str, str]] = field(default_factory=list)
+    #: `generate()` keywords for each reply (sampling; see `sampling_args`). Empty: greedy.
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def messages(self) -> list[dict[str, str]]:
         """What the next turn sends: the system prompt, if any, then the whole conversation."""
@@ -101,7 +103,7 @@ def stream_reply(console: Console, state: ChatState, text: str) -> None:
     state.history.append({"role": "user", "content": text})
     pieces: list[str] = []
     try:
-        gen = state.tm.stream_generate(state.messages(), max_new_tokens=state.max_new_tokens)
+        gen = state.tm.stream_generate(state.messages(), max_new_tokens=state.max_new_tokens, **state.gen_kwargs)
         with contextlib.closing(gen):
             with console.status("[dim]thinking…[/]"):
                 first = next(gen, "")
@@ -155,19 +157,21 @@ def chat_loop(console: Console, state: ChatState) -> int:
 
 def run_chat(args: Any) -> int:
     """`torus-sparse chat`: load with a spinner, then chat. Load errors propagate (exit 2 in `main`)."""
-    from transformers.utils import logging as hf_logging
-
-    from torus_plugins import TorusModel
+    import torch
 
     from .config_args import config_from_args as _config_from
+    from .loading import load_model
+    from .sampling_args import sampling_kwargs
 
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
 
     console = Console(highlight=False)
-    config = _config_from(args)
-    hf_logging.disable_progress_bar()
-    with console.status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}…"):
-        tm = TorusModel.from_pretrained(args.model, config, show_progress=False)
+    tm = load_model(args, _config_from(args), console)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
     console.print(f"[dim]{tm.stats().summary()}[/]", highlight=False, soft_wrap=True)
-    return chat_loop(console, ChatState(tm, args.max_new_tokens, args.system))
+    state = ChatState(
+        tm, args.max_new_tokens, args.system, gen_kwargs=sampling_kwargs(args, tm.model.generation_config)
+    )
+    return chat_loop(console, state)

@@ -52,6 +52,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         out.write(piece)
         out.flush()
     out.write("\n")
+    out.flush()  # the reply's last line before the stats line on stderr
     stats = tm.stats()
     if args.json_stats:
         d = stats.as_dict()

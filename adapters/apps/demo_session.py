@@ -138,7 +138,7 @@ def budget_range(model: str | os.PathLike[str] | None, config: TorusConfig) -> B
     """Ask the planner (shapes only, no weights read) for the useful range of `vram_budget`."""
     from ..transformers_adapter.planning import plan_model
 
-    probe = config.replace(vram_budget=1, lookahead=1, resident_layers=None)
+    probe = config.replace(vram_budget=1, resident_layers=None)  # the minimum at the configured lookahead
     plan = plan_model(model, probe, bandwidth="16GB/s")  # bandwidth only feeds the speed estimate
     full = plan.non_ffn_bytes + plan.ffn_bytes + plan.kv_reserve_bytes
     return BudgetRange(minimum=plan.minimum_budget_bytes or 0, full=full)

@@ -240,7 +240,7 @@ def build_demo(session: DemoSession, budget: BudgetRange, title: str = "SmolLM2-
                         max(hi, math.ceil(current)),
                         value=round(current),
                         step=1,
-                        label=f"VRAM budget (MiB): {lo} streams every FFN layer (at lookahead 1), {hi} keeps all resident",
+                        label=f"VRAM budget (MiB): {lo} streams every FFN layer (at lookahead {cfg.lookahead}), {hi} keeps all resident",
                     )
                     lookahead_in = gr.Slider(1, 8, value=cfg.lookahead, step=1, label="lookahead (FFN layers)")
                     transport_in = gr.Dropdown(_transports(), value=cfg.transport, label="transport")

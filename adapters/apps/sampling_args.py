@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 #: Used where neither the command line nor the model's generation_config sets a value.
-FALLBACK = {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1}
+FALLBACK = {"temperature": 0.2, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1}
 
 
 def _positive_float(text: str) -> float:
