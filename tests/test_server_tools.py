@@ -143,7 +143,7 @@ def test_openai_agent_loop_required_calls_are_always_valid(client):
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 21, "sky": "sunny"})},
     ]
     answer = client.chat.completions.create(
-        model="x", messages=history, tools=TOOLS, tool_choice="none", max_tokens=20, temperature=0
+        model="x", messages=history, tools=TOOLS, tool_choice="none", max_tokens=6, temperature=0
     )
     assert answer.choices[0].message.tool_calls is None and answer.choices[0].message.content
     assert answer.choices[0].finish_reason in ("stop", "length")
@@ -170,7 +170,7 @@ def test_a_named_tool_streams_as_tool_call_deltas(client):
 
 @pytest.mark.slow
 def test_auto_replies_are_either_content_or_valid_calls_streamed_alike(client):
-    kw = dict(model="x", messages=[{"role": "user", "content": ASKS[0]}], tools=TOOLS, max_tokens=24, temperature=0)
+    kw = dict(model="x", messages=[{"role": "user", "content": ASKS[0]}], tools=TOOLS, max_tokens=12, temperature=0)
     whole = client.chat.completions.create(**kw).choices[0]
     chunks = list(client.chat.completions.create(stream=True, **kw))
     if whole.message.tool_calls:
@@ -226,7 +226,7 @@ def test_langchain_bind_tools_and_structured_output(server):  # noqa: F811
     for message in calls:
         (call,) = message.tool_calls
         assert call["name"] == "get_weather" and set(call["args"]) == {"city", "unit"}
-    cities = llm.with_structured_output(City).batch(["Tell me about Paris.", "Describe Tokyo.", "What about Lima?"])
+    cities = llm.with_structured_output(City).batch(["Tell me about Paris.", "Describe Tokyo."])
     assert all(isinstance(c, City) for c in cities)
 
 
