@@ -97,8 +97,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         weight_quant=args.weight_quant,
         quant_group_size=args.quant_group_size,
         device=args.device,
+        host_compute="auto" if args.host_share is not None else "off",
+        host_share=args.host_share,
     )
-    plan = plan_model(args.model, config, bandwidth=args.bandwidth, device=args.device, dtype=args.dtype)
+    plan = plan_model(
+        args.model, config, bandwidth=args.bandwidth, device=args.device, dtype=args.dtype, host=not args.no_host_probe
+    )
     if args.json:
         print(json.dumps(plan.as_dict(), indent=2))
     else:
@@ -208,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     pl.add_argument("--dtype", help="weight dtype to plan for (default: the checkpoint's), e.g. bfloat16")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument(
+        "--no-host-probe",
+        action="store_true",
+        help="skip measuring this machine's host (memory bandwidth, FFN throughput) and the hybrid forecast",
+    )
+    pl.add_argument("--host-share", type=float, help="forecast this host share (0..1) instead of the balanced one")
     pl.set_defaults(func=_cmd_plan)
     ts = sub.add_parser(
         "transformers-serve",

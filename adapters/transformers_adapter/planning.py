@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -11,7 +12,10 @@ from torus_plugins import TorusConfig, UnsupportedArchitectureError
 from torus_plugins.bandwidth import probe_bandwidth
 from torus_plugins.config import parse_bandwidth
 from torus_plugins.engine import resolve_device
+from torus_plugins.host_compute.placement import choose_kernel, split_align
+from torus_plugins.host_compute.probe import probe_host
 from torus_plugins.planning.deployment import DeploymentPlan, make_plan
+from torus_plugins.planning.host_split import HostCosts, HostForecast, forecast
 from torus_plugins.planning.sizes import measure
 from torus_plugins.plugins import resolve
 
@@ -41,8 +45,11 @@ def plan_model(
     bandwidth: float | str | None = None,
     device: str | None = None,
     dtype: Any = None,
+    host: bool = True,
 ) -> DeploymentPlan:
-    """Plan how `config` would run the model. `bandwidth`: bytes/s or "25GB/s"; None probes it."""
+    """Plan how `config` would run the model. `bandwidth`: bytes/s or "25GB/s"; None probes it.
+    `host`: also probe this machine's host and forecast the host placement (streaming-only,
+    host-only and hybrid predictions, the split host_compute="auto" would use)."""
     model, name = meta_model(path_or_id, dtype)
     arch = next((a for a in resolve().architectures if a.matches(model)), None)
     if arch is None:
@@ -61,4 +68,29 @@ def plan_model(
     plan.extra.update(
         architecture=arch.name, dtype=str(next(model.parameters()).dtype), bandwidth_probed=bandwidth is None
     )
+    if host and plan.residency is not None and plan.residency.streamed and sizes.sites:
+        plan = dataclasses.replace(plan, host=host_forecast(model, sizes, config, bps, plan.residency.streamed))
     return plan
+
+
+def host_forecast(model: Any, sizes: Any, config: TorusConfig, bps: float, streamed: tuple[int, ...]) -> HostForecast:
+    """Probe this machine's host (memory read bandwidth, FFN throughput for the model's FFN shapes,
+    dtype and weight format) and forecast the hybrid split, as the engine's host_compute="auto" would."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    params = [getattr(owner, attr) for _, owner, attr in sizes.sites[streamed[0]].params]
+    hidden = int(getattr(cfg, "hidden_size", 0) or params[0].shape[-1])
+    inter = next((d for p in params if p.dim() == 2 for d in p.shape if d != hidden), hidden)
+    quant, group = config.weight_quant, config.quant_group_size
+    probe = probe_host(hidden, inter, params[0].dtype, quant, group)
+    kernel, act = choose_kernel(config, probe, params[0].dtype)
+    costs = HostCosts(bps, probe.ffn_bps, probe.ffn_bps_at, probe.probe_tokens, probe.memory_bps)
+    act_name = None if act is None else str(act).removeprefix("torch.")
+    return forecast(
+        costs,
+        [sizes.transfer_bytes[i] for i in streamed],
+        inter,
+        split_align(quant, group),
+        kernel,
+        act_name,
+        config.host_share,
+    )

@@ -116,7 +116,13 @@ class HostPlacement:
         }
 
 
-def _kernel(config: TorusConfig, probe: HostProbe | None, dtype: torch.dtype) -> tuple[str, torch.dtype | None]:
+def split_align(quant: str | None, group: int) -> int:
+    """Neurons per block of a split (int4 host shares also end on a group boundary)."""
+    return SPLIT_ALIGN if quant != "int4" else max(SPLIT_ALIGN, group)
+
+
+def choose_kernel(config: TorusConfig, probe: HostProbe | None, dtype: torch.dtype) -> tuple[str, torch.dtype | None]:
+    """The host kernel for `config.weight_quant` weights: as configured, or the probe's fastest."""
     quant = config.weight_quant
     if quant is None:
         return "raw", None
@@ -175,7 +181,7 @@ def plan_host(engine: Any) -> HostPlacement | None:
         return None  # nothing streams: nothing for the host to compute
     hidden, inter, dtype = shapes
     quant, group = config.weight_quant, config.quant_group_size
-    align = SPLIT_ALIGN if quant != "int4" else max(SPLIT_ALIGN, group)
+    align = split_align(quant, group)
     fixed_split = config.host_compute == "all" or config.host_share is not None
     need_probe = config.host_kernel == "auto" and quant is not None or not fixed_split or config.host_max_tokens is None
     probe = costs = None
@@ -186,7 +192,7 @@ def plan_host(engine: Any) -> HostPlacement | None:
             parse_bandwidth(link, "options['link_bandwidth']") if link is not None else probe_bandwidth(engine.device)
         )
         costs = HostCosts(link_bps, probe.ffn_bps, probe.ffn_bps_at, probe.probe_tokens, probe.memory_bps)
-    kernel, act = _kernel(config, probe, dtype)
+    kernel, act = choose_kernel(config, probe, dtype)
     dense = [i for i in engine.plan.streamed if engine.sites[i].entry is engine.sites[i].exit]
     skipped = [i for i in engine.plan.streamed if i not in dense]
     if skipped:
@@ -239,4 +245,4 @@ def plan_host(engine: Any) -> HostPlacement | None:
     )
 
 
-__all__ = ["HostPlacement", "plan_host", "HostComputeError", "tolerance"]
+__all__ = ["HostPlacement", "plan_host", "HostComputeError", "choose_kernel", "split_align", "tolerance"]

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..config import TorusConfig, format_bytes
 from ..errors import BudgetTooSmallError
+from .host_split import HostForecast
 from .residency import ResidencyPlan, plan_residency
 from .sizes import ModelSizes
 
@@ -45,6 +46,8 @@ class DeploymentPlan:
     host_load_peak_bytes: int
     minimum_budget_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the host placement's forecast (measured on this machine), when the planner probed the host
+    host: HostForecast | None = None
 
     @property
     def predicted_tok_s(self) -> float:
@@ -87,6 +90,7 @@ class DeploymentPlan:
             "host_load_peak_bytes": self.host_load_peak_bytes,
             "predicted_tok_s": self.predicted_tok_s,
             "config": self.config_snippet(),
+            "host": self.host.as_dict() if self.host is not None else None,
         }
 
     def render(self) -> str:
@@ -118,6 +122,9 @@ class DeploymentPlan:
             "fits             yes",
             f"use              {self.config_snippet()}",
         ]
+        if self.host is not None and r.streamed:
+            lines += self.host.render()
+            lines.append(f'use (hybrid)     {self.config_snippet()[:-1]}, host_compute="auto")')
         return "\n".join(lines)
 
 

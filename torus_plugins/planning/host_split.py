@@ -87,3 +87,80 @@ def predict(costs: HostCosts, link_bytes: list[int], host_bytes: list[int], shar
         for lb, hb, h in zip(link_bytes, host_bytes, shares)
     )
     return TokenCosts(stream, host, hybrid)
+
+
+@dataclass(frozen=True)
+class HostForecast:
+    """What host_compute="auto" would do for a model on this machine, and what each placement
+    predicts (`torus-sparse plan`; the engine computes the same split with the same functions)."""
+
+    costs: HostCosts
+    kernel: str
+    act_dtype: str | None
+    share: float
+    rows: int
+    intermediate: int
+    max_tokens: int
+    seconds: TokenCosts
+    layers: int
+
+    def tok_s(self, seconds: float, other_s: float = 0.0) -> float:
+        return 1.0 / (seconds + other_s) if seconds + other_s > 0 else float("inf")
+
+    def as_dict(self) -> dict:
+        return {
+            "link_bps": self.costs.link_bps,
+            "host_memory_bps": self.costs.memory_bps,
+            "host_ffn_bps": self.costs.host_bps,
+            "host_ffn_bps_at_probe_tokens": self.costs.host_bps_at,
+            "probe_tokens": self.costs.probe_tokens,
+            "kernel": self.kernel,
+            "act_dtype": self.act_dtype,
+            "host_share": self.share,
+            "host_rows": self.rows,
+            "intermediate": self.intermediate,
+            "max_host_tokens": self.max_tokens,
+            "streamed_layers": self.layers,
+            "ffn_s_per_token": {
+                "streaming": self.seconds.streaming,
+                "host": self.seconds.host,
+                "hybrid": self.seconds.hybrid,
+            },
+            "ffn_tok_s_ceiling": {
+                "streaming": self.tok_s(self.seconds.streaming),
+                "host": self.tok_s(self.seconds.host),
+                "hybrid": self.tok_s(self.seconds.hybrid),
+            },
+        }
+
+    def render(self) -> list[str]:
+        c, s = self.costs, self.seconds
+        act = f", {self.act_dtype} activations" if self.act_dtype else ""
+        return [
+            f"host             memory {c.memory_bps / 1e9:.1f} GB/s; FFN {c.host_bps / 1e9:.1f} GB/s at 1 token, "
+            f"{c.host_bps_at / 1e9:.1f} GB/s at {c.probe_tokens} ({self.kernel} kernel{act})",
+            f"FFN per token    streaming-only {s.streaming * 1e3:.1f} ms, host-only {s.host * 1e3:.1f} ms, "
+            f"hybrid {s.hybrid * 1e3:.1f} ms ({self.layers} non-resident layers, batch 1)",
+            f"hybrid split     {self.share:.0%} of each layer's neurons on the host ({self.rows} of {self.intermediate}), "
+            f"passes of <= {self.max_tokens} tokens; longer ones stream",
+        ]
+
+
+def forecast(
+    costs: HostCosts,
+    link_bytes: list[int],
+    intermediate: int,
+    align: int,
+    kernel: str,
+    act_dtype: str | None,
+    share: float | None = None,
+) -> HostForecast:
+    """The split host_compute="auto" picks for layers streaming `link_bytes` each (host-format
+    bytes taken equal: the same weights in the same format class), and the three predictions."""
+    b = link_bytes[0] if link_bytes else 0
+    want = balanced_share(costs, b, b) if share is None and b else (share or 0.0)
+    rows = host_rows(want, intermediate, align)
+    actual = rows / intermediate if intermediate else 0.0
+    tokens = max_host_tokens(costs, actual, b, b) if b else 0
+    seconds = predict(costs, link_bytes, link_bytes, [actual] * len(link_bytes))
+    return HostForecast(costs, kernel, act_dtype, actual, rows, intermediate, tokens, seconds, len(link_bytes))
