@@ -90,6 +90,7 @@ TARGET_LINK_FRACTION = 0.90
 TARGET_VS_ACCELERATE = 3.0  # torus bf16 tok/s over accelerate offload at the same budget
 TARGET_INT8 = 1.8  # torus int8 tok/s over torus bf16
 TARGET_INT4 = 3.0  # torus int4 tok/s over torus bf16
+TARGET_HYBRID = 1.5  # host_compute="auto" tok/s over streaming-only, same format and budget
 QUANT_MODES = ("bf16", "int8", "int4")
 GiB = 2**30
 
@@ -250,6 +251,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lookaheads", default="1,2,3", help="comma-separated lookaheads for the streamed runs")
     ap.add_argument("--quant", default="bf16,int8,int4", help="streamed weight formats: bf16 (none), int8, int4")
     ap.add_argument(
+        "--hybrid",
+        default="bf16,int8,int4",
+        help="formats run again with host_compute='auto' (the host placement) at the same-budget lookahead; '' skips",
+    )
+    ap.add_argument(
         "--quant-group-size",
         type=int,
         default=None,
@@ -306,7 +312,8 @@ def start(args: argparse.Namespace) -> Check | None:
         dims=TINY if args.tiny else FULL,
         resident_ffn=args.resident_ffn if args.resident_ffn is not None else (2 if args.tiny else 4),
         lookaheads=lookaheads,
-        modes=[x.strip() for x in args.quant.split(",") if x.strip()],
+        modes=[x.strip() for x in args.quant.split(",") if x.strip()]
+        + [f"{x.strip()}+host" for x in args.hybrid.split(",") if x.strip()],
         acc_memory=args.accelerate_memory or ("weights" if args.tiny else "budget"),
         same_la=args.same_budget_lookahead if args.same_budget_lookahead in lookaheads else lookaheads[0],
         run=harness.begin(args, name, device_out=True),
@@ -342,6 +349,8 @@ def start(args: argparse.Namespace) -> Check | None:
             "bf16_vs_accelerate": f"torus bf16 tok/s >= {TARGET_VS_ACCELERATE:g} x accelerate offload at the same budget",
             "int8_vs_bf16": f"torus int8 tok/s >= {TARGET_INT8:g} x torus bf16",
             "int4_vs_bf16": f"torus int4 tok/s >= {TARGET_INT4:g} x torus bf16",
+            "hybrid": f"host_compute='auto' tok/s >= {TARGET_HYBRID:g} x streaming-only, same format and budget; "
+            "its prompt pass no slower",
         },
         "phases": {},
         "errors": [],
@@ -429,7 +438,8 @@ def schedule(c: Check) -> list[tuple[str, str, int]]:
     if not c.args.no_accelerate:
         out.append(("accelerate", "bf16", c.same_la))
     out += [("torus", m, c.same_la) for m in c.modes[1:]]
-    out += [("torus", m, la) for m in c.modes for la in c.lookaheads if la != c.same_la]
+    # the host placement runs at the same-budget lookahead only: its comparison is streaming-only there
+    out += [("torus", m, la) for m in c.modes if not m.endswith("+host") for la in c.lookaheads if la != c.same_la]
     return out
 
 
@@ -442,7 +452,7 @@ def predict_s(c: Check, kind: str, mode: str) -> float:
         return (args.accelerate_steps + 4) * offloaded / 10e9 + 20.0
     if mode in c.last_run_s:
         return c.last_run_s[mode]
-    scale = {"bf16": 1.0, "int8": 0.5, "int4": 0.27}[mode]
+    scale = {"bf16": 1.0, "int8": 0.5, "int4": 0.27}[mode.removesuffix("+host")]
     tokens_streamed = args.warmup_tokens + args.repeats * (args.decode_steps + 1) + 1
     stream_s = tokens_streamed * c.n_layers * c.layer_bytes * scale / c.link_Bps * 1.3
     # quantizing on the host at attach, dequantizing at detach: ~1 s per GB of FFN weights
@@ -476,14 +486,16 @@ def torus_phase(c: Check, name: str, mode: str, la: int) -> dict[str, Any]:
     from torus_plugins import TorusConfig
 
     budget = c.budget_for(la)
+    fmt = mode.removesuffix("+host")
     cfg = TorusConfig(
         transport=c.transport,
         device=str(c.device),
         vram_budget=budget,
         lookahead=la,
         kv_reserve_tokens=c.args.kv_reserve_tokens,
-        weight_quant=None if mode == "bf16" else mode,
+        weight_quant=None if fmt == "bf16" else fmt,
         quant_group_size=c.args.quant_group_size,
+        host_compute="auto" if mode.endswith("+host") else "off",
     )
     entry: dict[str, Any] = {
         "kind": "torus",
@@ -501,6 +513,8 @@ def torus_phase(c: Check, name: str, mode: str, la: int) -> dict[str, Any]:
         sync(c.device)
         entry["attach_s"] = time.perf_counter() - t0
         record_plan(entry, eng)
+        if eng.host_plan is not None:
+            entry["host_plan"] = eng.host_plan.as_dict()
         measure_streamed(c, name, entry, eng, mode)
         t0 = time.perf_counter()
         tp.detach(c.model)
@@ -533,7 +547,11 @@ def record_plan(entry: dict[str, Any], eng: Any) -> None:
 def measure_streamed(c: Check, name: str, entry: dict[str, Any], eng: Any, mode: str) -> None:
     """The attached run: logits, warm-up, reset_stats(), timed decodes, the engine's counters."""
     device, base, budget = c.device, c.base, entry["vram_budget"]
+    sync(device)
+    t0 = time.perf_counter()
     got = prompt_logits(c.model, c.ids, device)
+    sync(device)
+    entry["prompt_pass_s"] = time.perf_counter() - t0  # the prefill-sized pass (streams under the host placement)
     entry["logits"] = compare(c.ref_logits, got)
     entry["logits"]["top1_agreement"] = top1_agreement(c.ref_logits, got)
     decode(c.model, c.ids, c.args.warmup_tokens, device)
@@ -804,6 +822,16 @@ def summarize(report: dict[str, Any], same_la: int) -> dict[str, Any]:
         "int4_vs_bf16_best": ratio(i4 and i4["tok_per_s"], b16 and b16["tok_per_s"]),
         "int8_vs_bf16_same_lookahead": ratio(at("int8", same_la), at("bf16", same_la)),
         "int4_vs_bf16_same_lookahead": ratio(at("int4", same_la), at("bf16", same_la)),
+        "hybrid_vs_streaming_same_budget": {
+            f: ratio(at(f"{f}+host", same_la), at(f, same_la)) for f in ("bf16", "int8", "int4")
+        },
+        "hybrid_prompt_pass_vs_streaming": {
+            f: ratio(
+                (ph.get(f"torus_{f}+host_la{same_la}") or {}).get("prompt_pass_s"),
+                (ph.get(f"torus_{f}_la{same_la}") or {}).get("prompt_pass_s"),
+            )
+            for f in ("bf16", "int8", "int4")
+        },
     }
 
     def verdict(x: float | None, target: float) -> bool | None:
@@ -814,6 +842,7 @@ def summarize(report: dict[str, Any], same_la: int) -> dict[str, Any]:
         "bf16_vs_accelerate": verdict(out["bf16_vs_accelerate_same_budget"], TARGET_VS_ACCELERATE),
         "int8_vs_bf16": verdict(out["int8_vs_bf16_best"], TARGET_INT8),
         "int4_vs_bf16": verdict(out["int4_vs_bf16_best"], TARGET_INT4),
+        **{f"hybrid_{f}": verdict(r, TARGET_HYBRID) for f, r in out["hybrid_vs_streaming_same_budget"].items()},
     }
     return out
 
@@ -915,7 +944,12 @@ def print_table(report: dict[str, Any], link_Bps: float) -> None:
             f"bf16 best {f(b16 and b16['fraction_of_link_ceiling'], '{:.1%}')} of link ceiling (>= 90%: {v(p['bf16_link'])}); "
             f"bf16/accelerate at the same budget {f(sm['bf16_vs_accelerate_same_budget'])} (>= 3x: {v(p['bf16_vs_accelerate'])}); "
             f"int8/bf16 {f(sm['int8_vs_bf16_best'])} (>= 1.8x: {v(p['int8_vs_bf16'])}); "
-            f"int4/bf16 {f(sm['int4_vs_bf16_best'])} (>= 3x: {v(p['int4_vs_bf16'])})"
+            f"int4/bf16 {f(sm['int4_vs_bf16_best'])} (>= 3x: {v(p['int4_vs_bf16'])}); "
+            + "; ".join(
+                f"hybrid/streaming {k} {f(r)} (>= {TARGET_HYBRID:g}x: {v(p.get('hybrid_' + k))}, "
+                f"prompt pass {f(sm['hybrid_prompt_pass_vs_streaming'][k])} of streaming's time)"
+                for k, r in sm["hybrid_vs_streaming_same_budget"].items()
+            )
         )
     pinned = report.get("host_pinned_end")
     if pinned:

@@ -253,6 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--lookahead", type=int, default=1, help="MoE layers predicted ahead (default 1)")
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 run")
+    ap.add_argument("--no-host", action="store_true", help='skip the host-placement runs (host_compute="auto")')
     ap.add_argument("--max-seconds", type=float, default=150.0, help="skip variants that would end after this (150)")
     ap.add_argument("--seed", type=int, default=0)
     harness.add_output_args(ap, "gpu_moe_check.json (gpu_moe_check_tiny.json with --tiny)", device_out=True)
@@ -373,6 +374,12 @@ def variants(c: Check) -> list[tuple[str, int, int, str, str | None]]:
     ]
     if not c.args.no_int8:
         out.append(("cache50_speculative_int8", half, 50, "speculative", "int8"))
+    if not c.args.no_host:
+        # the host placement: experts missing from the cache are computed on the host, not copied
+        out += [
+            (f"cache{share}_speculative_host", n, share, "speculative", None)
+            for share, n in ((25, quarter), (50, half))
+        ]
     return out
 
 
@@ -390,15 +397,19 @@ def streamed_run(c: Check, name: str, entry: dict[str, Any], n_cache: int, pred:
         moe_eviction="lru",
         moe_cache_scope="shared",
         weight_quant=quant,
+        host_compute="auto" if name.endswith("_host") else "off",
     )
     t0 = time.perf_counter()
     eng = tp.attach(c.model, cfg)
+    if eng.host_plan is not None:
+        entry["host_plan"] = eng.host_plan.as_dict()
     sync(c.device)
     entry["attach_s"] = time.perf_counter() - t0
     res = greedy_run(c.model, c.ids, c.warm, c.args.tokens, c.args.warmup_tokens, c.device, eng)
     entry.update(public(res))
     entry["vs_baseline"] = compare(c.base, res)
     entry.update(expert_figures(eng.stats(), res, c.base, c.link_Bps, c.args.tokens))
+    entry["host_computed"] = eng.stats().experts.totals()["host_computed"]
     cmp = entry["vs_baseline"]
     recall = "-" if entry["recall"] is None else f"{entry['recall']:.1%}"
     log(

@@ -332,3 +332,23 @@ def test_cost_model_balances_link_and_host() -> None:
     fast_growth = HostCosts(25e9, 50e9, 5e9, 16, 100e9)
     assert max_host_tokens(slow_growth, share, 2**27, 2**27) > max_host_tokens(fast_growth, share, 2**27, 2**27) >= 1
     assert max_host_tokens(costs, 0.0, 2**27, 2**27) == 0
+
+
+def test_plan_forecasts_the_hybrid_split_the_engine_uses(smollm2_path: str) -> None:
+    from torus_adapters.transformers_adapter.planning import plan_model
+
+    config = tp.TorusConfig(transport="copy", resident_layers=26)
+    plan = plan_model(smollm2_path, config, bandwidth="8GB/s")
+    f = plan.host
+    assert f is not None and f.layers == 4 and f.intermediate == 1536
+    assert f.costs.link_bps == 8e9 and f.costs.memory_bps > 0 and f.costs.host_bps > 0
+    assert f.rows % 16 == 0 and f.share == f.rows / 1536
+    assert f.seconds.hybrid <= min(f.seconds.streaming, f.seconds.host) + 1e-12
+    text = plan.render()
+    assert "streaming-only" in text and "hybrid split" in text and 'host_compute="auto"' in text
+    assert plan.as_dict()["host"]["host_rows"] == f.rows
+    # the engine given the same rates picks the same rows
+    from torus_plugins.planning.host_split import balanced_share, host_rows
+
+    b = plan.streamed_bytes_per_token // 4
+    assert host_rows(balanced_share(f.costs, b, b), 1536, 16) == f.rows
