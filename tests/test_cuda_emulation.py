@@ -465,3 +465,27 @@ def test_two_threads_on_one_model_each_get_their_own_answer(fake: FakeCuda, arch
     else:
         assert st.forward_passes == 2 * 3 * (1 + NEW_TOKENS)  # one forward, then one per new token
     tp.detach(model)
+
+
+@pytest.mark.parametrize(
+    ("arch", "dtype", "quant"),
+    [("llama", torch.float32, None), ("llama", torch.float32, "int8"), ("mixtral", torch.float32, None)],
+)
+def test_host_placement_through_the_cuda_transport(fake: FakeCuda, arch: str, dtype: torch.dtype, quant: str | None) -> None:
+    """The host placement on a "GPU": split layers' device shares and cached experts go through the
+    real CUDA copy stream (the race detector watching) while host shares run on the worker; the
+    prefill streams, so its logits are bit-equal; greedy tokens equal the reference."""
+    ref_logits, ref_tokens = reference(arch, dtype, quant)
+    model = tiny(arch, dtype)
+    engine = attach_cuda(
+        model, weight_quant=quant, host_compute="auto", host_share=0.5, host_max_tokens=1, host_kernel="packed"
+    )
+    assert type(engine.transport) is CudaCopyStream
+    assert torch.get_num_threads() == 1  # all cores but one on CUDA (this machine: 2)
+    logits, tokens = run(model)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+    assert fake.races == []
+    assert engine.stats().host_calls > 0
+    tp.detach(model)
+    assert fake.registered == {}

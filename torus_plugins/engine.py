@@ -442,6 +442,7 @@ class Engine:
                 restored = self.store.weights(i, self.store.buffers[i], origin)
             self._bind(i, restored)
             self.store.drop(i)
+        self.store.close()  # units past the layers (split layers' device shares), unlocked too
         for o in self._non_ffn_origins:
             t = (o.owner._parameters if o.is_param else o.owner._buffers)[o.attr]
             if t.device != o.device:
