@@ -10,6 +10,7 @@ import functools
 
 import pytest
 import torch
+import transformers as T
 from conftest import TINY_CONFIGS, build_tiny
 
 import torus_plugins as tp
@@ -91,5 +92,12 @@ def test_the_tiny_config_tables_cover_every_registered_architecture() -> None:
         matching = [a.name for a in archs if a.matches(model)]
         assert matching, f"no registered architecture matches the tiny {name!r} model"
         covered.add(matching[0])
+    # Structural discovery is asked last: a family no row knows (Cohere) is what covers it.
+    torch.manual_seed(0)
+    cohere = T.CohereForCausalLM(
+        T.CohereConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    )
+    assert [a.name for a in archs if a.matches(cohere)] == ["discovered"]
+    covered.add("discovered")
     missing = {a.name for a in archs} - covered
     assert not missing, f"registered architectures without a tiny test model in conftest: {sorted(missing)}"

@@ -604,11 +604,14 @@ def test_a_new_moe_architecture_is_one_table_row_in_a_plugin():
     ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
     with torch.no_grad():
         want = model.generate(ids, max_new_tokens=6, do_sample=False)
-    with pytest.raises(UnsupportedArchitectureError, match="glm4_moe"):
-        torus_plugins.attach(model, plugin_manager=_builtin_pm())
+    # Without the row, structural discovery (asked last) streams it; the row takes precedence.
+    found = torus_plugins.attach(model, plugin_manager=_builtin_pm(), moe_cache_experts=4)
+    assert found.arch.name == "discovered" and len(found.expert_sites) == 2
+    torus_plugins.detach(model)
     pm = _builtin_pm()
     pm.register(Glm4MoePlugin(), name="glm4-moe-plugin")
     engine = torus_plugins.attach(model, plugin_manager=pm, moe_cache_experts=4)
+    assert engine.arch.name == "glm4_moe"
     with torch.no_grad():
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
     st = engine.stats().experts

@@ -138,27 +138,27 @@ def test_bad_input_gets_clear_errors(smollm2_path, tmp_path):
     assert "Paris" in tm.generate("What is the capital of France?", max_new_tokens=16)
 
 
-def test_unknown_architecture_names_supported_and_the_hook():
-    bert = transformers.BertForMaskedLM(
-        transformers.BertConfig(
-            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-        )
+def _tiny_mamba() -> torch.nn.Module:
+    """A family with no FFN at all (a stack of Mamba mixers): nothing discovery could stream."""
+    return transformers.MambaForCausalLM(
+        transformers.MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, state_size=4)
     )
+
+
+def test_unknown_architecture_names_what_was_found_and_the_hook():
     with pytest.raises(tp.UnsupportedArchitectureError) as err:
-        tp.attach(bert)
+        tp.attach(_tiny_mamba())
     msg = str(err.value)
-    assert "'bert'" in msg and "llama" in msg and "torus_register_architectures" in msg
+    assert "'mamba'" in msg and "no FFN" in msg and "mixer (MambaMixer)" in msg
+    assert "torus_register_architectures" in msg
 
 
 def test_enabled_refuses_a_model_no_plugin_knows_unless_opted_in(tmp_path):
     """Silently loading unstreamed would ignore the budget: it is an error, or an explicit opt-in."""
-    codegen = transformers.CodeGenForCausalLM(
-        transformers.CodeGenConfig(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32, rotary_dim=4)
-    )
-    codegen.save_pretrained(tmp_path)
+    _tiny_mamba().save_pretrained(tmp_path)
     with tp.enabled(transport="copy"), pytest.raises(tp.UnsupportedArchitectureError) as err:
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert "'codegen'" in str(err.value) and "allow_unstreamed=True" in str(err.value)
+    assert "'mamba'" in str(err.value) and "allow_unstreamed=True" in str(err.value)
     with tp.enabled(transport="copy", allow_unstreamed=True):
         model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert not tp.is_attached(model)

@@ -1,8 +1,10 @@
 """Built-in architecture plugin: where `transformers` decoder models keep their FFN weights.
 
-One table row per model family. A family not listed here is one `DecoderFFN` row (or any object
-following `torus_plugins.architecture.Architecture`) registered from your own plugin; see the
-README's "Adding an architecture".
+One table row per model family: the fast path, and the override for a layout structural
+discovery (`discovery`, asked after every row) would get wrong. A family not listed here is
+found by discovery; a row of your own is one `DecoderFFN` (or any object following
+`torus_plugins.architecture.Architecture`) registered from your plugin; see the README's
+"Adding an architecture".
 """
 
 from __future__ import annotations
@@ -70,14 +72,23 @@ class DecoderFFN:
         return disable_generate_compile(model)
 
     def kv_bytes_per_token(self, model: nn.Module) -> int:
+        return kv_bytes_per_token(model)
+
+
+def kv_bytes_per_token(model: nn.Module) -> int:
+    """KV-cache bytes per token of a transformers decoder, from its (text) config; 0 when the
+    config does not say (a per-layer heterogeneous config refuses global reads)."""
+    try:
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
         heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
         head_dim = getattr(cfg, "head_dim", None) or hidden // max(heads, 1)
-        dtype_bytes = next(model.parameters()).element_size()
-        return 2 * layers * kv_heads * head_dim * dtype_bytes
+    except Exception:  # transformers raises its own error types for ambiguous per-layer fields
+        return 0
+    dtype_bytes = next(model.parameters()).element_size()
+    return 2 * int(layers) * int(kv_heads) * int(head_dim) * dtype_bytes
 
 
 def disable_generate_compile(model: nn.Module) -> Callable[[], None] | None:

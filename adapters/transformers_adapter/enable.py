@@ -11,7 +11,6 @@ from typing import Any, Iterator
 
 from torus_plugins import TorusConfig, TorusError, UnsupportedArchitectureError
 from torus_plugins.lifecycle import attach, is_attached
-from torus_plugins.plugins import resolve
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +35,16 @@ def _patched_from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
     config, allow_unstreamed = _enabled_stack[-1]
     if is_attached(model):
         return model
-    if allow_unstreamed and not any(a.matches(model) for a in resolve().architectures):
-        # The caller opted in: a model no plugin knows loads as usual, with no budget applied.
-        log.warning(
-            "torus-sparse: no architecture plugin for %s; loaded WITHOUT streaming (allow_unstreamed=True), "
-            "so vram_budget does not apply to it",
-            type(model).__name__,
-        )
-        return model
     try:
         attach(model, config)
     except UnsupportedArchitectureError as exc:
+        if allow_unstreamed:
+            # The caller opted in: a model no plugin can stream loads as usual, with no budget applied.
+            log.warning(
+                "torus-sparse: %s; loaded WITHOUT streaming (allow_unstreamed=True), so vram_budget does not apply to it",
+                exc,
+            )
+            return model
         raise UnsupportedArchitectureError(
             f"{exc} Or, to load such models without streaming while enabled (the budget will not apply), "
             f"pass allow_unstreamed=True to torus_plugins.enable()/enabled()."

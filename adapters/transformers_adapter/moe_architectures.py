@@ -91,22 +91,32 @@ class MoEDecoder(DecoderFFN):
         return sites
 
     def router_scores(self, site: ExpertSite, hidden: torch.Tensor) -> torch.Tensor:
-        out = site.router(hidden)
-        logits = out[0] if isinstance(out, tuple) else out
-        bias = getattr(site.router, "e_score_correction_bias", None)
-        if bias is not None:  # DeepSeek-V3 ranks sigmoid scores plus a learned correction
-            return logits.sigmoid() + bias
-        return logits
+        return router_scores(site, hidden)
 
     def install_experts(self, model: nn.Module) -> Callable[[], None]:
-        register_experts_implementation()
-        previous = getattr(model.config, "_experts_implementation", None)
-        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+        return install_streamed_experts(model)
 
-        def restore() -> None:
-            model.set_experts_implementation(previous or "eager")
 
-        return restore
+def router_scores(site: ExpertSite, hidden: torch.Tensor) -> torch.Tensor:
+    """`[tokens, num_experts]` scores of the site's router on `hidden` (higher: more likely routed)."""
+    out = site.router(hidden)
+    logits = out[0] if isinstance(out, tuple) else out
+    bias = getattr(site.router, "e_score_correction_bias", None)
+    if bias is not None:  # DeepSeek-V3 ranks sigmoid scores plus a learned correction
+        return logits.sigmoid() + bias
+    return logits
+
+
+def install_streamed_experts(model: nn.Module) -> Callable[[], None]:
+    """Select the "torus_streamed" experts implementation on `model`; returns the undo."""
+    register_experts_implementation()
+    previous = getattr(model.config, "_experts_implementation", None)
+    model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+
+    def restore() -> None:
+        model.set_experts_implementation(previous or "eager")
+
+    return restore
 
 
 MOE_ARCHITECTURES: tuple[MoEDecoder, ...] = (
