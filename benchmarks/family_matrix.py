@@ -25,7 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help="comma-separated family names (default: every family)")
     ap.add_argument("--markdown", action="store_true", help="also print the README's per-family table")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: tiny models only lose to a thread pool)"
+    )
     harness.add_output_args(ap, NAME)
     return ap.parse_args(argv)
 

@@ -19,6 +19,15 @@ from torus_adapters.transformers_adapter.discovery import DISCOVERY, find_layout
 IDS = torch.tensor([[5, 17, 42, 8, 63, 21]])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a thread pool only adds spinning on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _llama(model_type: str | None = None, layers: int = 2) -> nn.Module:
     torch.manual_seed(0)
     cfg = T.LlamaConfig(
