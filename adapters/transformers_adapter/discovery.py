@@ -245,28 +245,30 @@ class StructuralDiscovery:
     name = "discovered"
 
     def __init__(self) -> None:
-        self._layouts: weakref.WeakKeyDictionary[nn.Module, Layout | DiscoveryError] = weakref.WeakKeyDictionary()
+        self._layouts: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Layout]] = weakref.WeakKeyDictionary()
 
     def matches(self, model: nn.Module) -> bool:
         return getattr(model, "config", None) is not None and find_stack(model) is not None
 
     def layout(self, model: nn.Module) -> Layout:
-        """Found and (on a model with real weights) proved, once per model; raises the refusal."""
+        """Found and (on a model with real weights) proved; raises the refusal. A proved layout is
+        kept per model while its module tree is unchanged (the engine asks several times per
+        attach); a refusal is not kept, so a fixed model is looked at again."""
+        key = tuple((n, id(m)) for n, m in model.named_modules())
         cached = self._layouts.get(model)
-        if cached is None:
-            from .structure_proof import prove
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        from .structure_proof import prove
 
-            try:
-                cached = prove(model, find_layout(model))
-            except DiscoveryError as exc:
-                cached = exc
-            self._layouts[model] = cached
-        if isinstance(cached, DiscoveryError):
+        try:
+            layout = prove(model, find_layout(model))
+        except DiscoveryError as exc:
             raise DiscoveryError(
-                f"{cached} (a table row registered through the torus_register_architectures hook overrides discovery; "
+                f"{exc} (a table row registered through the torus_register_architectures hook overrides discovery; "
                 f"see the README's 'Adding an architecture')"
-            )
-        return cached
+            ) from None
+        self._layouts[model] = (key, layout)
+        return layout
 
     def ffn_sites(self, model: nn.Module) -> list[FFNSite]:
         layout = self.layout(model)
