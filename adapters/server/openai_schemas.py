@@ -195,7 +195,7 @@ class ToolMessage(StrictRequestModel):
 
 def _message_kind(value: Any) -> str | None:
     if not isinstance(value, dict):
-        return None
+        return "User"  # any message model reports a non-object as "Input should be an object"
     role = value.get("role")
     if role == "assistant":
         return "Text" if value.get("content") is not None or "tool_calls" not in value else "Calls"
