@@ -56,8 +56,11 @@ install-test: install $(TEST_INSTALLED)
 run: install
 	HF_HUB_OFFLINE=1 $(BIN)/torus-sparse generate $(RUN_FLAGS) "$(PROMPT)"
 
+# Two workers, whole files each (module fixtures load a model once), one intra-op thread each:
+# most tests run tiny models whose ops are too small to split, and two OpenMP threads per process
+# on two shared cores spin against each other (a tiny block's forward measured 500x slower).
 test: install-test
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -134,6 +134,13 @@ def test_stats_show_streamed_bytes(client, france_chat: list[tuple]) -> None:
     assert engine["bytes_moved"] > 0 and engine["streamed_bytes_per_pass"] > 0
     assert data["reply"]["bytes_streamed"] > 0
     assert "streamed from host RAM" in panel and "hit rate" in panel
+    # "since attach" counts the finished replies' tokens and their decode speed (it was blank)
+    assert engine["tokens_since_attach"] >= data["reply"]["tokens"] > 0
+    assert engine["decode_tok_s_since_attach"] > 0
+    tokens_row = next(line for line in panel.splitlines() if line.startswith("| tokens |"))
+    assert tokens_row.rstrip(" |").split("|")[-1].strip() == str(engine["tokens_since_attach"])
+    speed_row = next(line for line in panel.splitlines() if line.startswith("| decode speed |"))
+    assert speed_row.rstrip(" |").split("|")[-1].strip().endswith("tok/s")
 
 
 def test_reload_with_new_lookahead(client, france_chat: list[tuple]) -> None:

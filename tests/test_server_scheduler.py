@@ -59,15 +59,17 @@ def test_concurrent_greedy_requests_match_their_solo_output_and_share_steps(serv
 def test_overload_is_a_429_in_each_clients_format(server_model):  # noqa: F811
     # Its own scheduler (idle otherwise: the tests run one at a time) that accepts one request.
     srv = ServerThread(create_app(server_model, ServerSettings(model_name="busy", max_pending=1)))
+    # Built before the slot is taken: under load, building it took long enough for the held
+    # generation to reach its end (EOS) first. A counting prompt keeps greedy decoding going.
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
     try:
-        body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 200}}
-        with requests.post(f"{srv.url}/generate_stream", json=body, stream=True, timeout=60) as held:
+        body = {"inputs": "Count from 1 to 500: 1, 2, 3, 4,", "parameters": {"max_new_tokens": 400}}
+        with requests.post(f"{srv.url}/generate_stream", json=body, stream=True, timeout=120) as held:
             next(held.iter_lines())  # the one slot is taken while this stream is open
+            with pytest.raises(openai.RateLimitError):
+                client.completions.create(model="x", prompt="Hi", max_tokens=1)
             r = requests.post(f"{srv.url}/generate", json={"inputs": "Hi"}, timeout=30)
             assert r.status_code == 429
             assert isinstance(text_generation.errors.parse_error(429, r.json()), text_generation.errors.OverloadedError)
-            client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
-            with pytest.raises(openai.RateLimitError):
-                client.completions.create(model="x", prompt="Hi", max_tokens=1)
     finally:
         srv.stop()

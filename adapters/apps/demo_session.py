@@ -177,6 +177,9 @@ class DemoSession:
         self._lock = threading.Lock()
         self._engine = tm.engine  # still readable while `reconfigure` has the model detached
         self._placement = tm.stats()  # refreshed whenever no generation runs
+        # finished replies since the engine was attached: tokens, decode steps and their seconds
+        self._tokens = self._decode_steps = 0
+        self._decode_s = 0.0
 
     @classmethod
     def load(cls, model: str | os.PathLike[str] | None, config: TorusConfig) -> "DemoSession":
@@ -204,6 +207,12 @@ class DemoSession:
         """Counters since the engine was attached, safe to read at any time."""
         return Counters.peek(self._engine)
 
+    def generated(self) -> tuple[int, float | None]:
+        """(tokens of the replies finished since attach, their decode tok/s overall, None before
+        any reply had two tokens): the "since attach" column's tokens and speed."""
+        speed = self._decode_steps / self._decode_s if self._decode_s > 0 else None
+        return self._tokens, speed
+
     # ------------------------------------------------------------------ chat
     def reply(self, messages: Sequence[dict[str, str]], max_new_tokens: int = 128) -> Iterator[tuple[str, ReplyStats]]:
         """Yield (reply so far, stats so far) as text arrives; the last item has the final stats.
@@ -221,6 +230,10 @@ class DemoSession:
                     yield text, meter.read()
             self._placement = tm.stats()
             final = meter.read(Counters.of(self._placement))
+            self._tokens += final.tokens
+            if final.decode_tok_s:
+                self._decode_steps += final.tokens - 1
+                self._decode_s += (final.tokens - 1) / final.decode_tok_s
         yield text, final
 
     # ------------------------------------------------------------------ settings
@@ -252,6 +265,8 @@ class DemoSession:
                 self.tm = TorusModel(model, tokenizer)
                 self._engine = self.tm.engine
                 self._placement = self.tm.stats()
+                self._tokens = self._decode_steps = 0  # a new engine: "since attach" starts over
+                self._decode_s = 0.0
             return self._placement
         finally:
             self._lock.release()

@@ -55,8 +55,15 @@ def _rate(c: Counters) -> str:
     return f"{c.hit_rate:.1%} ({c.hits}/{total})" if total else "—"
 
 
-def render_panel(placement: EngineStats, totals: Counters, reply: ReplyStats | None, running: bool) -> str:
-    """The stats panel as Markdown."""
+def render_panel(
+    placement: EngineStats,
+    totals: Counters,
+    reply: ReplyStats | None,
+    running: bool,
+    generated: tuple[int, float | None] = (0, None),
+) -> str:
+    """The stats panel as Markdown. `generated`: tokens and decode tok/s of the replies finished
+    since attach (`DemoSession.generated`)."""
     p = placement
     head = f"**Engine** · transport `{p.transport}` on `{p.device}` · lookahead {p.lookahead}"
     if p.streamed_layers == 0 and p.transport == "zero-copy":
@@ -82,8 +89,12 @@ def render_panel(placement: EngineStats, totals: Counters, reply: ReplyStats | N
         return value if value is not None else "—"
 
     rows = [
-        ("tokens", cell(str(r.tokens) if r else None), ""),
-        ("decode speed", cell(f"{r.decode_tok_s:.1f} tok/s" if r and r.decode_tok_s else None), ""),
+        ("tokens", cell(str(r.tokens) if r else None), str(generated[0])),
+        (
+            "decode speed",
+            cell(f"{r.decode_tok_s:.1f} tok/s" if r and r.decode_tok_s else None),
+            cell(f"{generated[1]:.1f} tok/s" if generated[1] else None),
+        ),
         ("first token", cell(f"{r.first_token_s:.2f} s" if r and r.first_token_s is not None else None), ""),
         ("streamed host→device", cell(format_bytes(rc.bytes_moved) if rc else None), format_bytes(totals.bytes_moved)),
         ("hit rate", cell(_rate(rc) if rc else None), _rate(totals)),
@@ -94,7 +105,12 @@ def render_panel(placement: EngineStats, totals: Counters, reply: ReplyStats | N
 
 
 def stats_dict(
-    config: TorusConfig, placement: EngineStats, totals: Counters, reply: ReplyStats | None, running: bool
+    config: TorusConfig,
+    placement: EngineStats,
+    totals: Counters,
+    reply: ReplyStats | None,
+    running: bool,
+    generated: tuple[int, float | None] = (0, None),
 ) -> dict[str, Any]:
     """The panel's numbers as JSON (what `/stats` and `/chat` return to API clients)."""
     engine = placement.as_dict()
@@ -106,6 +122,8 @@ def stats_dict(
         hit_rate=totals.hit_rate,
         bytes_moved=totals.bytes_moved,
         stall_s=totals.stall_s,
+        tokens_since_attach=generated[0],
+        decode_tok_s_since_attach=generated[1],
     )
     return {"engine": engine, "reply": reply.as_dict() if reply else None, "running": running}
 
@@ -129,9 +147,10 @@ def build_demo(session: DemoSession, budget: BudgetRange, title: str = "SmolLM2-
 
     def snapshot(running: bool = False) -> tuple[str, dict[str, Any]]:
         placement, totals, reply = session.placement(), session.totals(), state["reply"]
+        generated = session.generated()
         return (
-            render_panel(placement, totals, reply, running),
-            _with_range(stats_dict(session.config, placement, totals, reply, running), budget),
+            render_panel(placement, totals, reply, running, generated),
+            _with_range(stats_dict(session.config, placement, totals, reply, running, generated), budget),
         )
 
     def chat(message: str, history: list[dict[str, Any]], max_new_tokens: float):
@@ -275,7 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="device budget, e.g. 550MiB (default: halfway between streaming every FFN layer and none)",
     )
     p.add_argument(
-        "--lookahead", type=int, default=TorusConfig().lookahead, help="FFN layers copied ahead of compute (default %(default)s)"
+        "--lookahead",
+        type=int,
+        default=TorusConfig().lookahead,
+        help="FFN layers copied ahead of compute (default %(default)s)",
     )
     p.add_argument("--transport", help="auto, copy, zero-copy, … (default: auto on a GPU, copy on the CPU)")
     return p
