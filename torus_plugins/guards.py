@@ -48,11 +48,18 @@ class PassLock:
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
 
-    def install(self, modules: list[nn.Module]) -> list["_ForwardWrap"]:
+    def install(self, modules: list[nn.Module]) -> list[ForwardOverride]:
         """Hold the lock around each module's `forward` (try/finally: released whatever the pass
         raises, KeyboardInterrupt included, which forward hooks would miss). Returns handles
         whose `remove()` puts the original `forward` back."""
-        return [_ForwardWrap(m, self) for m in modules]
+        return [ForwardOverride(m, self._locked) for m in modules]
+
+    def _locked(self, inner: Any, *args: Any, **kwargs: Any) -> Any:
+        self.enter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            self.exit()
 
     def enter(self) -> None:
         self._lock.acquire()
@@ -80,22 +87,20 @@ def _unpack(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class _ForwardWrap:
-    """`module.forward` replaced by the same call under the pass lock (an instance attribute, as
-    accelerate's hooks do; `functools.wraps` keeps the signature `generate()` inspects)."""
+class ForwardOverride:
+    """`module.forward` replaced by fn(inner, *args, **kwargs), `inner` being the forward it
+    replaced (an instance attribute, as accelerate's hooks do; `functools.wraps` keeps the
+    signature `generate()` inspects). `remove()` puts the original back. The pass lock wraps
+    forwards with it, and so does the host placement (`host_compute.dense`)."""
 
-    def __init__(self, module: nn.Module, lock: PassLock) -> None:
+    def __init__(self, module: nn.Module, fn: Any) -> None:
         self.module = module
         self._had_own = "forward" in module.__dict__
         inner = module.forward
 
         @functools.wraps(inner)
         def forward(*args: Any, **kwargs: Any) -> Any:
-            lock.enter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                lock.exit()
+            return fn(inner, *args, **kwargs)
 
         self.wrapper = forward
         module.forward = forward  # type: ignore[method-assign]
@@ -108,7 +113,9 @@ class _ForwardWrap:
                 del self.module.forward
 
 
-def lock_points(model: nn.Module, sites: list[tuple[nn.Module, nn.Module]], expert_modules: list[nn.Module]) -> list[nn.Module]:
+def lock_points(
+    model: nn.Module, sites: list[tuple[nn.Module, nn.Module]], expert_modules: list[nn.Module]
+) -> list[nn.Module]:
     """The modules whose forward holds the pass lock: the model; for each streamed site the
     closest module whose forward runs both its entry's pre-hook and its exit's hook (the parent of
     an FFN module, e.g. the decoder layer; the common ancestor of OPT's fc1 and fc2); each experts

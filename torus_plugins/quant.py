@@ -159,25 +159,35 @@ def quantize(
     return _quantize_int4(w, group_size, refine)
 
 
+def int4_codes(q: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int4 layout decoded: (codes uint8 [rows, cols] in 0..15, step and offset float32
+    [rows, groups]), so that w = codes * step - offset within each group (see the module docstring).
+    The streamed dequantizer and the host's packed kernel layout both start from these."""
+    rows, half = q.shape
+    cols = half * 2
+    groups = 2 * (meta.shape[1] - 4) // 3
+    dd = meta[:, :4].contiguous().view(torch.float16).to(torch.float32)  # [rows, (d, dmin)]
+    codes = meta[:, 4:]
+    if groups % 2:
+        codes = torch.cat((codes, codes.new_zeros(rows, 1)), dim=1)
+    b = codes.reshape(rows, -1, 3).to(torch.int32)
+    v = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+    sc = torch.stack((v & 63, (v >> 12) & 63), dim=-1).view(rows, -1)[:, :groups]
+    mn = torch.stack(((v >> 6) & 63, (v >> 18) & 63), dim=-1).view(rows, -1)[:, :groups]
+    step = dd[:, 0:1] * sc.to(torch.float32)
+    offset = dd[:, 1:2] * mn.to(torch.float32)
+    nib = torch.stack((q & 0xF, q >> 4), dim=-1).view(rows, cols)
+    return nib, step, offset
+
+
 def dequantize_into(dst: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mode: str) -> None:
     """Write the dequantized weight into `dst` (original dtype, shape and strides)."""
     if mode == "int8":
         w = q.to(torch.float32) * scale[:, None]
     else:
-        rows, half = q.shape
-        cols = half * 2
-        groups = 2 * (scale.shape[1] - 4) // 3
-        dd = scale[:, :4].contiguous().view(torch.float16).to(torch.float32)  # [rows, (d, dmin)]
-        codes = scale[:, 4:]
-        if groups % 2:
-            codes = torch.cat((codes, codes.new_zeros(rows, 1)), dim=1)
-        b = codes.reshape(rows, -1, 3).to(torch.int32)
-        v = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
-        sc = torch.stack((v & 63, (v >> 12) & 63), dim=-1).view(rows, -1)[:, :groups]
-        mn = torch.stack(((v >> 6) & 63, (v >> 18) & 63), dim=-1).view(rows, -1)[:, :groups]
-        step = dd[:, 0:1] * sc.to(torch.float32)
-        offset = dd[:, 1:2] * mn.to(torch.float32)
-        nib = torch.stack((q & 0xF, q >> 4), dim=-1).view(rows, groups, cols // groups).to(torch.float32)
+        codes, step, offset = int4_codes(q, scale)
+        rows, cols = codes.shape
+        nib = codes.view(rows, step.shape[1], -1).to(torch.float32)
         w = (nib * step[..., None] - offset[..., None]).view(rows, cols)
     dst.copy_(w)
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..guards import check_traceable_call
+from ..guards import ForwardOverride, check_traceable_call
 from .kernels import HostComputeError, HostLinearMode, HostWeight, stored_weight
 from .split import Cut, find_cut
 from .twin import host_twin
@@ -89,7 +89,7 @@ class HostLayers:
         self.counters: dict[int, HostCounters] = {}
         self.worker = HostWorker()
         self.streamer: Any = None
-        self._wraps: list[_Override] = []
+        self._wraps: list[ForwardOverride] = []
         self.force_stream = False  # `verify`'s reference path
         #: layers the plan put on the host that cannot compute there (why): they stream
         self.refused: dict[int, str] = {}
@@ -171,10 +171,10 @@ class HostLayers:
             units[i] = hl.share_unit
         return units
 
-    def install(self, sites: Sequence[Any], streamer: Any) -> list["_Override"]:
+    def install(self, sites: Sequence[Any], streamer: Any) -> list[ForwardOverride]:
         self.streamer = streamer
         for i in self.layers:
-            self._wraps.append(_Override(sites[i].entry, functools.partial(self._forward, i)))
+            self._wraps.append(ForwardOverride(sites[i].entry, functools.partial(self._forward, i)))
         return list(self._wraps)
 
     # ------------------------------------------------------------------ hot path
@@ -265,27 +265,3 @@ class HostLayers:
         self._wraps.clear()
         self.worker.close()
         self.layers.clear()
-
-
-class _Override:
-    """`module.forward` replaced by fn(inner, *args, **kwargs) (an instance attribute, like the pass
-    lock's wrapper; `functools.wraps` keeps the signature callers inspect)."""
-
-    def __init__(self, module: nn.Module, fn: Any) -> None:
-        self.module = module
-        self._had_own = "forward" in module.__dict__
-        inner = module.forward
-
-        @functools.wraps(inner)
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return fn(inner, *args, **kwargs)
-
-        self.wrapper = forward
-        module.forward = forward  # type: ignore[method-assign]
-
-    def remove(self) -> None:
-        if self.module.__dict__.get("forward") is self.wrapper:
-            if self._had_own:
-                self.module.forward = self.wrapper.__wrapped__  # type: ignore[attr-defined,method-assign]
-            else:
-                del self.module.forward

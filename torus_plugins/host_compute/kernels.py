@@ -82,24 +82,6 @@ def raw_weight(w: torch.Tensor) -> HostWeight:
     return HostWeight("raw", tuple(w.shape), w.dtype, (w,))  # type: ignore[arg-type]
 
 
-def _int4_codes(q: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes int32 [rows, cols], step [rows, groups], offset [rows, groups]) of `quant`'s int4 layout:
-    w = codes * step - offset."""
-    rows, half = q.shape
-    cols = half * 2
-    groups = 2 * (meta.shape[1] - 4) // 3
-    dd = meta[:, :4].contiguous().view(torch.float16).to(torch.float32)
-    codes = meta[:, 4:]
-    if groups % 2:
-        codes = torch.cat((codes, codes.new_zeros(rows, 1)), dim=1)
-    b = codes.reshape(rows, -1, 3).to(torch.int32)
-    v = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
-    sc = torch.stack((v & 63, (v >> 12) & 63), dim=-1).view(rows, -1)[:, :groups]
-    mn = torch.stack(((v >> 6) & 63, (v >> 18) & 63), dim=-1).view(rows, -1)[:, :groups]
-    nib = torch.stack((q & 0xF, q >> 4), dim=-1).view(rows, cols).to(torch.int32)
-    return nib, dd[:, 0:1] * sc.to(torch.float32), dd[:, 1:2] * mn.to(torch.float32)
-
-
 def quantized_weight(
     w: torch.Tensor, mode: str, group_size: int, kernel: str, act_dtype: torch.dtype | None, refine: bool = True
 ) -> HostWeight:
@@ -129,7 +111,8 @@ def stored_weight(
             act = act_dtype or dtype
             return HostWeight("int8pack", shape, dtype, (qs, ss.to(act)), act, mode=mode)
         return HostWeight("dequantize", shape, dtype, (qs, ss), mode=mode)
-    codes, step, offset = _int4_codes(q, scale)
+    codes, step, offset = quantization.int4_codes(q, scale)
+    codes = codes.to(torch.int32)
     g = codes.shape[1] // step.shape[1]
     start = cols.start or 0
     stop = codes.shape[1] if cols.stop is None else cols.stop

@@ -309,5 +309,3 @@ def train_predictor(
         "train": {"predictor": evaluate_predictor(net, traces, eval_train)},
     }
     return net, report
-
-
