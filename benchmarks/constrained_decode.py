@@ -28,7 +28,6 @@ import argparse
 import importlib.metadata as md
 import json
 import os
-import socket
 import statistics
 import threading
 import time
@@ -349,26 +348,6 @@ PROMPTS = [
 ]
 
 
-class Server:
-    """uvicorn serving the app on 127.0.0.1:<free port> in a daemon thread."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 class StepTimer:
     """Times the scheduler's decode steps (the model's forward pass and the per-row choice, masks
     included), so prefill and HTTP are left out: decode tok/s = rows decoded / time in decode steps."""
@@ -428,7 +407,7 @@ def measure_server(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict
 
     tm = TorusModel.from_pretrained(None, TorusConfig(transport="copy", resident_layers=0), show_progress=False)
     app = create_app(tm, ServerSettings(model_name="smollm2", max_batch_size=8))
-    server = Server(app)
+    server = harness.Server(app)
     try:
         timer = StepTimer(app.state.service.scheduler)
         for name in SCENARIOS:  # warm-up: the grammar tokenizer, each route

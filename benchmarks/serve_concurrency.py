@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import threading
 import time
@@ -55,26 +54,6 @@ PROMPTS = [
     "The city woke up slowly that morning, and",
     "Learning a new language as an adult is",
 ]
-
-
-class Server:
-    """uvicorn serving the app on 127.0.0.1:<free port> in a daemon thread."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 def run_level(url: str, clients: int, n_requests: int, tokens: int) -> dict[str, Any]:
@@ -203,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     config = TorusConfig(transport=args.transport, resident_layers=args.resident_layers)
     tm = TorusModel.from_pretrained(None, config, show_progress=False)
     app = create_app(tm, ServerSettings(model_name="smollm2", max_batch_size=max(LEVELS)))
-    server = Server(app)
+    server = harness.Server(app)
     try:
         rounds = measure_rounds(tm, app, server.url, args)
     finally:

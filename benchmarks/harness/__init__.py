@@ -8,6 +8,7 @@ Scripts run as `python benchmarks/<script>.py`, so this folder's parent is on `s
 - `timing`: the step clock, one timed greedy `generate()`, medians, rotated rounds, the time guard;
 - `workload`: the embedded model loaded into ordinary memory, the chat prompt;
 - `report`: rich tables, PASS/FAIL, byte sizes, timestamped log lines;
+- `serve`: a real uvicorn server on a free 127.0.0.1 port, in a thread (the serving benchmarks');
 - `device`: CUDA sync and memory helpers, the pinned host->device bandwidth probe, random bf16
   models built without a float32 pass (the GPU checks').
 
@@ -48,6 +49,7 @@ from .record import (  # noqa: E402
     write_json,
 )
 from .report import fmt_bytes, log, pass_fail, show, table  # noqa: E402
+from .serve import Server  # noqa: E402
 from .timing import Generation, StepClock, TimeGuard, generate_once, median, rotated, timed_generate  # noqa: E402
 from .workload import SKY_MESSAGES, chat_prompt, load_in_memory  # noqa: E402
 
@@ -57,6 +59,7 @@ __all__ = [
     "RESULTS",
     "SCRATCH",
     "SKY_MESSAGES",
+    "Server",
     "Generation",
     "Run",
     "StepClock",
