@@ -352,3 +352,16 @@ def test_plan_forecasts_the_hybrid_split_the_engine_uses(smollm2_path: str) -> N
 
     b = plan.streamed_bytes_per_token // 4
     assert host_rows(balanced_share(f.costs, b, b), 1536, 16) == f.rows
+
+
+def test_host_threads_apply_while_attached_and_are_restored() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # whatever the suite runs with, so the restore is visible
+    try:
+        model = wide_llama()
+        tp.attach(model, transport="copy", resident_layers=0, host_compute="all", host_max_tokens=1, host_threads=1)
+        assert torch.get_num_threads() == 1
+        tp.detach(model)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
