@@ -162,7 +162,8 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[Choi
     logits = logits.float()
     dists = torch.log_softmax(logits, dim=-1)
     ids = torch.argmax(logits, dim=-1).tolist()  # host sync: one for the whole batch
-    own: dict[int, torch.Tensor] = {}  # rows whose distribution is not the raw one
+    own: dict[int, torch.Tensor] = {}  # rows whose distribution is not the raw one, when alternatives are asked
+    own_chosen: dict[int, torch.Tensor] = {}  # ... and otherwise only the chosen token's log-probability
     for i, row in enumerate(rows):
         if not row.plain:
             try:
@@ -170,17 +171,24 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[Choi
             except ConstraintViolated as exc:  # this row ends with an error; the others go on
                 row.failure, x = str(exc), logits[i]
             ids[i] = row.pick(x)  # host sync per adjusted row
-            own[i] = torch.log_softmax(x, dim=-1)
+            if row.top_logprobs:
+                own[i] = torch.log_softmax(x, dim=-1)
+            else:  # the same value as log_softmax(x)[id], without writing a vocabulary-sized row
+                own_chosen[i] = x[ids[i]] - torch.logsumexp(x, dim=-1)
     if own:
         dists = torch.stack([own.get(i, dists[i]) for i in range(len(rows))])
-    chosen = dists.gather(1, torch.tensor(ids, device=dists.device)[:, None]).squeeze(1).tolist()  # host sync
+    chosen = dists.gather(1, torch.tensor(ids, device=dists.device)[:, None]).squeeze(1)
+    if own_chosen:
+        rows_ = torch.tensor(list(own_chosen), device=dists.device)
+        chosen = chosen.index_put((rows_,), torch.stack(list(own_chosen.values())))
+    chosen_values = chosen.tolist()  # host sync
     out: list[Choice] = []
     for i, row in enumerate(rows):
         top: tuple[tuple[int, float], ...] = ()
         if row.top_logprobs:
             values, indices = torch.topk(dists[i], row.top_logprobs)
             top = tuple(zip(indices.tolist(), values.tolist()))
-        out.append(Choice(ids[i], chosen[i], top))
+        out.append(Choice(ids[i], chosen_values[i], top))
         row.record(ids[i])
         if row.constraint is not None and row.failure is None:
             try:
