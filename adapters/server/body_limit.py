@@ -4,6 +4,11 @@ seconds with 408, before any route parses them.
 The body is read here (at most `limit` bytes are ever held) and replayed to the app; after the
 replay, `receive` passes through, so routes still see the client's disconnect. (uvicorn has no
 body timeout of its own: a client could otherwise hold a request open forever, a byte at a time.)
+
+A body somewhat over the limit (up to `drain` bytes) is read to its end and discarded before the
+413 goes out: a client still sending when the server answers and closes sees its connection
+reset instead of the 413 (the openai client then reports a connection error and retries). Larger
+bodies are refused at once.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ from .errors import ApiError, error_response
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, limit: int, timeout: float = 30.0) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout: float = 30.0, drain: int | None = None) -> None:
         self.app = app
         self.limit = limit
         self.timeout = timeout
+        #: bodies up to this size are read to their end (and dropped) before the 413
+        self.drain = max(4 * limit, 1 << 20) if drain is None else drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -32,6 +39,8 @@ class BodyLimitMiddleware:
                 await self._refuse(scope, receive, send, ApiError(400, "the Content-Length header is not a number"))
                 return
             if size > self.limit:
+                if size <= self.drain:
+                    await self._discard(receive, size)
                 await self._refuse(scope, receive, send, self._too_large(size))
                 return
         body = bytearray()
@@ -48,6 +57,7 @@ class BodyLimitMiddleware:
                 if not message.get("more_body", False):
                     break
         if too_large:
+            await self._discard(receive, self.drain - len(body))
             await self._refuse(scope, receive, send, self._too_large(None))
             return
         if late.cancelled_caught:
@@ -69,6 +79,17 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _discard(self, receive: Receive, budget: int) -> None:
+        """Read and drop the rest of a refused body: at most `budget` bytes, within the timeout."""
+        with anyio.move_on_after(self.timeout):
+            while budget > 0:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                budget -= len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
 
     def _too_large(self, size: int | None) -> ApiError:
         got = f" ({size} bytes)" if size is not None else ""
