@@ -19,6 +19,7 @@ model cannot wander into endless newlines and the text looks like `json.dumps` o
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import weakref
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from typing import Any
 import torch
 
 from .errors import bad_request
+
+log = logging.getLogger(__name__)
 
 #: How JSON is laid out under a grammar (llguidance's JSON compiler options).
 JSON_LAYOUT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
@@ -54,7 +57,15 @@ class Grammars:
         self._hf_tokenizer = tokenizer
         self.vocab_size = vocab_size
         if warm:
-            threading.Thread(target=lambda: self.tokenizer, name="torus-serve-grammar-warmup", daemon=True).start()
+            threading.Thread(target=self._warm, name="torus-serve-grammar-warmup", daemon=True).start()
+
+    def _warm(self) -> None:
+        """Build llguidance's tokenizer and compute one mask, so the first constrained request finds
+        everything ready."""
+        try:
+            self.start(self.json_object()).mask(torch.zeros(self.vocab_size))
+        except Exception:  # a warm-up only: the first real request reports any real problem
+            log.debug("grammar warm-up failed", exc_info=True)
 
     @property
     def tokenizer(self) -> Any:
@@ -133,7 +144,7 @@ class Constraint:
         if self.matcher.is_error():
             raise ConstraintViolated(self.matcher.get_error())
         row = logits[None, : self.vocab_size].clone()
-        self._torch.apply_token_bitmask_inplace(row, self._bitmask.to(row.device))
+        row.masked_fill_(~allowed_tokens(self._bitmask, self.vocab_size).to(row.device), float("-inf"))
         if logits.numel() > self.vocab_size:  # padding columns of the head: never a token
             row = torch.cat([row, row.new_full((1, logits.numel() - self.vocab_size), float("-inf"))], dim=1)
         return row[0]
@@ -146,6 +157,18 @@ class Constraint:
     def done(self) -> bool:
         """The grammar is complete and allows nothing more: the reply ends here."""
         return self.matcher.is_stopped()
+
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """llguidance's token bitmask ([1, ceil(vocab / 32)] int32, bit b of word w = token 32 w + b) as
+    a bool vector over the vocabulary. Plain torch ops: llguidance's own `apply_token_bitmask_inplace`
+    is a `torch.compile`d kernel, whose first call compiles for seconds (stalling the batch), needs a
+    C++ compiler, and while it compiles `torch.compiler.is_compiling()` reads True in every thread,
+    which the engine's guard against compiled streamed layers then refuses."""
+    return ((bitmask[0, :, None] >> _BITS) & 1).bool().view(-1)[:vocab_size]
 
 
 def _first_lines(text: str, lines: int = 3) -> str:
