@@ -365,3 +365,16 @@ def test_host_threads_apply_while_attached_and_are_restored() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_split_layers_under_inference_mode_match_no_grad() -> None:
+    """The worker thread is not in inference mode when the caller is: its share must still compute
+    (on inference tensors, autograd off) and sum to the same logits."""
+    model = wide_llama()
+    tp.attach(model, transport="copy", resident_layers=0, host_compute="auto", host_share=0.5, host_max_tokens=64)
+    with torch.no_grad():
+        ref = model(PROMPT[:, :1]).logits
+    with torch.inference_mode():
+        got = model(PROMPT[:, :1]).logits
+    assert torch.equal(got, ref)
+    tp.detach(model)
