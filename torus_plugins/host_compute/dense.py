@@ -47,7 +47,6 @@ class HostLayer:
     mode: HostLinearMode | None
     share_unit: int | None = None  # the device share's unit in the host store (split layers)
     share_tensors: list[tuple[str, torch.Tensor]] = field(default_factory=list)
-    host_bytes: int = 0
 
     @property
     def whole(self) -> bool:
@@ -127,7 +126,6 @@ class HostLayers:
         stored = packed.transfer.views(buffer)
         compute = packed.compute.views(buffer) if not packed.quantized else None
         weights: dict[int, HostWeight] = {}
-        nbytes = 0
         for k, (f, (mode, ti, si)) in enumerate(zip(fresh, packed.recipe)):
             dim = cut.dims[k] if cut is not None else None
             if dim == -1:  # the output bias: added once, by the device share
@@ -150,13 +148,12 @@ class HostLayers:
             )
             f.data = torch.zeros((), dtype=f.dtype).expand(hw.shape)  # memory-free: the mode computes
             weights[id(f)] = hw
-            nbytes += hw.nbytes
         share: list[tuple[str, torch.Tensor]] = []
         if cut is not None:
             device_part = cut.share([p.data for p in params], 0, start, device_share=True)
             share = [(n + ".share", t.detach().to("cpu").clone()) for n, t in zip(names, device_part)]
         mode_ = HostLinearMode(weights) if weights else None
-        self.layers[i] = HostLayer(i, rows, inter, hidden, twin, mode_, share_tensors=share, host_bytes=nbytes)
+        self.layers[i] = HostLayer(i, rows, inter, hidden, twin, mode_, share_tensors=share)
         self.counters[i] = HostCounters()
 
     def add_share_units(self, store: Any) -> dict[int, int | None]:
