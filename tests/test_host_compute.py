@@ -9,6 +9,9 @@ projection's sum; quantized kernels round activations to bf16).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -18,6 +21,7 @@ from conftest import TINY_CONFIGS, TINY_MOE_CONFIGS, build_tiny
 
 import torus_plugins as tp
 from torus_plugins.errors import ConfigError
+from torus_plugins.host_compute import native
 from torus_plugins.host_compute.kernels import HostComputeError, quantized_weight, stored_weight
 from torus_plugins.host_compute.placement import tolerance
 from torus_plugins.planning.host_split import HostCosts, balanced_share, host_rows, max_host_tokens, predict
@@ -220,6 +224,96 @@ def test_stored_int4_host_weight_holds_the_streamed_codes() -> None:
     q8, s8 = quantize(w, "int8", 32)
     xs = torch.randn(2, 128)
     assert relative(i8.linear(xs), xs @ (q8.float() * s8[:, None]).T) < 1e-5
+
+
+needs_native = pytest.mark.skipif(native.unavailable() is not None, reason=str(native.unavailable()))
+
+
+@needs_native
+def test_native_int4_kernel_computes_the_stored_codes() -> None:
+    torch.manual_seed(2)
+    w = torch.randn(50, 128)  # 50 rows: the layout pads the last 16-row block
+    q, meta = quantize(w, "int4", 32)
+    deq = torch.empty_like(w)
+    dequantize_into(deq, q, meta, "int4")
+    for cols in (slice(None), slice(64, None), slice(0, 32)):
+        hw = stored_weight(q, meta, "int4", "int4native", None, torch.float32, cols=cols)
+        assert hw.kernel == "int4native"
+        xs = torch.randn(3, deq[:, cols].shape[1]) * torch.tensor([1e-3, 1.0, 1e3])[:, None]
+        got, want = hw.linear(xs), xs @ deq[:, cols].T
+        # activations rounded to two int8 levels per group (q4_linear.c): about fp16's precision
+        for g, r in zip(got, want):
+            assert relative(g, r) < 2e-4
+        # the portable C path sums in the same order as the AVX-512 VNNI one: bit for bit
+        portable = native.q4_linear(xs, hw.tensors, hw.shape[0], hw.group, vnni=False)
+        assert torch.equal(portable, got)
+        assert torch.equal(hw.linear(torch.zeros_like(xs)), torch.zeros(3, 50))
+        one_thread = native.q4_linear(xs, hw.tensors, hw.shape[0], hw.group, threads=1)
+        assert torch.equal(one_thread, got)
+
+
+@needs_native
+def test_native_kernel_runs_whole_and_split_int4_layers() -> None:
+    """Against the same stored codes dequantized exactly (host_kernel="dequantize"): what is left
+    is the kernel's activation rounding, well inside the int4 bound the attach-time proof uses."""
+    base = dict(transport="copy", resident_layers=0, weight_quant="int4", host_max_tokens=1)
+    for extra in ({"host_compute": "all"}, {"host_compute": "auto", "host_share": 0.5}):
+        # fresh copies of one model: both engines quantize the same weights into the same codes
+        model = wide_llama()
+        tp.attach(model, **base, **extra, host_kernel="dequantize")
+        ref_logits, ref_tokens = decode_logits(model), greedy(model)
+        tp.detach(model)
+        model = wide_llama()
+        engine = tp.attach(model, **base, **extra, host_kernel="native")
+        assert engine.host_plan.kernel == "int4native"
+        assert relative(decode_logits(model), ref_logits) < 1e-3
+        assert torch.equal(greedy(model), ref_tokens)
+        assert engine.stats().host_calls > 0
+        tp.detach(model)
+
+
+@needs_native
+def test_native_kernel_computes_moe_host_experts() -> None:
+    base = dict(transport="copy", moe_cache_experts=8, weight_quant="int4", host_compute="all", host_max_tokens=1)
+    model = build_tiny("mixtral")
+    tp.attach(model, **base, host_kernel="dequantize")
+    ref = decode_logits(model)
+    tp.detach(model)
+    model = build_tiny("mixtral")
+    engine = tp.attach(model, **base, host_kernel="native")
+    assert relative(decode_logits(model), ref) < 1e-3
+    assert engine.stats().host_calls > 0
+    tp.detach(model)
+
+
+def test_native_kernel_refusals(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="int4 weights only.*weight_quant='int8'"):
+        tp.attach(wide_llama(), transport="copy", resident_layers=0, weight_quant="int8", host_compute="all",
+                  host_max_tokens=1, host_kernel="native")
+    # A machine whose compiler fails: the kernel says why, "auto" falls back to PyTorch's kernels
+    # and "native" is refused (a fresh process: the library is built once per process).
+    script = (
+        "import torus_plugins as tp, transformers as T, torch\n"
+        "from torus_plugins.host_compute import native\n"
+        "print(native.unavailable())\n"
+        "cfg = T.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=128, num_hidden_layers=2,"
+        " num_attention_heads=4, num_key_value_heads=2)\n"
+        "kw = dict(transport='copy', resident_layers=0, weight_quant='int4', host_compute='all', host_max_tokens=1)\n"
+        "e = tp.attach(T.LlamaForCausalLM(cfg).eval(), **kw)\n"
+        "print(e.host_plan.kernel)\n"
+        "try:\n"
+        "    tp.attach(T.LlamaForCausalLM(cfg).eval(), **kw, host_kernel='native')\n"
+        "except tp.ConfigError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    env = {**os.environ, "CC": "false", "TORUS_SPARSE_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0, out.stderr
+    assert lines[0].startswith("the native int4 kernel is unavailable:") and "failed" in lines[0]
+    assert lines[1] in ("int4pack", "dequantize")
+    assert lines[2].startswith("refused: host_kernel='native': the native int4 kernel is unavailable")
+    assert "host_kernel='auto'" in lines[2]
 
 
 # ---------------------------------------------------------------------- MoE experts

@@ -19,7 +19,7 @@ WEIGHT_QUANTS = ("int8", "int4")
 MOE_CACHE_SCOPES = ("shared", "per-layer")
 MOE_EVICTIONS = ("next-use", "lru", "lfu")
 HOST_COMPUTE_MODES = ("off", "auto", "all")
-HOST_KERNELS = ("auto", "packed", "packed-bf16", "dequantize")
+HOST_KERNELS = ("auto", "native", "packed", "packed-bf16", "dequantize")
 
 _UNITS = {
     "": 1,
@@ -169,7 +169,9 @@ class TorusConfig:
             restored at detach). `None`: all cores but one on a CUDA device, so the thread
             feeding the GPU is never starved; unchanged on the CPU.
         host_kernel: how quantized host weights compute: "auto" (the fastest measured on this
-            machine), "packed" (PyTorch's int8/int4 packed CPU kernels, activations in the
+            machine), "native" (int4 only: torus-sparse's own kernel, integer dot products on
+            AVX-512 VNNI, built with the machine's C compiler on first use; activations rounded
+            to about fp16's precision), "packed" (PyTorch's int8/int4 packed CPU kernels, activations in the
             model's dtype), "packed-bf16" (the same kernels with bf16 activations, much faster
             on CPUs without fp32 paths for them) or "dequantize" (dequantize + matmul).
         options: free-form settings for plugins, read by name.

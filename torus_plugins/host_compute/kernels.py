@@ -3,9 +3,11 @@
 A host-placed unit never dequantizes a whole matrix per token (that reads and writes it several
 times): int8 weights go to `aten._weight_int8pack_mm` (per-row scales, the host store's own int8
 bytes), int4 weights to `aten._weight_int4pack_mm_for_cpu` (a second, packed layout of the same codes,
-built once at attach). Both kernels take activations in the scales' dtype; on a CPU without native
-fp32 paths for them the bf16 one is an order of magnitude faster, so the activation dtype is a choice
-the probe makes by timing (`probe.choose_kernels`) and the accuracy bound covers.
+built once at attach), or to our own int4 kernel (`native`: integer dot products, memory-bound at
+a few tokens where PyTorch's is compute-bound; a third layout of the same codes). PyTorch's kernels
+take activations in the scales' dtype; on a CPU without native fp32 paths for them the bf16 one is
+an order of magnitude faster, so the kernel and activation dtype are a choice the probe makes by
+timing (`probe.probe_host`) and the accuracy bound covers.
 
 Modules reach these kernels through `HostLinearMode`: inside it, `F.linear(x, w)` with `w` one of
 the registered parameters computes with the host weight; any other use of such a parameter raises
@@ -23,9 +25,10 @@ from torch.overrides import TorchFunctionMode
 
 from .. import quant as quantization
 from ..errors import TorusError
+from . import native
 
 #: The kernels a host weight can use, by weight format.
-KERNELS = ("raw", "int8pack", "int4pack", "dequantize")
+KERNELS = ("raw", "int8pack", "int4pack", "int4native", "dequantize")
 
 
 class HostComputeError(TorusError, RuntimeError):
@@ -36,9 +39,9 @@ class HostComputeError(TorusError, RuntimeError):
 class HostWeight:
     """One 2-D weight on the host, ready for `linear`.
 
-    kernel: "raw" (the weight as loaded), "int8pack", "int4pack" or "dequantize" (dequantize into
-        a scratch matrix, then matmul: the fallback for shapes the packed kernels refuse); its
-        tensors are (q, scale) for int8 and (codes, step, offset) for int4.
+    kernel: "raw" (the weight as loaded), "int8pack", "int4pack", "int4native" (`native.q4_linear`)
+        or "dequantize" (dequantize into a scratch matrix, then matmul: the fallback for shapes the
+        packed kernels refuse); its tensors are (q, scale) for int8 and (codes, step, offset) for int4.
     act_dtype: the dtype activations are cast to for the packed kernels (None: the input's).
     """
 
@@ -65,6 +68,8 @@ class HostWeight:
         elif self.kernel == "int4pack":
             packed, scale_zeros = self.tensors
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(self.act_dtype), packed, self.group, scale_zeros)
+        elif self.kernel == "int4native":
+            y = native.q4_linear(x2, self.tensors, self.shape[0], self.group)  # type: ignore[arg-type]
         elif self.mode == "int8":
             q, scale = self.tensors
             w = (q.to(torch.float32) * scale[:, None]).to(self.dtype)
@@ -121,6 +126,9 @@ def stored_weight(
     gcols = slice(start // g, stop // g)
     codes, step, offset = codes[rows, cols], step[rows, gcols], offset[rows, gcols]
     shape = (codes.shape[0], codes.shape[1])
+    if kernel == "int4native" and g % 8 == 0:
+        layout = native.q4_layout(codes.to(torch.uint8), step, offset)
+        return HostWeight("int4native", shape, dtype, layout, group=g, mode=mode)
     if kernel == "int4pack" and shape[0] % 16 == 0 and g in (32, 64, 128, 256):
         act = act_dtype or dtype
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .kernels import HostWeight, quantized_weight, raw_weight
 
 
@@ -118,7 +119,8 @@ def candidates(dtype: torch.dtype, quant: str | None) -> list[tuple[str, torch.d
         return [("raw", None)]
     packed = "int8pack" if quant == "int8" else "int4pack"
     acts = [dtype] + ([torch.bfloat16] if dtype == torch.float32 else [])
-    return [(packed, a) for a in acts] + [("dequantize", None)]
+    own = [("int4native", None)] if quant == "int4" and native.unavailable() is None else []
+    return own + [(packed, a) for a in acts] + [("dequantize", None)]
 
 
 def probe_host(

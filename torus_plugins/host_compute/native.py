@@ -1,0 +1,197 @@
+"""The host placement's native int4 kernel (`q4_linear.c`): built on first use, loaded with ctypes.
+
+Why native: at one token PyTorch's packed int4 CPU kernel is compute-bound (0.3-0.57 of the host's
+memory read bandwidth on the 2-core machine this project is built on), and a host-placed FFN's
+token costs its weight bytes read. `q4_linear.c` says how its integer dot products reach the
+memory limit and what its activation rounding costs (about fp16's).
+
+Why built at run time rather than shipped compiled: the project travels as a pure-Python wheel
+across torch builds; the C file needs only a C compiler with OpenMP (gcc's `-fopenmp`), no torch
+headers, and compiles in under a second. The library is cached under
+`$TORUS_SPARSE_CACHE/native` (else `$XDG_CACHE_HOME/torus-sparse/native`, else
+`~/.cache/torus-sparse/native`), named by the hash of source, compiler and flags. Where it cannot be
+built or loaded, `unavailable()` says why and the engine uses PyTorch's kernels (`host_kernel="auto"`)
+or refuses (`host_kernel="native"`). ctypes releases the GIL during the call, so the host worker
+and the calling thread can both compute.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("q4_linear.c")
+#: -ffp-contract=off: the portable path must round exactly as the VNNI one (tests compare them bit for bit).
+FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
+#: Rows per block of the kernel's layout.
+BLOCK_ROWS = 16
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+_vnni = False
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("TORUS_SPARSE_CACHE")
+    if env:
+        return Path(env) / "native"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "torus-sparse" / "native"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or "cc"
+    return shutil.which(cc) or shutil.which("gcc")
+
+
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtime files mapped into this process (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return {
+                line.split()[-1]
+                for line in f
+                if any(n in line for n in ("libgomp", "libiomp", "libomp.so")) and "/" in line
+            }
+    except OSError:
+        return set()
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(
+        "\0".join((SOURCE.read_text(), version, " ".join(FLAGS), platform.machine())).encode()
+    ).hexdigest()[:16]
+    out = cache_dir() / f"q4_linear-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name, then rename: concurrent first uses never load a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise OSError(f"{cc} failed: {(res.stderr or res.stdout).strip()[:500]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found ($CC, cc or gcc): install gcc to build it")
+    torch.ones(2).sum()  # torch's OpenMP runtime is loaded before ours resolves libgomp.so.1
+    before = _openmp_runtimes()
+    lib = ctypes.CDLL(str(_build(cc)))
+    after = _openmp_runtimes()
+    if before and len(after) > len(before):
+        raise OSError(
+            f"it would bring a second OpenMP runtime ({sorted(after - before)}) beside torch's "
+            f"({sorted(before)}); two thread pools on the same cores spin against each other"
+        )
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.torus_q4_linear.argtypes = [p, p, p, i, i, i, p, i, p, i, i]
+    lib.torus_q4_linear.restype = i
+    lib.torus_q4_has_vnni.restype = i
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (see `unavailable`). Built once per process."""
+    global _lib, _error, _vnni
+    if _lib is not None:
+        return _lib
+    with _lock:
+        if _lib is None and _error is None:
+            try:
+                lib = _load()
+                _vnni = bool(lib.torus_q4_has_vnni())
+                _lib = lib
+            except OSError as exc:
+                _error = f"the native int4 kernel is unavailable: {exc}"
+        return _lib
+
+
+def unavailable() -> str | None:
+    """None when the native kernel can run here, else why not."""
+    return None if library() is not None else _error
+
+
+def has_vnni() -> bool:
+    """Whether this CPU runs the AVX-512 VNNI path (else the portable C path, same results)."""
+    return library() is not None and _vnni
+
+
+def q4_layout(
+    codes: torch.Tensor, step: torch.Tensor, offset: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel's layout of an int4 weight (codes uint8 [rows, cols] in 0..15; step, offset
+    float32 [rows, groups]): rows padded to blocks of 16 with zero codes, scales and offsets."""
+    rows, cols = codes.shape
+    groups = step.shape[1]
+    blocks = -(-rows // BLOCK_ROWS)
+    padded = blocks * BLOCK_ROWS
+    c = codes.new_zeros(padded, cols)
+    c[:rows] = codes
+    c = c.view(blocks, BLOCK_ROWS, cols // 8, 8)
+    packed = (c[..., :4] | (c[..., 4:] << 4)).permute(0, 2, 1, 3).contiguous()
+
+    def blocked(t: torch.Tensor) -> torch.Tensor:
+        full = t.new_zeros(padded, groups, dtype=torch.float32)
+        full[:rows] = t
+        return full.view(blocks, BLOCK_ROWS, groups).permute(0, 2, 1).contiguous()
+
+    return packed, blocked(step), blocked(offset)
+
+
+def q4_linear(
+    x: torch.Tensor,
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    rows: int,
+    group: int,
+    threads: int | None = None,
+    vnni: bool | None = None,
+) -> torch.Tensor:
+    """x [tokens, cols] (any float dtype) @ W^T -> float32 [tokens, rows], W in `q4_layout`.
+    `vnni=False` forces the portable path (tests); `threads` defaults to torch's."""
+    lib = _lib or library()
+    if lib is None:
+        raise OSError(_error)
+    packed, step, offset = tensors
+    x = x.to(torch.float32).contiguous()
+    tokens, cols = x.shape
+    y = torch.empty(tokens, rows, dtype=torch.float32)
+    use_vnni = _vnni if vnni is None else (vnni and _vnni)
+    rc = lib.torus_q4_linear(
+        packed.data_ptr(),
+        step.data_ptr(),
+        offset.data_ptr(),
+        rows,
+        cols,
+        group,
+        x.data_ptr(),
+        tokens,
+        y.data_ptr(),
+        threads or torch.get_num_threads(),
+        int(use_vnni),
+    )
+    if rc != 0:
+        raise MemoryError(f"the native int4 kernel could not allocate scratch for {tokens} tokens")
+    return y
+
+
+__all__ = ["BLOCK_ROWS", "cache_dir", "has_vnni", "library", "q4_layout", "q4_linear", "unavailable"]

@@ -1,0 +1,149 @@
+/* int4 weights x fp32 activations, for a few tokens: the host placement's memory-bound kernel.
+ *
+ * Why a kernel of our own: PyTorch's packed int4 CPU kernel is compute-bound at one token (it
+ * reached 0.3-0.57 of the host's memory read bandwidth here, benchmarks/results/host_kernels.json),
+ * while a token's cost is the bytes read. This one does the dot products in integers with AVX-512
+ * VNNI (vpdpbusd: 64 unsigned-byte x signed-byte products per instruction), so it runs at the memory
+ * limit with compute to spare.
+ *
+ * Weights: the host store's int4 layout decoded (quant.int4_codes): w = code * step - offset per
+ * (row, group), code in 0..15. Re-laid once per weight (native.py: q4_layout) in blocks of 16 rows;
+ * within a block, 8 columns make 64 bytes: byte r*4+k holds code[r][c+k] (low nibble) and
+ * code[r][c+4+k] (high nibble); step and offset are laid out [block][group][16].
+ *
+ * Activations: per weight group, x = d * (h + l / 254) with h, l int8 (d = max|x| / 127): two
+ * integer dot products per group instead of one, which keeps the error near fp16's (|x - x~| <=
+ * d / 508 per element) where one int8 level (as llama.cpp's Q8 activations) would be ~1/254.
+ * The offset term uses the exact fp32 sum of x over the group.
+ *
+ * The VNNI path and the portable one sum in the same order, so they give bit-identical results
+ * (tests compare them); integer sums are exact (|sum| <= 15 * 127 * group < 2^24).
+ * Threads: OpenMP over row blocks. native.py loads this after torch, so libgomp.so.1 resolves to
+ * the runtime torch already uses (one thread pool, no two runtimes spinning against each other).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define R 16
+
+static void quantize_act(const float* x, int K, int group, int8_t* hi, int8_t* lo, float* d, float* sum) {
+  for (int g = 0; g < K / group; g++) {
+    const float* xg = x + (size_t)g * group;
+    float amax = 0.f, s = 0.f;
+    for (int i = 0; i < group; i++) {
+      float a = fabsf(xg[i]);
+      amax = a > amax ? a : amax;
+      s += xg[i];
+    }
+    float dg = amax / 127.f;
+    float inv = dg > 0.f ? 1.f / dg : 0.f;
+    for (int i = 0; i < group; i++) {
+      float v = xg[i] * inv;
+      float h = rintf(v);
+      hi[(size_t)g * group + i] = (int8_t)h;
+      lo[(size_t)g * group + i] = (int8_t)rintf((v - h) * 254.f);
+    }
+    d[g] = dg;
+    sum[g] = s;
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void block_vnni(
+    const uint8_t* w, const float* step, const float* off, int K, int group, const int8_t* hi,
+    const int8_t* lo, const float* d, const float* sum, float* out) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512 inv = _mm512_set1_ps(1.f / 254.f);
+  __m512 total = _mm512_setzero_ps();
+  for (int g = 0; g < K / group; g++) {
+    __m512i acc_h = _mm512_setzero_si512(), acc_l = _mm512_setzero_si512();
+    const int32_t* xh = (const int32_t*)(hi + (size_t)g * group);
+    const int32_t* xl = (const int32_t*)(lo + (size_t)g * group);
+    for (int c = 0; c < group / 8; c++, w += 64) {
+      __m512i v = _mm512_loadu_si512((const void*)w);
+      __m512i c0 = _mm512_and_si512(v, m4);
+      __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+      acc_h = _mm512_dpbusd_epi32(acc_h, c0, _mm512_set1_epi32(xh[2 * c]));
+      acc_h = _mm512_dpbusd_epi32(acc_h, c1, _mm512_set1_epi32(xh[2 * c + 1]));
+      acc_l = _mm512_dpbusd_epi32(acc_l, c0, _mm512_set1_epi32(xl[2 * c]));
+      acc_l = _mm512_dpbusd_epi32(acc_l, c1, _mm512_set1_epi32(xl[2 * c + 1]));
+    }
+    __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc_l), inv, _mm512_cvtepi32_ps(acc_h));
+    __m512 sv = _mm512_mul_ps(_mm512_loadu_ps(step + g * R), _mm512_set1_ps(d[g]));
+    total = _mm512_fmadd_ps(a, sv, total);
+    total = _mm512_fnmadd_ps(_mm512_loadu_ps(off + g * R), _mm512_set1_ps(sum[g]), total);
+  }
+  _mm512_storeu_ps(out, total);
+}
+
+static void block_portable(const uint8_t* w, const float* step, const float* off, int K, int group,
+                           const int8_t* hi, const int8_t* lo, const float* d, const float* sum, float* out) {
+  float total[R] = {0};
+  for (int g = 0; g < K / group; g++) {
+    int32_t acc_h[R] = {0}, acc_l[R] = {0};
+    const int8_t* xh = hi + (size_t)g * group;
+    const int8_t* xl = lo + (size_t)g * group;
+    for (int c = 0; c < group / 8; c++, w += 64) {
+      for (int r = 0; r < R; r++) {
+        for (int k = 0; k < 4; k++) {
+          int32_t c0 = w[r * 4 + k] & 15, c1 = w[r * 4 + k] >> 4;
+          acc_h[r] += c0 * xh[8 * c + k] + c1 * xh[8 * c + 4 + k];
+          acc_l[r] += c0 * xl[8 * c + k] + c1 * xl[8 * c + 4 + k];
+        }
+      }
+    }
+    for (int r = 0; r < R; r++) {
+      float a = fmaf((float)acc_l[r], 1.f / 254.f, (float)acc_h[r]);
+      float sv = step[g * R + r] * d[g];
+      total[r] = fmaf(a, sv, total[r]);
+      total[r] = fmaf(-off[g * R + r], sum[g], total[r]);
+    }
+  }
+  memcpy(out, total, sizeof total);
+}
+
+int torus_q4_has_vnni(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+/* y[M][rows] = x[M][K] @ W^T. Returns 0, or -1 when scratch memory could not be allocated. */
+int torus_q4_linear(const uint8_t* w, const float* step, const float* off, int rows, int K, int group,
+                    const float* x, int M, float* y, int threads, int vnni) {
+  int blocks = (rows + R - 1) / R, G = K / group;
+  int8_t* q = malloc((size_t)M * K * 2);
+  float* f = malloc(sizeof(float) * (size_t)M * G * 2);
+  if (!q || !f) {
+    free(q);
+    free(f);
+    return -1;
+  }
+  for (int m = 0; m < M; m++)
+    quantize_act(x + (size_t)m * K, K, group, q + (size_t)m * K, q + (size_t)(M + m) * K, f + (size_t)m * G,
+                 f + (size_t)(M + m) * G);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int b = 0; b < blocks; b++) {
+    const uint8_t* wb = w + (size_t)b * R * K / 2;
+    const float* sb = step + (size_t)b * G * R;
+    const float* ob = off + (size_t)b * G * R;
+    int n = rows - b * R < R ? rows - b * R : R;
+    for (int m = 0; m < M; m++) {
+      float out[R];
+      const int8_t* h = q + (size_t)m * K;
+      const int8_t* l = q + (size_t)(M + m) * K;
+      const float* d = f + (size_t)m * G;
+      const float* s = f + (size_t)(M + m) * G;
+      if (vnni)
+        block_vnni(wb, sb, ob, K, group, h, l, d, s, out);
+      else
+        block_portable(wb, sb, ob, K, group, h, l, d, s, out);
+      memcpy(y + (size_t)m * rows + (size_t)b * R, out, sizeof(float) * n);
+    }
+  }
+  free(q);
+  free(f);
+  return 0;
+}
