@@ -23,7 +23,7 @@ import logging
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -63,7 +63,7 @@ class Grammars:
         """Build llguidance's tokenizer and compute one mask, so the first constrained request finds
         everything ready."""
         try:
-            self.start(self.json_object()).mask(torch.zeros(self.vocab_size))
+            grammar_masks([self.start(self.json_object())], self.vocab_size)
         except Exception:  # a warm-up only: the first real request reports any real problem
             log.debug("grammar warm-up failed", exc_info=True)
 
@@ -124,30 +124,27 @@ class ConstraintViolated(RuntimeError):
 
 
 class Constraint:
-    """One request's grammar state: masks logits, consumes the chosen tokens, knows when it is complete."""
+    """One request's grammar state: fills its row of a batch's token bitmask (`grammar_masks`),
+    consumes the chosen tokens, knows when it is complete."""
 
     def __init__(self, ll_tokenizer: Any, grammar: Grammar, vocab_size: int) -> None:
         import llguidance
-        import llguidance.torch
 
-        self._torch = llguidance.torch
         self.grammar = grammar
         self.matcher = llguidance.LLMatcher(ll_tokenizer, grammar.source, log_level=0)
         if self.matcher.is_error():
             raise ConstraintViolated(self.matcher.get_error())
         self.vocab_size = vocab_size
-        self._bitmask = llguidance.torch.allocate_token_bitmask(1, vocab_size)
 
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """`logits` (one row, float32) with every token the grammar forbids set to -inf (a new tensor)."""
-        self._torch.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
+    def fill(self, bitmask: torch.Tensor, row: int) -> str | None:
+        """Write the tokens the grammar allows next into `bitmask[row]` (int32, CPU, contiguous);
+        return the matcher's error when it cannot go on (the row is then left all-allowed)."""
+        words = bitmask[row]
+        self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
         if self.matcher.is_error():
-            raise ConstraintViolated(self.matcher.get_error())
-        row = logits[None, : self.vocab_size].clone()
-        row.masked_fill_(~allowed_tokens(self._bitmask, self.vocab_size).to(row.device), float("-inf"))
-        if logits.numel() > self.vocab_size:  # padding columns of the head: never a token
-            row = torch.cat([row, row.new_full((1, logits.numel() - self.vocab_size), float("-inf"))], dim=1)
-        return row[0]
+            words.fill_(-1)
+            return self.matcher.get_error()
+        return None
 
     def consume(self, token_id: int) -> None:
         if not self.matcher.consume_token(token_id):
@@ -159,16 +156,33 @@ class Constraint:
         return self.matcher.is_stopped()
 
 
+def grammar_masks(constraints: Sequence[Constraint], width: int) -> tuple[torch.Tensor, list[str | None]]:
+    """The tokens each constraint allows next, as bool [len(constraints), width] (columns past the
+    vocabulary, padding of the LM head, are never allowed), and each row's error (None, or why its
+    grammar cannot go on: that row is then all-allowed). One bitmask for the whole batch, decoded
+    in one set of tensor ops, so a constrained row costs llguidance's own mask and little more.
+    The constraints share one vocabulary (one server's)."""
+    vocab = constraints[0].vocab_size
+    bitmask = torch.empty((len(constraints), (vocab + 31) // 32), dtype=torch.int32)
+    errors = [c.fill(bitmask, i) for i, c in enumerate(constraints)]
+    allowed = allowed_tokens(bitmask, min(vocab, width))
+    if width > vocab:
+        allowed = torch.cat([allowed, allowed.new_zeros(len(constraints), width - vocab)], dim=1)
+    return allowed, errors
+
+
 _BITS = torch.arange(32, dtype=torch.int32)
 
 
 def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """llguidance's token bitmask ([1, ceil(vocab / 32)] int32, bit b of word w = token 32 w + b) as
-    a bool vector over the vocabulary. Plain torch ops: llguidance's own `apply_token_bitmask_inplace`
-    is a `torch.compile`d kernel, whose first call compiles for seconds (stalling the batch), needs a
-    C++ compiler, and while it compiles `torch.compiler.is_compiling()` reads True in every thread,
-    which the engine's guard against compiled streamed layers then refuses."""
-    return ((bitmask[0, :, None] >> _BITS) & 1).bool().view(-1)[:vocab_size]
+    """llguidance's token bitmask ([rows, ceil(vocab / 32)] int32, bit b of word w = token 32 w + b)
+    as bool [rows, vocab_size] ([vocab_size] for a 1-D bitmask). Plain torch ops: llguidance's own
+    `apply_token_bitmask_inplace` is a `torch.compile`d kernel, whose first call compiles for
+    seconds (stalling the batch), needs a C++ compiler, and while it compiles
+    `torch.compiler.is_compiling()` reads True in every thread, which the engine's guard against
+    compiled streamed layers then refuses."""
+    bits = (bitmask[..., None] >> _BITS) & 1
+    return bits.bool().flatten(-2)[..., :vocab_size]
 
 
 def _first_lines(text: str, lines: int = 3) -> str:

@@ -22,7 +22,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .constraints import Constraint, ConstraintViolated
+from .constraints import Constraint, ConstraintViolated, grammar_masks
 
 # Below this, dividing logits by the temperature could overflow; it is greedy in all but name.
 _MIN_TEMPERATURE = 1e-4
@@ -108,35 +108,28 @@ class RowSampler:
         """Greedy on the raw logits: the batch's argmax and log-softmax serve this row as they are."""
         return self.params.greedy and not self.params.adjusted and self.constraint is None
 
-    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
-        """One row of logits (1-D, float32) as the choice sees them: bias, penalties, grammar mask,
-        temperature. Returns a new tensor when anything changes."""
+    @property
+    def temperature(self) -> float:
+        """What this row's logits are divided by (1 for greedy rows)."""
+        return 1.0 if self.params.greedy else max(self.params.temperature, _MIN_TEMPERATURE)
+
+    def penalise(self, x: torch.Tensor) -> None:
+        """Apply `logit_bias` and the penalties to one row of logits (1-D, float32), in place."""
         p = self.params
-        x = logits
-        if p.adjusted:
-            x = logits.clone()
         if self._bias is not None:
             x[self._bias[0]] += self._bias[1]
-        if p.penalised:
-            if p.repetition_penalty != 1.0 and self._seen:
-                idx = torch.tensor(sorted(self._seen), device=x.device)
-                vals = x[idx]
-                x[idx] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-            if self._output and (p.frequency_penalty or p.presence_penalty):
-                idx = torch.tensor(list(self._output), device=x.device)
-                counts = torch.tensor(list(self._output.values()), dtype=x.dtype, device=x.device)
-                x[idx] -= p.frequency_penalty * counts + p.presence_penalty
-        if self.constraint is not None:
-            x = self.constraint.mask(x)
-        if not p.greedy:
-            x = x / max(p.temperature, _MIN_TEMPERATURE)
-        return x
+        if p.repetition_penalty != 1.0 and self._seen:
+            idx = torch.tensor(sorted(self._seen), device=x.device)
+            vals = x[idx]
+            x[idx] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if self._output and (p.frequency_penalty or p.presence_penalty):
+            idx = torch.tensor(list(self._output), device=x.device)
+            counts = torch.tensor(list(self._output.values()), dtype=x.dtype, device=x.device)
+            x[idx] -= p.frequency_penalty * counts + p.presence_penalty
 
     def pick(self, x: torch.Tensor) -> int:
-        """Choose a token from adjusted logits (`adjust`'s output)."""
+        """Draw a token from one row of adjusted logits (`adjusted`'s output) of a sampled row."""
         p = self.params
-        if p.greedy:
-            return int(torch.argmax(x))
         if p.top_k and p.top_k < x.numel():
             kth = torch.topk(x, p.top_k).values[-1]
             x = x.masked_fill(x < kth, float("-inf"))
@@ -151,9 +144,30 @@ class RowSampler:
             return int(torch.argmax(x))
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
-    def choose(self, logits: torch.Tensor) -> int:
-        """Pick a token from one row of raw logits (1-D, float32)."""
-        return self.pick(self.adjust(logits))
+
+def adjusted(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
+    """`logits` ([len(rows), vocab], float32) as each row's choice sees them, a new tensor: bias and
+    penalties (per row, where set), the grammar masks (all constrained rows at once), the
+    temperature. A row whose grammar cannot go on gets its `failure` and no mask."""
+    x = logits.clone()
+    for i, row in enumerate(rows):
+        if row.params.adjusted:
+            row.penalise(x[i])
+    constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
+    if constrained:
+        allowed, errors = grammar_masks([rows[i].constraint for i in constrained], x.shape[1])  # type: ignore[misc]
+        for i, error in zip(constrained, errors):
+            if error is not None:
+                rows[i].failure = error
+        if len(constrained) == len(rows):
+            x.masked_fill_(~allowed.to(x.device), float("-inf"))
+        else:
+            index = torch.tensor(constrained, device=x.device)
+            x[index] = x[index].masked_fill(~allowed.to(x.device), float("-inf"))
+    temperatures = [row.temperature for row in rows]
+    if any(t != 1.0 for t in temperatures):
+        x = x / torch.tensor(temperatures, dtype=x.dtype, device=x.device)[:, None]
+    return x
 
 
 def choose_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[Choice]:
@@ -162,25 +176,23 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[Choi
     logits = logits.float()
     dists = torch.log_softmax(logits, dim=-1)
     ids = torch.argmax(logits, dim=-1).tolist()  # host sync: one for the whole batch
-    own: dict[int, torch.Tensor] = {}  # rows whose distribution is not the raw one, when alternatives are asked
-    own_chosen: dict[int, torch.Tensor] = {}  # ... and otherwise only the chosen token's log-probability
-    for i, row in enumerate(rows):
-        if not row.plain:
-            try:
-                x = row.adjust(logits[i])
-            except ConstraintViolated as exc:  # this row ends with an error; the others go on
-                row.failure, x = str(exc), logits[i]
-            ids[i] = row.pick(x)  # host sync per adjusted row
-            if row.top_logprobs:
-                own[i] = torch.log_softmax(x, dim=-1)
-            else:  # the same value as log_softmax(x)[id], without writing a vocabulary-sized row
-                own_chosen[i] = x[ids[i]] - torch.logsumexp(x, dim=-1)
+    own = [i for i, row in enumerate(rows) if not row.plain]  # rows whose distribution is not the raw one
+    own_dists: dict[int, torch.Tensor] = {}  # ... their log-softmax, for the rows that ask for alternatives
     if own:
-        dists = torch.stack([own.get(i, dists[i]) for i in range(len(rows))])
+        x = adjusted(logits[own], [rows[i] for i in own])
+        best = torch.argmax(x, dim=-1).tolist()  # host sync: one for the adjusted rows
+        for j, i in enumerate(own):
+            ids[i] = best[j] if rows[i].params.greedy else rows[i].pick(x[j])  # host sync per sampled row
+            if rows[i].top_logprobs:
+                own_dists[i] = torch.log_softmax(x[j], dim=-1)
+        if own_dists:
+            dists = torch.stack([own_dists.get(i, dists[i]) for i in range(len(rows))])
     chosen = dists.gather(1, torch.tensor(ids, device=dists.device)[:, None]).squeeze(1)
-    if own_chosen:
-        rows_ = torch.tensor(list(own_chosen), device=dists.device)
-        chosen = chosen.index_put((rows_,), torch.stack(list(own_chosen.values())))
+    rest = [j for j, i in enumerate(own) if i not in own_dists]
+    if rest:  # log_softmax(x)[id] for the other adjusted rows, without writing vocabulary-sized rows
+        x, picked = x[rest], torch.tensor([ids[own[j]] for j in rest], device=dists.device)[:, None]
+        values = x.gather(1, picked).squeeze(1) - torch.logsumexp(x, dim=-1)
+        chosen = chosen.index_put((torch.tensor([own[j] for j in rest], device=dists.device),), values)
     chosen_values = chosen.tolist()  # host sync
     out: list[Choice] = []
     for i, row in enumerate(rows):
