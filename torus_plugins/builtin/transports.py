@@ -15,13 +15,16 @@ import warnings
 import torch
 
 from ..config import parse_bandwidth
+from ..cpu_threads import single_threaded
 from ..errors import ConfigError, TransferError
 from ..hookspecs import hookimpl
 from ..transfer import Fence, PendingStall, TransportOptions
 
 
 class CpuCopyWorker:
-    """Copies on one background thread, in submission order (FIFO like a CUDA stream).
+    """Copies on one background thread, in submission order (FIFO like a CUDA stream). The thread
+    copies on itself alone (`cpu_threads.single_threaded`): an OpenMP pool of its own would slow
+    every parallel op of the compute thread for the rest of the process.
 
     Compute on the CPU is synchronous, so by the time the engine asks for a compute fence every
     reader of the slot has finished: `compute_fence` is `None`, and a copy may start at once.
@@ -33,7 +36,7 @@ class CpuCopyWorker:
     def __init__(self, opts: TransportOptions) -> None:
         self.device = opts.device
         self.timeout_s = opts.timeout_s
-        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="torus-copy")
+        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="torus-copy", initializer=single_threaded)
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)

@@ -86,7 +86,7 @@ class HostLayers:
         self.max_tokens = max_tokens
         self.layers: dict[int, HostLayer] = {}
         self.counters: dict[int, HostCounters] = {}
-        self.worker = HostWorker()
+        self.worker = HostWorker(device)
         self.streamer: Any = None
         self._wraps: list[ForwardOverride] = []
         self.force_stream = False  # `verify`'s reference path

@@ -78,6 +78,43 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void block_vnni(
   _mm512_storeu_ps(out, total);
 }
 
+/* Two blocks at once (32 rows): each activation broadcast feeds two weight vectors. Per block the
+ * arithmetic, and its order, is block_vnni's. */
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void pair_vnni(
+    const uint8_t* w0, const uint8_t* w1, const float* step0, const float* step1, const float* off0,
+    const float* off1, int K, int group, const int8_t* hi, const int8_t* lo, const float* d,
+    const float* sum, float* out0, float* out1) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512 inv = _mm512_set1_ps(1.f / 254.f);
+  __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
+  for (int g = 0; g < K / group; g++) {
+    __m512i h0 = _mm512_setzero_si512(), l0 = _mm512_setzero_si512();
+    __m512i h1 = _mm512_setzero_si512(), l1 = _mm512_setzero_si512();
+    const int32_t* xh = (const int32_t*)(hi + (size_t)g * group);
+    const int32_t* xl = (const int32_t*)(lo + (size_t)g * group);
+    for (int c = 0; c < group / 8; c++, w0 += 64, w1 += 64) {
+      __m512i v0 = _mm512_loadu_si512((const void*)w0), v1 = _mm512_loadu_si512((const void*)w1);
+      __m512i a0 = _mm512_and_si512(v0, m4), b0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
+      __m512i a1 = _mm512_and_si512(v1, m4), b1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
+      __m512i xa = _mm512_set1_epi32(xh[2 * c]), xb = _mm512_set1_epi32(xh[2 * c + 1]);
+      __m512i ya = _mm512_set1_epi32(xl[2 * c]), yb = _mm512_set1_epi32(xl[2 * c + 1]);
+      h0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(h0, a0, xa), b0, xb);
+      h1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(h1, a1, xa), b1, xb);
+      l0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(l0, a0, ya), b0, yb);
+      l1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(l1, a1, ya), b1, yb);
+    }
+    __m512 dg = _mm512_set1_ps(d[g]), sg = _mm512_set1_ps(sum[g]);
+    __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l0), inv, _mm512_cvtepi32_ps(h0));
+    t0 = _mm512_fmadd_ps(a, _mm512_mul_ps(_mm512_loadu_ps(step0 + g * R), dg), t0);
+    t0 = _mm512_fnmadd_ps(_mm512_loadu_ps(off0 + g * R), sg, t0);
+    __m512 b = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l1), inv, _mm512_cvtepi32_ps(h1));
+    t1 = _mm512_fmadd_ps(b, _mm512_mul_ps(_mm512_loadu_ps(step1 + g * R), dg), t1);
+    t1 = _mm512_fnmadd_ps(_mm512_loadu_ps(off1 + g * R), sg, t1);
+  }
+  _mm512_storeu_ps(out0, t0);
+  _mm512_storeu_ps(out1, t1);
+}
+
 static void block_portable(const uint8_t* w, const float* step, const float* off, int K, int group,
                            const int8_t* hi, const int8_t* lo, const float* d, const float* sum, float* out) {
   float total[R] = {0};
@@ -124,23 +161,35 @@ int torus_q4_linear(const uint8_t* w, const float* step, const float* off, int r
   for (int m = 0; m < M; m++)
     quantize_act(x + (size_t)m * K, K, group, q + (size_t)m * K, q + (size_t)(M + m) * K, f + (size_t)m * G,
                  f + (size_t)(M + m) * G);
+  /* Work items: pairs of blocks (the VNNI path computes a pair per call; a last odd block alone). */
+  int items = (blocks + 1) / 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int b = 0; b < blocks; b++) {
-    const uint8_t* wb = w + (size_t)b * R * K / 2;
-    const float* sb = step + (size_t)b * G * R;
-    const float* ob = off + (size_t)b * G * R;
-    int n = rows - b * R < R ? rows - b * R : R;
+  for (int it = 0; it < items; it++) {
     for (int m = 0; m < M; m++) {
-      float out[R];
       const int8_t* h = q + (size_t)m * K;
       const int8_t* l = q + (size_t)(M + m) * K;
       const float* d = f + (size_t)m * G;
       const float* s = f + (size_t)(M + m) * G;
-      if (vnni)
-        block_vnni(wb, sb, ob, K, group, h, l, d, s, out);
+      float out[2][R];
+      int b0 = 2 * it, nblk = b0 + 1 < blocks ? 2 : 1;
+      const uint8_t* wb = w + (size_t)b0 * R * K / 2;
+      const float* sb = step + (size_t)b0 * G * R;
+      const float* ob = off + (size_t)b0 * G * R;
+      if (vnni && nblk == 2)
+        pair_vnni(wb, wb + (size_t)R * K / 2, sb, sb + (size_t)G * R, ob, ob + (size_t)G * R, K, group, h, l, d, s,
+                  out[0], out[1]);
       else
-        block_portable(wb, sb, ob, K, group, h, l, d, s, out);
-      memcpy(y + (size_t)m * rows + (size_t)b * R, out, sizeof(float) * n);
+        for (int j = 0; j < nblk; j++) {
+          size_t wo = (size_t)j * R * K / 2, so = (size_t)j * G * R;
+          if (vnni)
+            block_vnni(wb + wo, sb + so, ob + so, K, group, h, l, d, s, out[j]);
+          else
+            block_portable(wb + wo, sb + so, ob + so, K, group, h, l, d, s, out[j]);
+        }
+      for (int j = 0; j < nblk; j++) {
+        int b = b0 + j, n = rows - b * R < R ? rows - b * R : R;
+        memcpy(y + (size_t)m * rows + (size_t)b * R, out[j], sizeof(float) * n);
+      }
     }
   }
   free(q);

@@ -1,8 +1,10 @@
 """The host-compute thread: runs a host share while the calling thread drives the device's share.
 
 One worker, so host shares of consecutive layers never compete with each other; the intra-op thread
-pool it computes with is PyTorch's (sized by `host_threads`). Autograd is off on the worker: host
-compute only serves passes without grad.
+pool it computes with is PyTorch's (sized by `host_threads`). On a CPU device the calling thread's
+share runs on the same cores at the same time, so the worker computes on itself alone
+(`cpu_threads.single_threaded`: a second OpenMP pool would also slow every op of the calling
+thread). Autograd is off on the worker: host compute only serves passes without grad.
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ from typing import Any, Callable
 
 import torch
 
+from ..cpu_threads import single_threaded
+
 
 class HostWorker:
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
         self._pool: ThreadPoolExecutor | None = None
+        self._init = single_threaded if device.type == "cpu" else None
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> "Future[tuple[Any, float]]":
         """Run fn(*args) on the worker; the future holds (result, seconds it took)."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torus-host")
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torus-host", initializer=self._init)
         return self._pool.submit(timed, fn, *args)
 
     def close(self) -> None:

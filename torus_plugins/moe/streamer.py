@@ -312,7 +312,7 @@ class ExpertStreamer:
         """Compute cache misses of passes with at most `max_tokens` tokens on the host, from the
         host store: weights as stored, or quantized ones through the packed CPU kernels."""
         self._host_max = max_tokens
-        self._host_worker = HostWorker()
+        self._host_worker = HostWorker(self.device)
         weights: dict[int, HostWeight] = {}
         tensors: list[list[torch.Tensor]] = []
         for unit, packed in enumerate(self.store.layers):
