@@ -2,7 +2,8 @@
 
 For each FFN shape (SmolLM2-135M's 576→1536, a 7B Llama's 4096→11008) and weight format (fp32 and
 bf16 as loaded; int8 and int4 through each host kernel the engine can pick — PyTorch's packed CPU
-kernels `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` with activations in fp32 or bf16, and
+kernels `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` with activations in fp32 or bf16,
+torus-sparse's own int4 kernel (`host_compute/q4_linear.c`, when it builds here), and
 dequantize + matmul), gated FFNs (gate, up, down) of those shapes are run at one token, enough
 layers to exceed the caches, and the host-format weight bytes read per second are divided by the
 host memory read bandwidth measured in the same run (a sum over 256 MiB of fp32, best of 5, before
@@ -11,7 +12,7 @@ the engine runs at attach under host_compute="auto". Target: efficiency >= 0.8.
 
 Run:  python benchmarks/host_kernels.py [--shapes smollm2,7b] [--threads N] [--record | --out PATH]
 Writes benchmarks/results/scratch/host_kernels.json; with --record benchmarks/results/host_kernels.json.
-About 3 minutes on 2 cores (the 7B int4 rows quantize one 135 M-weight layer each).
+About 2 minutes on 2 cores (the 7B int4 rows quantize one 135 M-weight layer each).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ROWS = [
     ("int8", torch.float32, "int8", "int8pack", torch.float32),
     ("int8", torch.float32, "int8", "int8pack", torch.bfloat16),
     ("int8", torch.float32, "int8", "dequantize", None),
+    ("int4", torch.float32, "int4", "int4native", None),
     ("int4", torch.float32, "int4", "int4pack", torch.float32),
     ("int4", torch.float32, "int4", "int4pack", torch.bfloat16),
     ("int4", torch.float32, "int4", "dequantize", None),
