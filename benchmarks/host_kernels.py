@@ -3,7 +3,7 @@
 For each FFN shape (SmolLM2-135M's 576→1536, a 7B Llama's 4096→11008) and weight format (fp32 and
 bf16 as loaded; int8 and int4 through each host kernel the engine can pick — PyTorch's packed CPU
 kernels `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` with activations in fp32 or bf16,
-torus-sparse's own int4 kernel (`host_compute/q4_linear.c`, when it builds here), and
+torus-sparse's own int8/int4 kernels (`host_compute/host_linear.c`, when they build here), and
 dequantize + matmul), gated FFNs (gate, up, down) of those shapes are run at one token, enough
 layers to exceed the caches, and the host-format weight bytes read per second are divided by the
 host memory read bandwidth measured in the same run (a sum over 256 MiB of fp32, best of 5, before
@@ -29,6 +29,7 @@ SHAPES = {"smollm2": (576, 1536), "7b": (4096, 11008)}
 ROWS = [
     ("fp32", torch.float32, None, "raw", None),
     ("bf16", torch.bfloat16, None, "raw", None),
+    ("int8", torch.float32, "int8", "int8native", None),
     ("int8", torch.float32, "int8", "int8pack", torch.float32),
     ("int8", torch.float32, "int8", "int8pack", torch.bfloat16),
     ("int8", torch.float32, "int8", "dequantize", None),

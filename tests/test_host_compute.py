@@ -230,6 +230,26 @@ needs_native = pytest.mark.skipif(native.unavailable() is not None, reason=str(n
 
 
 @needs_native
+def test_native_int8_kernel_computes_the_stored_integers() -> None:
+    torch.manual_seed(3)
+    w = torch.randn(50, 136)  # 136 columns: activations in groups of 8
+    q, scale = quantize(w, "int8", 32)
+    deq = q.float() * scale[:, None]
+    for cols in (slice(None), slice(64, None)):
+        hw = stored_weight(q, scale, "int8", "int8native", None, torch.float32, cols=cols)
+        assert hw.kernel == "int8native"
+        xs = torch.randn(3, deq[:, cols].shape[1]) * torch.tensor([1e-3, 1.0, 1e3])[:, None]
+        got, want = hw.linear(xs), xs @ deq[:, cols].T
+        for g, r in zip(got, want):
+            assert relative(g, r) < 2e-4
+        assert torch.equal(native.q8_linear(xs, hw.tensors, hw.shape[0], vnni=False), got)
+        assert torch.equal(native.q8_linear(xs, hw.tensors, hw.shape[0], threads=1), got)
+    # a width the layout cannot take: PyTorch's dequantize path, not a guess
+    odd = stored_weight(*quantize(torch.randn(8, 30), "int8", 32), "int8", "int8native", None, torch.float32)
+    assert odd.kernel == "dequantize"
+
+
+@needs_native
 def test_native_int4_kernel_computes_the_stored_codes() -> None:
     torch.manual_seed(2)
     w = torch.randn(50, 128)  # 50 rows: the layout pads the last 16-row block
@@ -241,7 +261,7 @@ def test_native_int4_kernel_computes_the_stored_codes() -> None:
         assert hw.kernel == "int4native"
         xs = torch.randn(3, deq[:, cols].shape[1]) * torch.tensor([1e-3, 1.0, 1e3])[:, None]
         got, want = hw.linear(xs), xs @ deq[:, cols].T
-        # activations rounded to two int8 levels per group (q4_linear.c): about fp16's precision
+        # activations rounded to two int8 levels per group (host_linear.c): about fp16's precision
         for g, r in zip(got, want):
             assert relative(g, r) < 2e-4
         # the portable C path sums in the same order as the AVX-512 VNNI one: bit for bit
@@ -253,10 +273,11 @@ def test_native_int4_kernel_computes_the_stored_codes() -> None:
 
 
 @needs_native
-def test_native_kernel_runs_whole_and_split_int4_layers() -> None:
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_native_kernel_runs_whole_and_split_layers(quant: str) -> None:
     """Against the same stored codes dequantized exactly (host_kernel="dequantize"): what is left
-    is the kernel's activation rounding, well inside the int4 bound the attach-time proof uses."""
-    base = dict(transport="copy", resident_layers=0, weight_quant="int4", host_max_tokens=1)
+    is the kernel's activation rounding, well inside the bound the attach-time proof uses."""
+    base = dict(transport="copy", resident_layers=0, weight_quant=quant, host_max_tokens=1)
     for extra in ({"host_compute": "all"}, {"host_compute": "auto", "host_share": 0.5}):
         # fresh copies of one model: both engines quantize the same weights into the same codes
         model = wide_llama()
@@ -265,7 +286,7 @@ def test_native_kernel_runs_whole_and_split_int4_layers() -> None:
         tp.detach(model)
         model = wide_llama()
         engine = tp.attach(model, **base, **extra, host_kernel="native")
-        assert engine.host_plan.kernel == "int4native"
+        assert engine.host_plan.kernel == f"{quant}native"
         assert relative(decode_logits(model), ref_logits) < 1e-3
         assert torch.equal(greedy(model), ref_tokens)
         assert engine.stats().host_calls > 0
@@ -287,9 +308,6 @@ def test_native_kernel_computes_moe_host_experts() -> None:
 
 
 def test_native_kernel_refusals(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="int4 weights only.*weight_quant='int8'"):
-        tp.attach(wide_llama(), transport="copy", resident_layers=0, weight_quant="int8", host_compute="all",
-                  host_max_tokens=1, host_kernel="native")
     # A machine whose compiler fails: the kernel says why, "auto" falls back to PyTorch's kernels
     # and "native" is refused (a fresh process: the library is built once per process).
     script = (
@@ -310,9 +328,9 @@ def test_native_kernel_refusals(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     lines = out.stdout.splitlines()
     assert out.returncode == 0, out.stderr
-    assert lines[0].startswith("the native int4 kernel is unavailable:") and "failed" in lines[0]
+    assert lines[0].startswith("the native int4/int8 kernels are unavailable:") and "failed" in lines[0]
     assert lines[1] in ("int4pack", "dequantize")
-    assert lines[2].startswith("refused: host_kernel='native': the native int4 kernel is unavailable")
+    assert lines[2].startswith("refused: host_kernel='native': the native int4/int8 kernels are unavailable")
     assert "host_kernel='auto'" in lines[2]
 
 

@@ -169,7 +169,7 @@ class TorusConfig:
             restored at detach). `None`: all cores but one on a CUDA device, so the thread
             feeding the GPU is never starved; unchanged on the CPU.
         host_kernel: how quantized host weights compute: "auto" (the fastest measured on this
-            machine), "native" (int4 only: torus-sparse's own kernel, integer dot products on
+            machine), "native" (torus-sparse's own int8/int4 kernels, integer dot products on
             AVX-512 VNNI, built with the machine's C compiler on first use; activations rounded
             to about fp16's precision), "packed" (PyTorch's int8/int4 packed CPU kernels, activations in the
             model's dtype), "packed-bf16" (the same kernels with bf16 activations, much faster

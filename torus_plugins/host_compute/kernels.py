@@ -3,8 +3,8 @@
 A host-placed unit never dequantizes a whole matrix per token (that reads and writes it several
 times): int8 weights go to `aten._weight_int8pack_mm` (per-row scales, the host store's own int8
 bytes), int4 weights to `aten._weight_int4pack_mm_for_cpu` (a second, packed layout of the same codes,
-built once at attach), or to our own int4 kernel (`native`: integer dot products, memory-bound at
-a few tokens where PyTorch's is compute-bound; a third layout of the same codes). PyTorch's kernels
+built once at attach), or to our own kernels (`native`: integer dot products, memory-bound at a few
+tokens where PyTorch's are compute-bound; one more layout of the same codes). PyTorch's kernels
 take activations in the scales' dtype; on a CPU without native fp32 paths for them the bf16 one is
 an order of magnitude faster, so the kernel and activation dtype are a choice the probe makes by
 timing (`probe.probe_host`) and the accuracy bound covers.
@@ -28,7 +28,7 @@ from ..errors import TorusError
 from . import native
 
 #: The kernels a host weight can use, by weight format.
-KERNELS = ("raw", "int8pack", "int4pack", "int4native", "dequantize")
+KERNELS = ("raw", "int8pack", "int8native", "int4pack", "int4native", "dequantize")
 
 
 class HostComputeError(TorusError, RuntimeError):
@@ -39,7 +39,7 @@ class HostComputeError(TorusError, RuntimeError):
 class HostWeight:
     """One 2-D weight on the host, ready for `linear`.
 
-    kernel: "raw" (the weight as loaded), "int8pack", "int4pack", "int4native" (`native.q4_linear`)
+    kernel: "raw" (the weight as loaded), "int8pack", "int4pack", "int8native" / "int4native" (`native`)
         or "dequantize" (dequantize into a scratch matrix, then matmul: the fallback for shapes the
         packed kernels refuse); its tensors are (q, scale) for int8 and (codes, step, offset) for int4.
     act_dtype: the dtype activations are cast to for the packed kernels (None: the input's).
@@ -68,6 +68,8 @@ class HostWeight:
         elif self.kernel == "int4pack":
             packed, scale_zeros = self.tensors
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(self.act_dtype), packed, self.group, scale_zeros)
+        elif self.kernel == "int8native":
+            y = native.q8_linear(x2, self.tensors, self.shape[0])  # type: ignore[arg-type]
         elif self.kernel == "int4native":
             y = native.q4_linear(x2, self.tensors, self.shape[0], self.group)  # type: ignore[arg-type]
         elif self.mode == "int8":
@@ -112,6 +114,8 @@ def stored_weight(
     if mode == "int8":
         qs, ss = q[rows, cols].contiguous(), scale[rows]
         shape = (qs.shape[0], qs.shape[1])
+        if kernel == "int8native" and native.q8_group(shape[1]) is not None:
+            return HostWeight("int8native", shape, dtype, native.q8_layout(qs, ss), mode=mode)
         if kernel == "int8pack":
             act = act_dtype or dtype
             return HostWeight("int8pack", shape, dtype, (qs, ss.to(act)), act, mode=mode)

@@ -1,8 +1,8 @@
-"""The host placement's native int4 kernel (`q4_linear.c`): built on first use, loaded with ctypes.
+"""The host placement's native int4 and int8 kernels (`host_linear.c`): built on first use, loaded with ctypes.
 
-Why native: at one token PyTorch's packed int4 CPU kernel is compute-bound (0.3-0.57 of the host's
-memory read bandwidth on the 2-core machine this project is built on), and a host-placed FFN's
-token costs its weight bytes read. `q4_linear.c` says how its integer dot products reach the
+Why native: at one token PyTorch's packed int4/int8 CPU kernels are compute-bound (0.3-0.73 of the
+host's memory read bandwidth on the 2-core machine this project is built on), and a host-placed
+FFN's token costs its weight bytes read. `host_linear.c` says how its integer dot products reach the
 memory limit and what its activation rounding costs (about fp16's).
 
 Why built at run time rather than shipped compiled: the project travels as a pure-Python wheel
@@ -26,10 +26,11 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
-SOURCE = Path(__file__).with_name("q4_linear.c")
+SOURCE = Path(__file__).with_name("host_linear.c")
 #: -ffp-contract=off: the portable path must round exactly as the VNNI one (tests compare them bit for bit).
 FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
 #: Rows per block of the kernel's layout.
@@ -72,7 +73,7 @@ def _build(cc: str) -> Path:
     key = hashlib.sha256(
         "\0".join((SOURCE.read_text(), version, " ".join(FLAGS), platform.machine())).encode()
     ).hexdigest()[:16]
-    out = cache_dir() / f"q4_linear-{key}.so"
+    out = cache_dir() / f"host_linear-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -104,9 +105,10 @@ def _load() -> ctypes.CDLL:
             f"({sorted(before)}); two thread pools on the same cores spin against each other"
         )
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.torus_q4_linear.argtypes = [p, p, p, i, i, i, p, i, p, i, i]
-    lib.torus_q4_linear.restype = i
-    lib.torus_q4_has_vnni.restype = i
+    for fn in (lib.torus_q4_linear, lib.torus_q8_linear):
+        fn.argtypes = [p, p, p, i, i, i, p, i, p, i, i]
+        fn.restype = i
+    lib.torus_has_vnni.restype = i
     return lib
 
 
@@ -119,10 +121,10 @@ def library() -> ctypes.CDLL | None:
         if _lib is None and _error is None:
             try:
                 lib = _load()
-                _vnni = bool(lib.torus_q4_has_vnni())
+                _vnni = bool(lib.torus_has_vnni())
                 _lib = lib
             except OSError as exc:
-                _error = f"the native int4 kernel is unavailable: {exc}"
+                _error = f"the native int4/int8 kernels are unavailable: {exc}"
         return _lib
 
 
@@ -158,6 +160,60 @@ def q4_layout(
     return packed, blocked(step), blocked(offset)
 
 
+def q8_group(cols: int) -> int | None:
+    """The activations' group for an int8 weight of `cols` columns (None: the layout needs cols % 4 == 0)."""
+    return next((g for g in (32, 16, 8, 4) if cols % g == 0), None)
+
+
+def q8_layout(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int8 kernel's layout of an int8 weight (q int8 [rows, cols], scale float32 [rows]):
+    (blocked q, per-(block, group) row sums of q as int32, scales), rows padded to blocks of 16."""
+    rows, cols = q.shape
+    group = q8_group(cols)
+    assert group is not None
+    blocks = -(-rows // BLOCK_ROWS)
+    padded = blocks * BLOCK_ROWS
+    full = q.new_zeros(padded, cols)
+    full[:rows] = q
+    packed = full.view(blocks, BLOCK_ROWS, cols // 4, 4).permute(0, 2, 1, 3).contiguous()
+    sums = full.view(padded, cols // group, group).sum(-1, dtype=torch.int32)
+    sums = sums.view(blocks, BLOCK_ROWS, -1).permute(0, 2, 1).contiguous()
+    scales = scale.new_zeros(padded, dtype=torch.float32)
+    scales[:rows] = scale
+    return packed, sums, scales
+
+
+def _call(fn: Any, x: torch.Tensor, tensors: tuple, rows: int, group: int, threads: int | None, vnni: bool | None) -> torch.Tensor:
+    x = x.to(torch.float32).contiguous()
+    tokens, cols = x.shape
+    y = torch.empty(tokens, rows, dtype=torch.float32)
+    use_vnni = _vnni if vnni is None else (vnni and _vnni)
+    a, b, c = tensors
+    rc = fn(
+        a.data_ptr(), b.data_ptr(), c.data_ptr(), rows, cols, group, x.data_ptr(), tokens, y.data_ptr(),
+        threads or torch.get_num_threads(), int(use_vnni),
+    )
+    if rc != 0:
+        raise MemoryError(f"the native kernel could not allocate scratch for {tokens} tokens")
+    return y
+
+
+def q8_linear(
+    x: torch.Tensor,
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    rows: int,
+    threads: int | None = None,
+    vnni: bool | None = None,
+) -> torch.Tensor:
+    """x [tokens, cols] @ W^T -> float32 [tokens, rows], W in `q8_layout`; as `q4_linear`."""
+    lib = _lib or library()
+    if lib is None:
+        raise OSError(_error)
+    group = q8_group(x.shape[-1])
+    assert group is not None
+    return _call(lib.torus_q8_linear, x, tensors, rows, group, threads, vnni)
+
+
 def q4_linear(
     x: torch.Tensor,
     tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -171,27 +227,18 @@ def q4_linear(
     lib = _lib or library()
     if lib is None:
         raise OSError(_error)
-    packed, step, offset = tensors
-    x = x.to(torch.float32).contiguous()
-    tokens, cols = x.shape
-    y = torch.empty(tokens, rows, dtype=torch.float32)
-    use_vnni = _vnni if vnni is None else (vnni and _vnni)
-    rc = lib.torus_q4_linear(
-        packed.data_ptr(),
-        step.data_ptr(),
-        offset.data_ptr(),
-        rows,
-        cols,
-        group,
-        x.data_ptr(),
-        tokens,
-        y.data_ptr(),
-        threads or torch.get_num_threads(),
-        int(use_vnni),
-    )
-    if rc != 0:
-        raise MemoryError(f"the native int4 kernel could not allocate scratch for {tokens} tokens")
-    return y
+    return _call(lib.torus_q4_linear, x, tensors, rows, group, threads, vnni)
 
 
-__all__ = ["BLOCK_ROWS", "cache_dir", "has_vnni", "library", "q4_layout", "q4_linear", "unavailable"]
+__all__ = [
+    "BLOCK_ROWS",
+    "cache_dir",
+    "has_vnni",
+    "library",
+    "q4_layout",
+    "q4_linear",
+    "q8_group",
+    "q8_layout",
+    "q8_linear",
+    "unavailable",
+]

@@ -129,15 +129,10 @@ def choose_kernel(config: TorusConfig, probe: HostProbe | None, dtype: torch.dty
         return "raw", None
     packed = "int8pack" if quant == "int8" else "int4pack"
     if config.host_kernel == "native":
-        if quant != "int4":
-            raise ConfigError(
-                f"host_kernel='native' computes int4 weights only, got weight_quant={quant!r}: "
-                f"use weight_quant='int4', or host_kernel='auto'"
-            )
         why = native.unavailable()
         if why is not None:
             raise ConfigError(f"host_kernel='native': {why}. Use host_kernel='auto' (PyTorch's kernels)")
-        return "int4native", None
+        return f"{quant}native", None
     if config.host_kernel == "packed":
         return packed, dtype
     if config.host_kernel == "packed-bf16":

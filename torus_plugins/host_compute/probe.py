@@ -119,7 +119,7 @@ def candidates(dtype: torch.dtype, quant: str | None) -> list[tuple[str, torch.d
         return [("raw", None)]
     packed = "int8pack" if quant == "int8" else "int4pack"
     acts = [dtype] + ([torch.bfloat16] if dtype == torch.float32 else [])
-    own = [("int4native", None)] if quant == "int4" and native.unavailable() is None else []
+    own = [(f"{quant}native", None)] if native.unavailable() is None else []
     return own + [(packed, a) for a in acts] + [("dequantize", None)]
 
 

@@ -1,12 +1,17 @@
-/* int4 weights x fp32 activations, for a few tokens: the host placement's memory-bound kernel.
+/* int4 and int8 weights x fp32 activations, for a few tokens: the host placement's memory-bound kernels.
  *
- * Why a kernel of our own: PyTorch's packed int4 CPU kernel is compute-bound at one token (it
- * reached 0.3-0.57 of the host's memory read bandwidth here, benchmarks/results/host_kernels.json),
- * while a token's cost is the bytes read. This one does the dot products in integers with AVX-512
- * VNNI (vpdpbusd: 64 unsigned-byte x signed-byte products per instruction), so it runs at the memory
+ * Why kernels of our own: PyTorch's packed int4/int8 CPU kernels are compute-bound at one token (they
+ * reached 0.3-0.73 of the host's memory read bandwidth here, benchmarks/results/host_kernels.json),
+ * while a token's cost is the bytes read. These do the dot products in integers with AVX-512
+ * VNNI (vpdpbusd: 64 unsigned-byte x signed-byte products per instruction), so they run at the memory
  * limit with compute to spare.
  *
- * Weights: the host store's int4 layout decoded (quant.int4_codes): w = code * step - offset per
+ * int8 (q8_*): the host store's int8 layout, w = q * scale per row, q in -127..127. Laid out in
+ * blocks of 16 rows; 4 columns make 64 bytes (byte r*4+k = q[r][c+k]); per (block, group) the 16
+ * rows' sums of q over the group (int32), and the 16 row scales. vpdpbusd wants one unsigned
+ * operand: the activations go in as h + 128 (and l + 128), and 128 * sum(q) comes off again.
+ *
+ * int4 (q4_*) weights: the host store's int4 layout decoded (quant.int4_codes): w = code * step - offset per
  * (row, group), code in 0..15. Re-laid once per weight (native.py: q4_layout) in blocks of 16 rows;
  * within a block, 8 columns make 64 bytes: byte r*4+k holds code[r][c+k] (low nibble) and
  * code[r][c+4+k] (high nibble); step and offset are laid out [block][group][16].
@@ -141,7 +146,90 @@ static void block_portable(const uint8_t* w, const float* step, const float* off
   memcpy(out, total, sizeof total);
 }
 
-int torus_q4_has_vnni(void) {
+/* int8: one block of 16 rows; activations as unsigned bytes (h + 128, l + 128). */
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void q8_block_vnni(
+    const int8_t* w, const int32_t* wsum, const float* scale, int K, int group, const uint8_t* hi,
+    const uint8_t* lo, const float* d, float* out) {
+  const __m512 inv = _mm512_set1_ps(1.f / 254.f);
+  __m512 total = _mm512_setzero_ps();
+  for (int g = 0; g < K / group; g++) {
+    __m512i acc_h = _mm512_setzero_si512(), acc_l = _mm512_setzero_si512();
+    const int32_t* xh = (const int32_t*)(hi + (size_t)g * group);
+    const int32_t* xl = (const int32_t*)(lo + (size_t)g * group);
+    for (int c = 0; c < group / 4; c++, w += 64) {
+      __m512i v = _mm512_loadu_si512((const void*)w);
+      acc_h = _mm512_dpbusd_epi32(acc_h, _mm512_set1_epi32(xh[c]), v);
+      acc_l = _mm512_dpbusd_epi32(acc_l, _mm512_set1_epi32(xl[c]), v);
+    }
+    __m512i off = _mm512_slli_epi32(_mm512_loadu_si512((const void*)(wsum + g * R)), 7);
+    __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_l, off)), inv,
+                               _mm512_cvtepi32_ps(_mm512_sub_epi32(acc_h, off)));
+    total = _mm512_fmadd_ps(a, _mm512_set1_ps(d[g]), total);
+  }
+  _mm512_storeu_ps(out, _mm512_mul_ps(total, _mm512_loadu_ps(scale)));
+}
+
+static void q8_block_portable(const int8_t* w, const int32_t* wsum, const float* scale, int K, int group,
+                              const uint8_t* hi, const uint8_t* lo, const float* d, float* out) {
+  float total[R] = {0};
+  for (int g = 0; g < K / group; g++) {
+    int32_t acc_h[R] = {0}, acc_l[R] = {0};
+    const uint8_t* xh = hi + (size_t)g * group;
+    const uint8_t* xl = lo + (size_t)g * group;
+    for (int c = 0; c < group / 4; c++, w += 64)
+      for (int r = 0; r < R; r++)
+        for (int k = 0; k < 4; k++) {
+          acc_h[r] += (int32_t)xh[4 * c + k] * w[r * 4 + k];
+          acc_l[r] += (int32_t)xl[4 * c + k] * w[r * 4 + k];
+        }
+    for (int r = 0; r < R; r++) {
+      int32_t off = wsum[g * R + r] * 128;
+      float a = fmaf((float)(acc_l[r] - off), 1.f / 254.f, (float)(acc_h[r] - off));
+      total[r] = fmaf(a, d[g], total[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) out[r] = total[r] * scale[r];
+}
+
+/* int8: y[M][rows] = x[M][K] @ W^T, W in the q8 layout; `group`: the activations' group (divides K, multiple of 4). */
+int torus_q8_linear(const int8_t* w, const int32_t* wsum, const float* scale, int rows, int K, int group,
+                    const float* x, int M, float* y, int threads, int vnni) {
+  int blocks = (rows + R - 1) / R, G = K / group;
+  int8_t* q = malloc((size_t)M * K * 2);
+  float* f = malloc(sizeof(float) * (size_t)M * G * 2);
+  if (!q || !f) {
+    free(q);
+    free(f);
+    return -1;
+  }
+  for (int m = 0; m < M; m++)
+    quantize_act(x + (size_t)m * K, K, group, q + (size_t)m * K, q + (size_t)(M + m) * K, f + (size_t)m * G,
+                 f + (size_t)(M + m) * G);
+  uint8_t* u = (uint8_t*)q;
+  for (size_t i = 0; i < (size_t)M * K * 2; i++) u[i] ^= 0x80; /* int8 v -> unsigned v + 128 */
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int b = 0; b < blocks; b++) {
+    const int8_t* wb = w + (size_t)b * R * K;
+    const int32_t* sb = wsum + (size_t)b * G * R;
+    int n = rows - b * R < R ? rows - b * R : R;
+    for (int m = 0; m < M; m++) {
+      float out[R];
+      const uint8_t* h = u + (size_t)m * K;
+      const uint8_t* l = u + (size_t)(M + m) * K;
+      const float* d = f + (size_t)m * G;
+      if (vnni)
+        q8_block_vnni(wb, sb, scale + (size_t)b * R, K, group, h, l, d, out);
+      else
+        q8_block_portable(wb, sb, scale + (size_t)b * R, K, group, h, l, d, out);
+      memcpy(y + (size_t)m * rows + (size_t)b * R, out, sizeof(float) * n);
+    }
+  }
+  free(q);
+  free(f);
+  return 0;
+}
+
+int torus_has_vnni(void) {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vnni");
