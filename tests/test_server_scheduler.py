@@ -73,3 +73,54 @@ def test_overload_is_a_429_in_each_clients_format(server_model):  # noqa: F811
             assert isinstance(text_generation.errors.parse_error(429, r.json()), text_generation.errors.OverloadedError)
     finally:
         srv.stop()
+
+
+def test_a_growing_batch_cache_decodes_as_the_plain_cache_and_appends_in_place(tiny_llama, monkeypatch):
+    """`kvbatch.GrowingLayer`: rows of different lengths join, one leaves, the buffers fill past
+    their headroom; every step's logits equal those of plain `DynamicLayer`s (which copy the cache
+    each step), and a step that fits the headroom writes into the same buffer."""
+    import torch
+
+    from torus_adapters.server import kvbatch
+
+    monkeypatch.setattr(kvbatch, "HEADROOM", 3)  # reallocate every few steps, too
+
+    def decode(make_cache) -> list:
+        monkeypatch.setattr(kvbatch, "growing_cache", make_cache)
+        batch, logits, nxt = kvbatch.BatchCache(), [], []
+        for r, length in enumerate((5, 9, 7)):
+            ids = torch.arange(3, 3 + length)[None] + r
+            with torch.inference_mode():
+                out = tiny_llama(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+            batch.add(out.cache, length)
+            nxt.append(int(out.logits[0, -1].argmax()))
+        tokens = torch.tensor(nxt)[:, None]
+        for step in range(8):
+            if step == 4:
+                batch.remove([1])
+                tokens = tokens[[0, 2]]
+            mask, positions = batch.step_inputs()
+            assert make_cache is not grow or all(type(la) is kvbatch.GrowingLayer for la in batch.cache.layers)
+            before = [layer.keys.data_ptr() for layer in batch.cache.layers]
+            with torch.inference_mode():
+                out = tiny_llama(
+                    input_ids=tokens,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=batch.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            batch.advance(out.cache, mask)
+            logits.append(out.logits[:, -1])
+            tokens = out.logits[:, -1].argmax(-1)[:, None]
+            if make_cache is grow and step in (1, 5):  # room left in the buffers: written in place
+                assert [layer.keys.data_ptr() for layer in batch.cache.layers] == before
+        return logits
+
+    grow = kvbatch.growing_cache
+    growing = decode(grow)
+    plain = decode(lambda layers: kvbatch.DynamicCache(ddp_cache_data=[(k, v) for k, v, *_ in layers]))
+    assert len(growing) == len(plain) == 8
+    for a, b in zip(growing, plain):
+        assert torch.equal(a, b)
