@@ -14,10 +14,20 @@ tool call (`tool_choice: required`), at 1 and 8 concurrent requests, all in the 
 request generates exactly `--tokens` tokens (the schema and the tool's parameters need a long
 string, so no grammar completes early; free requests have the end-of-turn token banned), so the
 rates compare per token. decode tok/s = rows decoded / time inside the scheduler's decode steps
-(the forward pass plus each row's choice, grammar masks included; prefill and HTTP left out).
-Medians over `--repeats` rounds with rotated order; overhead = 1 - constrained / free.
+that ran the cell's whole batch (the forward pass plus each row's choice, grammar masks
+included; prefill, HTTP, and the steps while requests were still joining or already leaving
+left out: those ran a smaller batch).
 
-Run:  python benchmarks/constrained_decode.py [--tokens 32] [--repeats 2] [--record | --out PATH]
+On a shared machine a decode step's time drifts by +-15% over seconds (memory bandwidth, the
+host), far more than a grammar costs, so the cells are measured in mirrored rounds: at one batch
+size a round runs the three scenarios back to back and then again in the reverse order (A B C C
+B A, the first one rotated from round to round), so a drift that is linear over the round weighs
+on every scenario alike. A round's overhead is 1 - constrained / free, each the rows decoded over
+the seconds of its two runs; a cell's overhead is the median over `--repeats` rounds, reported
+with its spread (min, max, quartiles) and the per-run tok/s spread.
+
+Run:  python benchmarks/constrained_decode.py [--tokens 32] [--repeats 4] [--record | --out PATH]
+(about 5 minutes on 2 CPU cores with the defaults)
 Writes benchmarks/results/scratch/constrained_decode.json (with --record:
 benchmarks/results/constrained_decode.json) and prints the tables.
 """
@@ -350,27 +360,29 @@ PROMPTS = [
 
 class StepTimer:
     """Times the scheduler's decode steps (the model's forward pass and the per-row choice, masks
-    included), so prefill and HTTP are left out: decode tok/s = rows decoded / time in decode steps."""
+    included), so prefill and HTTP are left out; keeps (start, rows, seconds) per step."""
 
     def __init__(self, scheduler: Any) -> None:
-        self.scheduler, self.seconds, self.rows = scheduler, 0.0, 0
+        self.steps: list[tuple[float, int, float]] = []
         step = scheduler._decode_step
 
         def timed() -> None:
             rows = len(scheduler._active)
             t0 = time.perf_counter()
             step()
-            self.seconds += time.perf_counter() - t0
-            self.rows += rows
+            self.steps.append((t0, rows, time.perf_counter() - t0))
 
         scheduler._decode_step = timed
 
-    def take(self) -> tuple[float, int]:
-        out, self.seconds, self.rows = (self.seconds, self.rows), 0.0, 0
-        return out
+    def take(self, since: float) -> list[tuple[int, float]]:
+        """(rows, seconds) of the steps that started after `since` (a run's last step delivers its
+        replies before it is recorded, so it may land after the next run began: it is not that run's)."""
+        out, self.steps = self.steps, []
+        return [(rows, sec) for t0, rows, sec in out if t0 >= since]
 
 
 def run_scenario(url: str, timer: StepTimer, name: str, batch: int, tokens: int) -> dict[str, Any]:
+    """`batch` concurrent requests of scenario `name`; decode tok/s over the steps that ran all of them."""
     import requests
 
     barrier = threading.Barrier(batch)
@@ -391,14 +403,29 @@ def run_scenario(url: str, timer: StepTimer, name: str, batch: int, tokens: int)
         r.raise_for_status()
         counts[i] = r.json()["usage"]["completion_tokens"]
 
-    timer.take()
+    start = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(batch)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    seconds, rows = timer.take()
-    return {"tokens": counts, "decode_tok_s": rows / seconds if seconds else None, "decode_s": seconds}
+    steps = timer.take(since=start)
+    full = [sec for rows, sec in steps if rows == batch]
+    return {
+        "tokens": counts,
+        "rows": batch * len(full),
+        "seconds": sum(full),
+        "decode_tok_s": batch * len(full) / sum(full) if full else None,
+        "full_steps": len(full),
+        "steps": len(steps),
+        "step_ms_median": 1000 * statistics.median(full) if full else None,
+    }
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min, max and quartiles of `values`."""
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "q1": q1, "q3": q3}
 
 
 def measure_server(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -408,35 +435,53 @@ def measure_server(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict
     tm = TorusModel.from_pretrained(None, TorusConfig(transport="copy", resident_layers=0), show_progress=False)
     app = create_app(tm, ServerSettings(model_name="smollm2", max_batch_size=8))
     server = harness.Server(app)
+    names = list(SCENARIOS)
+    runs: dict[tuple[str, int], list[list[dict[str, Any]]]] = {(n, b): [] for b in (1, 8) for n in names}
     try:
         timer = StepTimer(app.state.service.scheduler)
-        for name in SCENARIOS:  # warm-up: the grammar tokenizer, each route
+        for name in names:  # warm-up: the grammar tokenizer, each route, both batch sizes
             run_scenario(server.url, timer, name, 1, 4)
-        cells = [(n, b) for b in (1, 8) for n in SCENARIOS]
-        results: dict[tuple[str, int], list[float]] = {c: [] for c in cells}
-        counts: dict[tuple[str, int], list[int]] = {}
+            run_scenario(server.url, timer, name, 8, 4)
         for r in range(args.repeats):
-            for name, batch in harness.rotated(cells, r):
-                harness.log(f"round {r + 1}: {name} at batch {batch}")
-                out = run_scenario(server.url, timer, name, batch, args.tokens)
-                results[(name, batch)].append(out["decode_tok_s"])
-                counts[(name, batch)] = out["tokens"]
+            for batch in (1, 8):  # a mirrored round at one batch size: A B C C B A
+                order = harness.rotated(names, r)
+                for name in names:
+                    runs[(name, batch)].append([])
+                for name in order + order[::-1]:
+                    harness.log(f"round {r + 1}/{args.repeats}: {name} at batch {batch}")
+                    runs[(name, batch)][-1].append(run_scenario(server.url, timer, name, batch, args.tokens))
     finally:
         server.stop()
+
+    def rate(pair: list[dict[str, Any]]) -> float:  # rows decoded over the seconds of the round's runs
+        return sum(run["rows"] for run in pair) / sum(run["seconds"] for run in pair)
+
     rows = []
     for batch in (1, 8):
-        free = statistics.median(results[("free", batch)])
-        for name in SCENARIOS:
-            tok_s = statistics.median(results[(name, batch)])
+        free = [rate(pair) for pair in runs[("free", batch)]]
+        for name in names:
+            rounds = [rate(pair) for pair in runs[(name, batch)]]
+            per_run = [run["decode_tok_s"] for pair in runs[(name, batch)] for run in pair]
+            overheads = [1 - c / f for c, f in zip(rounds, free)]
+            over = spread(overheads)
             rows.append(
                 {
                     "scenario": name,
                     "batch": batch,
-                    "decode_tok_s": tok_s,
-                    "rounds": results[(name, batch)],
-                    "tokens_per_request": counts[(name, batch)],
-                    "vs_free": tok_s / free,
-                    "overhead_per_token": 1 - tok_s / free,
+                    "decode_tok_s": statistics.median(rounds),
+                    "decode_tok_s_runs": spread(per_run),
+                    "rounds": rounds,
+                    "runs": per_run,
+                    "overhead_per_token": over["median"],
+                    "overhead_spread": over,
+                    "overhead_rounds": overheads,
+                    "overhead_of_medians": 1 - statistics.median(rounds) / statistics.median(free),
+                    "vs_free": 1 - over["median"],
+                    "step_ms_median": statistics.median(
+                        run["step_ms_median"] for pair in runs[(name, batch)] for run in pair
+                    ),
+                    "full_batch_steps": [f"{run['full_steps']}/{run['steps']}" for run in runs[(name, batch)][0]],
+                    "tokens_per_request": runs[(name, batch)][-1][-1]["tokens"],
                 }
             )
     s = tm.stats()
@@ -446,7 +491,7 @@ def measure_server(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=32, help="tokens every request generates (default 32)")
-    ap.add_argument("--repeats", type=int, default=2, help="rounds over all scenarios (default 2)")
+    ap.add_argument("--repeats", type=int, default=4, help="mirrored rounds per batch size (default 4)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all CPUs)")
     ap.add_argument("--skip-server", action="store_true", help="only compare the libraries")
     harness.add_output_args(ap, "constrained_decode.json")
@@ -479,15 +524,19 @@ def render(report: dict[str, Any]) -> list[Any]:
     out = [libs]
     if report.get("server"):
         srv = harness.table(
-            "torus-sparse serve, decode tok/s (llguidance)", ["scenario", "batch", "tok/s", "vs free", "overhead/token"]
+            "torus-sparse serve, decode tok/s (llguidance); overhead: median of mirrored rounds",
+            ["scenario", "batch", "tok/s", "tok/s runs min-max", "overhead/token", "overhead min-max", "overhead IQR"],
         )
         for row in report["server"]:
+            tok, over = row["decode_tok_s_runs"], row["overhead_spread"]
             srv.add_row(
                 row["scenario"],
                 str(row["batch"]),
                 f"{row['decode_tok_s']:.2f}",
-                f"{row['vs_free']:.3f}",
+                f"{tok['min']:.2f}-{tok['max']:.2f}",
                 f"{100 * row['overhead_per_token']:.1f}%",
+                f"{100 * over['min']:.1f}% to {100 * over['max']:.1f}%",
+                f"{100 * over['q1']:.1f}% to {100 * over['q3']:.1f}%",
             )
         out.append(srv)
     return out
@@ -521,8 +570,12 @@ def main(argv: list[str] | None = None) -> int:
                 "batches": [1, 8],
                 "route": "POST /v1/chat/completions (greedy)",
             },
-            method="decode tok/s = rows decoded / seconds inside the scheduler's decode steps (forward pass and "
-            "per-row choice, grammar masks included); medians over rounds in rotated order; overhead = 1 - constrained / free",
+            method="decode tok/s = rows decoded / seconds inside the scheduler's decode steps that ran the cell's "
+            "whole batch (forward pass and per-row choice, grammar masks included); mirrored rounds: at one batch "
+            "size a round runs free, json_schema and tool call back to back and again in reverse order (A B C C B A, "
+            "rotated per round); a round's overhead is 1 - constrained / free over its two runs each; a cell's "
+            "overhead is the median over rounds (spread: min, max, quartiles; runs: each run's tok/s); "
+            "overhead_of_medians = 1 - median tok/s / median free tok/s",
             target={"overhead_per_token_at_most": 0.10},
         )
         worst = max(r["overhead_per_token"] for r in rows)
