@@ -183,15 +183,26 @@ def q8_layout(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch
     return packed, sums, scales
 
 
-def _call(fn: Any, x: torch.Tensor, tensors: tuple, rows: int, group: int, threads: int | None, vnni: bool | None) -> torch.Tensor:
+def _call(
+    fn: Any, x: torch.Tensor, tensors: tuple, rows: int, group: int, threads: int | None, vnni: bool | None
+) -> torch.Tensor:
     x = x.to(torch.float32).contiguous()
     tokens, cols = x.shape
     y = torch.empty(tokens, rows, dtype=torch.float32)
     use_vnni = _vnni if vnni is None else (vnni and _vnni)
     a, b, c = tensors
     rc = fn(
-        a.data_ptr(), b.data_ptr(), c.data_ptr(), rows, cols, group, x.data_ptr(), tokens, y.data_ptr(),
-        threads or torch.get_num_threads(), int(use_vnni),
+        a.data_ptr(),
+        b.data_ptr(),
+        c.data_ptr(),
+        rows,
+        cols,
+        group,
+        x.data_ptr(),
+        tokens,
+        y.data_ptr(),
+        threads or torch.get_num_threads(),
+        int(use_vnni),
     )
     if rc != 0:
         raise MemoryError(f"the native kernel could not allocate scratch for {tokens} tokens")

@@ -18,8 +18,8 @@ from ..bandwidth import probe_bandwidth
 from ..config import TorusConfig, parse_bandwidth
 from ..errors import ConfigError
 from ..planning.host_split import HostCosts, TokenCosts, balanced_share, host_rows, max_host_tokens, predict
-from .dense import SPLIT_ALIGN, HostLayers, hidden_size
 from . import native
+from .dense import SPLIT_ALIGN, HostLayers, hidden_size
 from .kernels import HostComputeError
 from .probe import HostProbe, probe_host
 

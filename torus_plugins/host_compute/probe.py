@@ -85,6 +85,39 @@ def _ffn(x: torch.Tensor, ws: list[HostWeight]) -> torch.Tensor:
     return d.linear(F.silu(g.linear(x)) * u.linear(x))
 
 
+def ffn_runner(
+    hidden: int,
+    inter: int,
+    dtype: torch.dtype,
+    quant: str | None,
+    group: int,
+    kernel: str,
+    act: torch.dtype | None,
+    tokens: int = 1,
+    target_bytes: int = 96 * 2**20,
+) -> tuple[Callable[[], None], int]:
+    """(run, host-format weight bytes it reads): one pass of `tokens` tokens through gated FFNs of
+    these shapes, enough layers to exceed the caches (`target_bytes` of weights as loaded), as a
+    model does."""
+    per_layer = 3 * hidden * inter * torch.empty((), dtype=dtype).element_size()
+    layers = max(1, min(64, target_bytes // max(1, per_layer)))
+    weights = _ffn_weights(hidden, inter, dtype, quant, kernel, act, group, layers)
+    nbytes = sum(w.nbytes for ws in weights for w in ws)
+    x = torch.randn(tokens, hidden).to(dtype)
+
+    def run() -> None:
+        with torch.no_grad():
+            for ws in weights:
+                _ffn(x, ws)
+
+    return run, nbytes
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Best-of-`repeats` seconds of `fn()` after one warm-up call."""
+    return _best(fn, repeats)
+
+
 def ffn_throughput(
     hidden: int,
     inter: int,
@@ -97,19 +130,8 @@ def ffn_throughput(
     target_bytes: int = 96 * 2**20,
     repeats: int = 3,
 ) -> float:
-    """Host-format weight bytes per second through gated FFNs of these shapes at `tokens` tokens.
-    Enough layers to exceed the caches (`target_bytes` of weights as loaded), as a model does."""
-    per_layer = 3 * hidden * inter * torch.empty((), dtype=dtype).element_size()
-    layers = max(1, min(64, target_bytes // max(1, per_layer)))
-    weights = _ffn_weights(hidden, inter, dtype, quant, kernel, act, group, layers)
-    nbytes = sum(w.nbytes for ws in weights for w in ws)
-    x = torch.randn(tokens, hidden).to(dtype)
-
-    def run() -> None:
-        with torch.no_grad():
-            for ws in weights:
-                _ffn(x, ws)
-
+    """Host-format weight bytes per second through `ffn_runner`'s FFNs at `tokens` tokens."""
+    run, nbytes = ffn_runner(hidden, inter, dtype, quant, group, kernel, act, tokens, target_bytes)
     return nbytes / _best(run, repeats)
 
 
