@@ -3,9 +3,11 @@
 Per host-placed layer the FFN module's `forward` is wrapped (not hooked: the wrapper must choose
 between two computations and always collect the host's result, whatever the device side raises):
 - a pass the host serves (autograd off, at most `max_tokens` tokens) computes the host share on the
-  host twin — on the calling thread for a whole layer (the device would only wait), on the worker
-  for a split layer while the calling thread computes the device share, streamed as a unit of its
-  own (the first neurons' rows and columns), through the module; the shares are summed on the device;
+  host twin — on the calling thread for a whole layer (the device would only wait); for a split
+  layer at the same time as the device share, streamed as a unit of its own (the first neurons'
+  rows and columns) and computed through the module: on an accelerator the calling thread queues
+  the device share, then computes the host share itself; on a CPU device (whose share blocks the
+  calling thread) the host share runs on the worker. The shares are summed on the device;
 - any other pass streams the whole layer through the slot ring exactly as without host compute, so
   prefill and training are bit-identical to streaming-only.
 Every host layer is proven at attach (`verify`): one random token through both paths must agree
@@ -197,15 +199,28 @@ class HostLayers:
             c.host_s += seconds
             streamer.skip(i)
             return y.to(x.device)
-        pending = self.worker.submit(self._host, hl, x.to("cpu"))
-        try:
+        if self.device.type == "cpu":
+            # The device share computes on this thread and blocks it: the host share needs the worker.
+            pending = self.worker.submit(self._host, hl, x.to("cpu"))
+            try:
+                streamer.acquire(i, hl.share_unit)
+                try:
+                    y = inner(*args, **kwargs)
+                finally:
+                    streamer.release(i)
+            finally:
+                yh, seconds = pending.result()  # always collected: the worker never outlives the pass
+        else:
+            # An accelerator queues the device share's kernels and returns: this thread computes the
+            # host share while they run. No thread hand-off per layer, and one OpenMP pool (a
+            # worker's own pool would make libgomp put idle threads to sleep: `cpu_threads`).
+            xh = x.to("cpu")
             streamer.acquire(i, hl.share_unit)
             try:
                 y = inner(*args, **kwargs)
             finally:
                 streamer.release(i)
-        finally:
-            yh, seconds = pending.result()  # always collected: the worker never outlives the pass
+            yh, seconds = timed(self._host, hl, xh)
         c.calls += 1
         c.host_s += seconds
         return y + yh.to(y.device)
