@@ -136,3 +136,17 @@ def streamed_smollm2(smollm2_path: str):
 
 def load_smollm2(path: str) -> torch.nn.Module:
     return T.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def wide_llama() -> torch.nn.Module:
+    """A tiny Llama whose FFN is wide enough to split into several 16-neuron blocks."""
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return T.LlamaForCausalLM(cfg).eval()

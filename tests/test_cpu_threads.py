@@ -9,7 +9,7 @@ import threading
 
 import pytest
 import torch
-import transformers as T
+from conftest import wide_llama
 
 import torus_plugins as tp
 from torus_plugins.cpu_threads import single_threaded
@@ -50,16 +50,7 @@ def test_single_threaded_affects_only_the_calling_thread(two_torch_threads) -> N
     "extra", [{}, {"weight_quant": "int4", "host_compute": "auto", "host_share": 0.5, "host_max_tokens": 1}]
 )
 def test_streaming_and_host_compute_start_no_openmp_pool(two_torch_threads, extra: dict) -> None:
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = T.LlamaForCausalLM(cfg).eval()
+    model = wide_llama()
     prompt = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
     model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)  # the main thread's own pool
     py_before, os_before = threading.active_count(), os_threads()

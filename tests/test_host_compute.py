@@ -16,8 +16,7 @@ import threading
 
 import pytest
 import torch
-import transformers as T
-from conftest import TINY_CONFIGS, TINY_MOE_CONFIGS, build_tiny
+from conftest import TINY_CONFIGS, TINY_MOE_CONFIGS, build_tiny, wide_llama
 
 import torus_plugins as tp
 from torus_plugins.errors import ConfigError
@@ -33,20 +32,6 @@ NEW = 6
 
 def greedy(model: torch.nn.Module) -> torch.Tensor:
     return model.generate(PROMPT, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
-
-
-def wide_llama() -> torch.nn.Module:
-    """A tiny Llama whose FFN is wide enough to split into several 16-neuron blocks."""
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return T.LlamaForCausalLM(cfg).eval()
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -250,9 +235,10 @@ def test_native_int8_kernel_computes_the_stored_integers() -> None:
 
 
 @needs_native
-def test_native_int4_kernel_computes_the_stored_codes() -> None:
+@pytest.mark.parametrize("rows", [50, 40])  # 4 blocks of 16 rows (the last padded), 3 (an odd one out)
+def test_native_int4_kernel_computes_the_stored_codes(rows: int) -> None:
     torch.manual_seed(2)
-    w = torch.randn(50, 128)  # 50 rows: the layout pads the last 16-row block
+    w = torch.randn(rows, 128)
     q, meta = quantize(w, "int4", 32)
     deq = torch.empty_like(w)
     dequantize_into(deq, q, meta, "int4")
@@ -267,7 +253,7 @@ def test_native_int4_kernel_computes_the_stored_codes() -> None:
         # the portable C path sums in the same order as the AVX-512 VNNI one: bit for bit
         portable = native.q4_linear(xs, hw.tensors, hw.shape[0], hw.group, vnni=False)
         assert torch.equal(portable, got)
-        assert torch.equal(hw.linear(torch.zeros_like(xs)), torch.zeros(3, 50))
+        assert torch.equal(hw.linear(torch.zeros_like(xs)), torch.zeros(3, rows))
         one_thread = native.q4_linear(xs, hw.tensors, hw.shape[0], hw.group, threads=1)
         assert torch.equal(one_thread, got)
 

@@ -56,35 +56,8 @@ static void quantize_act(const float* x, int K, int group, int8_t* hi, int8_t* l
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void block_vnni(
-    const uint8_t* w, const float* step, const float* off, int K, int group, const int8_t* hi,
-    const int8_t* lo, const float* d, const float* sum, float* out) {
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
-  const __m512 inv = _mm512_set1_ps(1.f / 254.f);
-  __m512 total = _mm512_setzero_ps();
-  for (int g = 0; g < K / group; g++) {
-    __m512i acc_h = _mm512_setzero_si512(), acc_l = _mm512_setzero_si512();
-    const int32_t* xh = (const int32_t*)(hi + (size_t)g * group);
-    const int32_t* xl = (const int32_t*)(lo + (size_t)g * group);
-    for (int c = 0; c < group / 8; c++, w += 64) {
-      __m512i v = _mm512_loadu_si512((const void*)w);
-      __m512i c0 = _mm512_and_si512(v, m4);
-      __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-      acc_h = _mm512_dpbusd_epi32(acc_h, c0, _mm512_set1_epi32(xh[2 * c]));
-      acc_h = _mm512_dpbusd_epi32(acc_h, c1, _mm512_set1_epi32(xh[2 * c + 1]));
-      acc_l = _mm512_dpbusd_epi32(acc_l, c0, _mm512_set1_epi32(xl[2 * c]));
-      acc_l = _mm512_dpbusd_epi32(acc_l, c1, _mm512_set1_epi32(xl[2 * c + 1]));
-    }
-    __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc_l), inv, _mm512_cvtepi32_ps(acc_h));
-    __m512 sv = _mm512_mul_ps(_mm512_loadu_ps(step + g * R), _mm512_set1_ps(d[g]));
-    total = _mm512_fmadd_ps(a, sv, total);
-    total = _mm512_fnmadd_ps(_mm512_loadu_ps(off + g * R), _mm512_set1_ps(sum[g]), total);
-  }
-  _mm512_storeu_ps(out, total);
-}
-
-/* Two blocks at once (32 rows): each activation broadcast feeds two weight vectors. Per block the
- * arithmetic, and its order, is block_vnni's. */
+/* Two blocks at once (32 rows): each activation broadcast feeds two weight vectors. A last odd block
+ * passes itself twice. Per block the arithmetic, and its order, is block_portable's. */
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void pair_vnni(
     const uint8_t* w0, const uint8_t* w1, const float* step0, const float* step1, const float* off0,
     const float* off1, int K, int group, const int8_t* hi, const int8_t* lo, const float* d,
@@ -146,6 +119,23 @@ static void block_portable(const uint8_t* w, const float* step, const float* off
   memcpy(out, total, sizeof total);
 }
 
+/* Scratch for M tokens' activations: q = [hi of every token | lo of every token] (M*K each),
+ * f = [d of every token | sum of every token] (M*G each), filled by quantize_act. Nonzero: no memory. */
+static int activations(const float* x, int M, int K, int group, int8_t** q, float** f) {
+  int G = K / group;
+  *q = malloc((size_t)M * K * 2);
+  *f = malloc(sizeof(float) * (size_t)M * G * 2);
+  if (!*q || !*f) {
+    free(*q);
+    free(*f);
+    return -1;
+  }
+  for (int m = 0; m < M; m++)
+    quantize_act(x + (size_t)m * K, K, group, *q + (size_t)m * K, *q + (size_t)(M + m) * K, *f + (size_t)m * G,
+                 *f + (size_t)(M + m) * G);
+  return 0;
+}
+
 /* int8: one block of 16 rows; activations as unsigned bytes (h + 128, l + 128). */
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void q8_block_vnni(
     const int8_t* w, const int32_t* wsum, const float* scale, int K, int group, const uint8_t* hi,
@@ -195,16 +185,9 @@ static void q8_block_portable(const int8_t* w, const int32_t* wsum, const float*
 int torus_q8_linear(const int8_t* w, const int32_t* wsum, const float* scale, int rows, int K, int group,
                     const float* x, int M, float* y, int threads, int vnni) {
   int blocks = (rows + R - 1) / R, G = K / group;
-  int8_t* q = malloc((size_t)M * K * 2);
-  float* f = malloc(sizeof(float) * (size_t)M * G * 2);
-  if (!q || !f) {
-    free(q);
-    free(f);
-    return -1;
-  }
-  for (int m = 0; m < M; m++)
-    quantize_act(x + (size_t)m * K, K, group, q + (size_t)m * K, q + (size_t)(M + m) * K, f + (size_t)m * G,
-                 f + (size_t)(M + m) * G);
+  int8_t* q;
+  float* f;
+  if (activations(x, M, K, group, &q, &f)) return -1;
   uint8_t* u = (uint8_t*)q;
   for (size_t i = 0; i < (size_t)M * K * 2; i++) u[i] ^= 0x80; /* int8 v -> unsigned v + 128 */
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -239,17 +222,10 @@ int torus_has_vnni(void) {
 int torus_q4_linear(const uint8_t* w, const float* step, const float* off, int rows, int K, int group,
                     const float* x, int M, float* y, int threads, int vnni) {
   int blocks = (rows + R - 1) / R, G = K / group;
-  int8_t* q = malloc((size_t)M * K * 2);
-  float* f = malloc(sizeof(float) * (size_t)M * G * 2);
-  if (!q || !f) {
-    free(q);
-    free(f);
-    return -1;
-  }
-  for (int m = 0; m < M; m++)
-    quantize_act(x + (size_t)m * K, K, group, q + (size_t)m * K, q + (size_t)(M + m) * K, f + (size_t)m * G,
-                 f + (size_t)(M + m) * G);
-  /* Work items: pairs of blocks (the VNNI path computes a pair per call; a last odd block alone). */
+  int8_t* q;
+  float* f;
+  if (activations(x, M, K, group, &q, &f)) return -1;
+  /* Work items: pairs of blocks (the VNNI path computes a pair per call). */
   int items = (blocks + 1) / 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int it = 0; it < items; it++) {
@@ -263,17 +239,15 @@ int torus_q4_linear(const uint8_t* w, const float* step, const float* off, int r
       const uint8_t* wb = w + (size_t)b0 * R * K / 2;
       const float* sb = step + (size_t)b0 * G * R;
       const float* ob = off + (size_t)b0 * G * R;
-      if (vnni && nblk == 2)
-        pair_vnni(wb, wb + (size_t)R * K / 2, sb, sb + (size_t)G * R, ob, ob + (size_t)G * R, K, group, h, l, d, s,
-                  out[0], out[1]);
-      else
+      if (vnni) {
+        size_t w1 = nblk == 2 ? (size_t)R * K / 2 : 0, s1 = nblk == 2 ? (size_t)G * R : 0;
+        pair_vnni(wb, wb + w1, sb, sb + s1, ob, ob + s1, K, group, h, l, d, s, out[0], out[1]);
+      } else {
         for (int j = 0; j < nblk; j++) {
           size_t wo = (size_t)j * R * K / 2, so = (size_t)j * G * R;
-          if (vnni)
-            block_vnni(wb + wo, sb + so, ob + so, K, group, h, l, d, s, out[j]);
-          else
-            block_portable(wb + wo, sb + so, ob + so, K, group, h, l, d, s, out[j]);
+          block_portable(wb + wo, sb + so, ob + so, K, group, h, l, d, s, out[j]);
         }
+      }
       for (int j = 0; j < nblk; j++) {
         int b = b0 + j, n = rows - b * R < R ? rows - b * R : R;
         memcpy(y + (size_t)m * rows + (size_t)b * R, out[j], sizeof(float) * n);
