@@ -101,6 +101,10 @@ class Terminal:
         pid, fd = pty.fork()
         if pid == 0:  # child: size the terminal before rich looks at it, then become the command
             try:
+                # A shell gives its foreground job the default SIGINT; pytest started from a
+                # non-interactive shell's background job inherits SIGINT ignored, and an ignored
+                # SIGINT survives exec: Ctrl+C would then do nothing in the chat.
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 50, cols, 0, 0))
                 os.execvpe(argv[0], argv, env)
             finally:
@@ -214,16 +218,7 @@ def test_ctrl_c_stops_a_reply_then_the_chat_goes_on_and_ctrl_c_at_the_prompt_lea
     # the line editor takes the terminal, then the editor), so "dragon." could match too early.
     t.expect(r"Once upon a time,(?:\s*[A-Za-z,.']+){6}")
     t.send("\x03")
-    try:
-        seen = t.expect("stopped", timeout=4)
-    except AssertionError:
-        # Seen twice under a loaded two-core CI (never alone, 3 of 3 in a probe): the terminal echoed
-        # the ^C but the chat never got a SIGINT and streamed on to max_new_tokens. A second key
-        # press while the reply still streams must stop it all the same; a reply that reached its
-        # end first fails below (no "stopped" before the prompt).
-        t.send("\x03")
-        seen = t.expect("stopped|" + PROMPT)
-    assert "stopped" in seen, "Ctrl+C did not stop the reply"
+    t.expect("stopped")
     t.expect(PROMPT)
     assert "Paris" in ask(t, "What is the capital of France? Answer in one sentence.")
     t.send("\x03")
