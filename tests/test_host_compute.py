@@ -293,6 +293,36 @@ def test_native_kernel_computes_moe_host_experts() -> None:
     tp.detach(model)
 
 
+@needs_native
+def test_native_kernel_under_threads_and_inference_mode() -> None:
+    """Three threads through split int4 layers (the kernel's scratch is per call) and inference mode
+    (the worker is not in it) give the tokens and logits of one no-grad caller."""
+    model = wide_llama()
+    tp.attach(
+        model,
+        transport="copy",
+        resident_layers=0,
+        weight_quant="int4",
+        host_compute="auto",
+        host_share=0.5,
+        host_max_tokens=1,
+        host_kernel="native",
+    )
+    ref_tokens = greedy(model)
+    with torch.no_grad():
+        ref = model(PROMPT[:, :1]).logits
+    with torch.inference_mode():
+        assert torch.equal(model(PROMPT[:, :1]).logits, ref)
+    results: list[torch.Tensor] = []
+    threads = [threading.Thread(target=lambda: results.extend(greedy(model) for _ in range(2))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 6 and all(torch.equal(r, ref_tokens) for r in results)
+    tp.detach(model)
+
+
 def test_native_kernel_refusals(tmp_path) -> None:
     # A machine whose compiler fails: the kernel says why, "auto" falls back to PyTorch's kernels
     # and "native" is refused (a fresh process: the library is built once per process).

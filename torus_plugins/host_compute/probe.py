@@ -38,7 +38,8 @@ class HostProbe:
         return self.ffn_bps / self.memory_bps if self.memory_bps else 0.0
 
 
-def _best(fn: Callable[[], object], repeats: int) -> float:
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Best-of-`repeats` seconds of `fn()` after one warm-up call."""
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -51,7 +52,7 @@ def _best(fn: Callable[[], object], repeats: int) -> float:
 def memory_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """Best-of-`repeats` bytes per second of a sum over `nbytes` of fp32 (a pure read)."""
     t = torch.ones(nbytes // 4)
-    return nbytes / _best(t.sum, repeats)
+    return nbytes / best_time(t.sum, repeats)
 
 
 def _ffn_weights(
@@ -113,28 +114,6 @@ def ffn_runner(
     return run, nbytes
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Best-of-`repeats` seconds of `fn()` after one warm-up call."""
-    return _best(fn, repeats)
-
-
-def ffn_throughput(
-    hidden: int,
-    inter: int,
-    dtype: torch.dtype,
-    quant: str | None,
-    group: int,
-    kernel: str,
-    act: torch.dtype | None,
-    tokens: int = 1,
-    target_bytes: int = 96 * 2**20,
-    repeats: int = 3,
-) -> float:
-    """Host-format weight bytes per second through `ffn_runner`'s FFNs at `tokens` tokens."""
-    run, nbytes = ffn_runner(hidden, inter, dtype, quant, group, kernel, act, tokens, target_bytes)
-    return nbytes / _best(run, repeats)
-
-
 def candidates(dtype: torch.dtype, quant: str | None) -> list[tuple[str, torch.dtype | None]]:
     """(kernel, activation dtype) pairs worth timing for weights of `dtype` streamed as `quant`."""
     if quant is None:
@@ -159,12 +138,17 @@ def probe_host(
     target = 8 * 2**20 if quick else 96 * 2**20
     reps = 1 if quick else 3
     mem = memory_bandwidth(32 * 2**20 if quick else 256 * 2**20, 2 if quick else 5)
+
+    def throughput(kernel: str, act: torch.dtype | None, tokens: int) -> float:
+        run, nbytes = ffn_runner(hidden, inter, dtype, quant, group, kernel, act, tokens, target)
+        return nbytes / best_time(run, reps)
+
     best: tuple[float, str, torch.dtype | None] | None = None
     for kernel, act in candidates(dtype, quant):
-        bps = ffn_throughput(hidden, inter, dtype, quant, group, kernel, act, 1, target, reps)
+        bps = throughput(kernel, act, 1)
         if best is None or bps > best[0]:
             best = (bps, kernel, act)
     assert best is not None
     bps, kernel, act = best
-    at = ffn_throughput(hidden, inter, dtype, quant, group, kernel, act, probe_tokens, target, reps)
+    at = throughput(kernel, act, probe_tokens)
     return HostProbe(mem, bps, at, probe_tokens, kernel, act, torch.get_num_threads())
