@@ -227,8 +227,8 @@ def test_native_int8_kernel_computes_the_stored_integers() -> None:
         got, want = hw.linear(xs), xs @ deq[:, cols].T
         for g, r in zip(got, want):
             assert relative(g, r) < 2e-4
-        assert torch.equal(native.q8_linear(xs, hw.tensors, hw.shape[0], vnni=False), got)
-        assert torch.equal(native.q8_linear(xs, hw.tensors, hw.shape[0], threads=1), got)
+        assert torch.equal(native.q8_linear(xs, hw.tensors, hw.shape[0], hw.group, vnni=False), got)
+        assert torch.equal(native.q8_linear(xs, hw.tensors, hw.shape[0], hw.group, threads=1), got)
     # a width the layout cannot take: PyTorch's dequantize path, not a guess
     odd = stored_weight(*quantize(torch.randn(8, 30), "int8", 32), "int8", "int8native", None, torch.float32)
     assert odd.kernel == "dequantize"

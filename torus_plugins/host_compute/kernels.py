@@ -69,7 +69,7 @@ class HostWeight:
             packed, scale_zeros = self.tensors
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(self.act_dtype), packed, self.group, scale_zeros)
         elif self.kernel == "int8native":
-            y = native.q8_linear(x2, self.tensors, self.shape[0])  # type: ignore[arg-type]
+            y = native.q8_linear(x2, self.tensors, self.shape[0], self.group)  # type: ignore[arg-type]
         elif self.kernel == "int4native":
             y = native.q4_linear(x2, self.tensors, self.shape[0], self.group)  # type: ignore[arg-type]
         elif self.mode == "int8":
@@ -114,8 +114,9 @@ def stored_weight(
     if mode == "int8":
         qs, ss = q[rows, cols].contiguous(), scale[rows]
         shape = (qs.shape[0], qs.shape[1])
-        if kernel == "int8native" and native.q8_group(shape[1]) is not None:
-            return HostWeight("int8native", shape, dtype, native.q8_layout(qs, ss), mode=mode)
+        group = native.q8_group(shape[1])
+        if kernel == "int8native" and group is not None:
+            return HostWeight("int8native", shape, dtype, native.q8_layout(qs, ss), group=group, mode=mode)
         if kernel == "int8pack":
             act = act_dtype or dtype
             return HostWeight("int8pack", shape, dtype, (qs, ss.to(act)), act, mode=mode)

@@ -213,15 +213,15 @@ def q8_linear(
     x: torch.Tensor,
     tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     rows: int,
+    group: int,
     threads: int | None = None,
     vnni: bool | None = None,
 ) -> torch.Tensor:
-    """x [tokens, cols] @ W^T -> float32 [tokens, rows], W in `q8_layout`; as `q4_linear`."""
+    """x [tokens, cols] @ W^T -> float32 [tokens, rows], W in `q8_layout` (`group`: `q8_group(cols)`);
+    as `q4_linear`."""
     lib = _lib or library()
     if lib is None:
         raise OSError(_error)
-    group = q8_group(x.shape[-1])
-    assert group is not None
     return _call(lib.torus_q8_linear, x, tensors, rows, group, threads, vnni)
 
 
