@@ -144,6 +144,23 @@ class Terminal:
     def send(self, keys: str) -> None:
         os.write(self.fd, keys.encode())
 
+    def await_line_editor(self, timeout: float = 60) -> None:
+        """Wait until the child's line editor has the terminal (readline leaves canonical mode).
+
+        A Ctrl+C between the prompt being printed and readline's select() is caught by Python's
+        C handler before select() starts, so select() never sees EINTR and the chat waits for a
+        key (CPython's readline loop checks signals only on EINTR); a person would press Ctrl+C
+        again. The test must not land in that window: the prompt on screen is not enough, the
+        terminal mode says when readline is reading. (A pty master's tcgetattr reports the slave's.)
+        """
+        import termios
+
+        deadline = time.monotonic() + timeout
+        while termios.tcgetattr(self.fd)[3] & termios.ICANON:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the line editor never took the terminal; output:\n{self.text[self.pos :]}")
+            self._pump(0.05)
+
     def wait(self, timeout: float = 60) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -221,6 +238,7 @@ def test_ctrl_c_stops_a_reply_then_the_chat_goes_on_and_ctrl_c_at_the_prompt_lea
     t.expect("stopped")
     t.expect(PROMPT)
     assert "Paris" in ask(t, "What is the capital of France? Answer in one sentence.")
+    t.await_line_editor()
     t.send("\x03")
     t.expect("bye")
     assert t.wait() == 0
