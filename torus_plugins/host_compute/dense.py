@@ -10,8 +10,10 @@ between two computations and always collect the host's result, whatever the devi
   calling thread) the host share runs on the worker. The shares are summed on the device;
 - any other pass streams the whole layer through the slot ring exactly as without host compute, so
   prefill and training are bit-identical to streaming-only.
-Every host layer is proven at attach (`verify`): one random token through both paths must agree
-within the bound of its arithmetic, or the engine refuses (or, under "auto", keeps streaming).
+A layer whose FFN is proven to be `down(act(gate(x)) * up(x))` on native weights computes in one
+native call (`fused`) instead of through its twin. Every host layer is proven at attach (`verify`):
+one random token through both paths must agree within the bound of its arithmetic, or the engine
+refuses (or, under "auto", keeps streaming).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from ..guards import ForwardOverride, check_traceable_call
+from .fused import GatedFFN, recognize
 from .kernels import HostComputeError, HostLinearMode, HostWeight, stored_weight
 from .split import Cut, find_cut
 from .twin import host_twin
@@ -49,6 +52,7 @@ class HostLayer:
     mode: HostLinearMode | None
     share_unit: int | None = None  # the device share's unit in the host store (split layers)
     share_tensors: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    fused: GatedFFN | None = None  # the whole host share in one native call (`fused.recognize`)
 
     @property
     def whole(self) -> bool:
@@ -155,7 +159,8 @@ class HostLayers:
             device_part = cut.share([p.data for p in params], 0, start, device_share=True)
             share = [(n + ".share", t.detach().to("cpu").clone()) for n, t in zip(names, device_part)]
         mode_ = HostLinearMode(weights) if weights else None
-        self.layers[i] = HostLayer(i, rows, inter, hidden, twin, mode_, share_tensors=share)
+        fused = recognize(twin, mode_, hidden, params[0].dtype)
+        self.layers[i] = HostLayer(i, rows, inter, hidden, twin, mode_, share_tensors=share, fused=fused)
         self.counters[i] = HostCounters()
 
     def add_share_units(self, store: Any) -> dict[int, int | None]:
@@ -227,6 +232,8 @@ class HostLayers:
 
     @staticmethod
     def _host(hl: HostLayer, x: torch.Tensor) -> torch.Tensor:
+        if hl.fused is not None:
+            return hl.fused(x)
         if hl.mode is None:
             return hl.twin(x)
         with hl.mode:
@@ -267,6 +274,11 @@ class HostLayers:
         for i in self.refused:
             if self.streamer is not None:
                 self.streamer.host_units.pop(i, None)  # prefetch the whole layer, as for any streamed one
+
+    @property
+    def fused(self) -> list[int]:
+        """The host layers computed by one native call (`fused`)."""
+        return [i for i, hl in self.layers.items() if hl.fused is not None and i not in self.refused]
 
     def reset_stats(self) -> None:
         self.counters = {i: HostCounters() for i in self.layers}

@@ -181,80 +181,169 @@ static void q8_block_portable(const int8_t* w, const int32_t* wsum, const float*
   for (int r = 0; r < R; r++) out[r] = total[r] * scale[r];
 }
 
-/* int8: y[M][rows] = x[M][K] @ W^T, W in the q8 layout; `group`: the activations' group (divides K, multiple of 4). */
-int torus_q8_linear(const int8_t* w, const int32_t* wsum, const float* scale, int rows, int K, int group,
-                    const float* x, int M, float* y, int threads, int vnni) {
-  int blocks = (rows + R - 1) / R, G = K / group;
-  int8_t* q;
-  float* f;
-  if (activations(x, M, K, group, &q, &f)) return -1;
-  uint8_t* u = (uint8_t*)q;
-  for (size_t i = 0; i < (size_t)M * K * 2; i++) u[i] ^= 0x80; /* int8 v -> unsigned v + 128 */
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int b = 0; b < blocks; b++) {
-    const int8_t* wb = w + (size_t)b * R * K;
-    const int32_t* sb = wsum + (size_t)b * G * R;
-    int n = rows - b * R < R ? rows - b * R : R;
-    for (int m = 0; m < M; m++) {
-      float out[R];
-      const uint8_t* h = u + (size_t)m * K;
-      const uint8_t* l = u + (size_t)(M + m) * K;
-      const float* d = f + (size_t)m * G;
-      if (vnni)
-        q8_block_vnni(wb, sb, scale + (size_t)b * R, K, group, h, l, d, out);
-      else
-        q8_block_portable(wb, sb, scale + (size_t)b * R, K, group, h, l, d, out);
-      memcpy(y + (size_t)m * rows + (size_t)b * R, out, sizeof(float) * n);
-    }
-  }
-  free(q);
-  free(f);
-  return 0;
-}
-
 int torus_has_vnni(void) {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vnni");
 }
 
-/* y[M][rows] = x[M][K] @ W^T. Returns 0, or -1 when scratch memory could not be allocated. */
-int torus_q4_linear(const uint8_t* w, const float* step, const float* off, int rows, int K, int group,
-                    const float* x, int M, float* y, int threads, int vnni) {
-  int blocks = (rows + R - 1) / R, G = K / group;
-  int8_t* q;
-  float* f;
-  if (activations(x, M, K, group, &q, &f)) return -1;
-  /* Work items: pairs of blocks (the VNNI path computes a pair per call). */
-  int items = (blocks + 1) / 2;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int it = 0; it < items; it++) {
-    for (int m = 0; m < M; m++) {
-      const int8_t* h = q + (size_t)m * K;
-      const int8_t* l = q + (size_t)(M + m) * K;
-      const float* d = f + (size_t)m * G;
-      const float* s = f + (size_t)(M + m) * G;
-      float out[2][R];
-      int b0 = 2 * it, nblk = b0 + 1 < blocks ? 2 : 1;
-      const uint8_t* wb = w + (size_t)b0 * R * K / 2;
-      const float* sb = step + (size_t)b0 * G * R;
-      const float* ob = off + (size_t)b0 * G * R;
-      if (vnni) {
-        size_t w1 = nblk == 2 ? (size_t)R * K / 2 : 0, s1 = nblk == 2 ? (size_t)G * R : 0;
-        pair_vnni(wb, wb + w1, sb, sb + s1, ob, ob + s1, K, group, h, l, d, s, out[0], out[1]);
-      } else {
-        for (int j = 0; j < nblk; j++) {
-          size_t wo = (size_t)j * R * K / 2, so = (size_t)j * G * R;
-          block_portable(wb + wo, sb + so, ob + so, K, group, h, l, d, s, out[j]);
-        }
-      }
+/* ------------------------------------------------------------------ matrices, work items, calls
+ * One weight matrix in either layout; t0, t1, t2 are q4's (codes, step, offset) or q8's (q, row sums,
+ * scales), as native.py lays them out. */
+typedef struct {
+  int bits; /* 4 or 8 */
+  const void* t0;
+  const void* t1;
+  const void* t2;
+  int rows, K, group; /* group: q4's weight group, q8's activation group */
+} torus_mat;
+
+/* A matrix's activations for M tokens: `activations` plus, for q8, the unsigned form VNNI wants. */
+static int prepare(const torus_mat* m, const float* x, int M, int8_t** q, float** f) {
+  if (activations(x, M, m->K, m->group, q, f)) return -1;
+  if (m->bits == 8) {
+    uint8_t* u = (uint8_t*)*q;
+    for (size_t i = 0; i < (size_t)M * m->K * 2; i++) u[i] ^= 0x80; /* int8 v -> unsigned v + 128 */
+  }
+  return 0;
+}
+
+/* Work items: q4 computes pairs of blocks (the VNNI path does a pair per call), q8 single blocks. */
+static int items(const torus_mat* m) {
+  int blocks = (m->rows + R - 1) / R;
+  return m->bits == 4 ? (blocks + 1) / 2 : blocks;
+}
+
+static void item_rows(const torus_mat* m, int it, int* r0, int* r1) {
+  int span = m->bits == 4 ? 2 * R : R;
+  *r0 = it * span;
+  *r1 = *r0 + span < m->rows ? *r0 + span : m->rows;
+}
+
+/* Rows of work item `it` for all M tokens: y[t * ystride + row]. */
+static void item(const torus_mat* m, const int8_t* q, const float* f, int M, int it, float* y, int ystride,
+                 int vnni) {
+  int K = m->K, group = m->group, G = K / group, rows = m->rows, blocks = (rows + R - 1) / R;
+  for (int t = 0; t < M; t++) {
+    const float* d = f + (size_t)t * G;
+    if (m->bits == 8) {
+      const uint8_t* h = (const uint8_t*)q + (size_t)t * K;
+      const uint8_t* l = (const uint8_t*)q + (size_t)(M + t) * K;
+      float out[R];
+      int b = it, n = rows - b * R < R ? rows - b * R : R;
+      const int8_t* wb = (const int8_t*)m->t0 + (size_t)b * R * K;
+      const int32_t* sb = (const int32_t*)m->t1 + (size_t)b * G * R;
+      const float* scale = (const float*)m->t2 + (size_t)b * R;
+      if (vnni)
+        q8_block_vnni(wb, sb, scale, K, group, h, l, d, out);
+      else
+        q8_block_portable(wb, sb, scale, K, group, h, l, d, out);
+      memcpy(y + (size_t)t * ystride + (size_t)b * R, out, sizeof(float) * n);
+      continue;
+    }
+    const int8_t* h = q + (size_t)t * K;
+    const int8_t* l = q + (size_t)(M + t) * K;
+    const float* s = f + (size_t)(M + t) * G;
+    float out[2][R];
+    int b0 = 2 * it, nblk = b0 + 1 < blocks ? 2 : 1;
+    const uint8_t* wb = (const uint8_t*)m->t0 + (size_t)b0 * R * K / 2;
+    const float* sb = (const float*)m->t1 + (size_t)b0 * G * R;
+    const float* ob = (const float*)m->t2 + (size_t)b0 * G * R;
+    if (vnni) {
+      size_t w1 = nblk == 2 ? (size_t)R * K / 2 : 0, s1 = nblk == 2 ? (size_t)G * R : 0;
+      pair_vnni(wb, wb + w1, sb, sb + s1, ob, ob + s1, K, group, h, l, d, s, out[0], out[1]);
+    } else {
       for (int j = 0; j < nblk; j++) {
-        int b = b0 + j, n = rows - b * R < R ? rows - b * R : R;
-        memcpy(y + (size_t)m * rows + (size_t)b * R, out[j], sizeof(float) * n);
+        size_t wo = (size_t)j * R * K / 2, so = (size_t)j * G * R;
+        block_portable(wb + wo, sb + so, ob + so, K, group, h, l, d, s, out[j]);
       }
     }
+    for (int j = 0; j < nblk; j++) {
+      int b = b0 + j, n = rows - b * R < R ? rows - b * R : R;
+      memcpy(y + (size_t)t * ystride + (size_t)b * R, out[j], sizeof(float) * n);
+    }
   }
+}
+
+/* y[M][rows] = x[M][K] @ W^T. Returns 0, or -1 when scratch memory could not be allocated. */
+static int linear(const torus_mat* m, const float* x, int M, float* y, int threads, int vnni) {
+  int8_t* q;
+  float* f;
+  if (prepare(m, x, M, &q, &f)) return -1;
+  int n = items(m);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int it = 0; it < n; it++) item(m, q, f, M, it, y, m->rows, vnni);
   free(q);
   free(f);
   return 0;
+}
+
+/* int8: W in the q8 layout; `group`: the activations' group (divides K, multiple of 4). */
+int torus_q8_linear(const int8_t* w, const int32_t* wsum, const float* scale, int rows, int K, int group,
+                    const float* x, int M, float* y, int threads, int vnni) {
+  torus_mat m = {8, w, wsum, scale, rows, K, group};
+  return linear(&m, x, M, y, threads, vnni);
+}
+
+/* int4: W in the q4 layout; `group`: the weight's group. */
+int torus_q4_linear(const uint8_t* w, const float* step, const float* off, int rows, int K, int group,
+                    const float* x, int M, float* y, int threads, int vnni) {
+  torus_mat m = {4, w, step, off, rows, K, group};
+  return linear(&m, x, M, y, threads, vnni);
+}
+
+/* ------------------------------------------------------------------ a gated FFN in one call
+ * y = down(act(gate(x)) * up(x)), the shape of Llama's, Qwen's, Mistral's, Gemma's MLP: one call
+ * instead of three kernels and the elementwise ops between them, which at one token cost more in
+ * Python and dispatch than the kernels do. Each work item computes the same rows of gate and up and
+ * their product (so the intermediate never leaves the thread that made it), then the product is
+ * quantized as `linear` quantizes any input and goes through down. gate, up and down round exactly
+ * as three `linear` calls; only act differs from PyTorch's (libm's expf / tanhf / erff, not Sleef's
+ * vector code: a few ulps, host_compute/fused.py states and tests the bound).
+ * act: 0 silu, 1 gelu (tanh approximation), 2 gelu (erf). */
+static float activate(int act, float v) {
+  if (act == 0) return v / (1.f + expf(-v));
+  if (act == 1) return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+  return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+}
+
+int torus_gated(const torus_mat* gate, const torus_mat* up, const torus_mat* down, int act, const float* x, int M,
+                float* y, int threads, int vnni) {
+  int inter = gate->rows, rc = -1;
+  int8_t *qg = NULL, *qu = NULL, *qd = NULL;
+  float *fg = NULL, *fu = NULL, *fd = NULL;
+  float* mid = malloc(sizeof(float) * (size_t)M * inter * 2); /* [gate | up], then act(gate) * up */
+  if (!mid || prepare(gate, x, M, &qg, &fg)) goto done;
+  int shared = up->bits == gate->bits && up->group == gate->group;
+  if (!shared && prepare(up, x, M, &qu, &fu)) goto done;
+  const int8_t* qx = shared ? qg : qu;
+  const float* fx = shared ? fg : fu;
+  float* u = mid + (size_t)M * inter;
+  int n = items(gate);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int it = 0; it < n; it++) {
+    int r0, r1;
+    item(gate, qg, fg, M, it, mid, inter, vnni);
+    item(up, qx, fx, M, it, u, inter, vnni);
+    item_rows(gate, it, &r0, &r1);
+    for (int t = 0; t < M; t++)
+      for (int r = r0; r < r1; r++) {
+        size_t k = (size_t)t * inter + r;
+        mid[k] = activate(act, mid[k]) * u[k];
+      }
+  }
+  if (prepare(down, mid, M, &qd, &fd)) goto done;
+  n = items(down);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int it = 0; it < n; it++) item(down, qd, fd, M, it, y, down->rows, vnni);
+  rc = 0;
+done:
+  free(mid);
+  free(qg);
+  free(fg);
+  free(qu);
+  free(fu);
+  free(qd);
+  free(fd);
+  return rc;
 }

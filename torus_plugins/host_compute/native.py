@@ -33,6 +33,8 @@ import torch
 SOURCE = Path(__file__).with_name("host_linear.c")
 #: -ffp-contract=off: the portable path must round exactly as the VNNI one (tests compare them bit for bit).
 FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
+#: After the source: the fused FFN's activations call libm.
+LIBS = ("-lm",)
 #: Rows per block of the kernel's layout.
 BLOCK_ROWS = 16
 
@@ -71,7 +73,7 @@ def _openmp_runtimes() -> set[str]:
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256(
-        "\0".join((SOURCE.read_text(), version, " ".join(FLAGS), platform.machine())).encode()
+        "\0".join((SOURCE.read_text(), version, " ".join(FLAGS + LIBS), platform.machine())).encode()
     ).hexdigest()[:16]
     out = cache_dir() / f"host_linear-{key}.so"
     if out.exists():
@@ -81,7 +83,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=False)
+        res = subprocess.run([cc, *FLAGS, str(SOURCE), *LIBS, "-o", tmp], capture_output=True, text=True, check=False)
         if res.returncode != 0:
             raise OSError(f"{cc} failed: {(res.stderr or res.stdout).strip()[:500]}")
         os.replace(tmp, out)
@@ -89,6 +91,27 @@ def _build(cc: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+class Matrix(ctypes.Structure):
+    """host_linear.c's `torus_mat`: one weight in the q4 or q8 layout (t0, t1, t2 as `q4_layout` /
+    `q8_layout` return them). Holds raw pointers: keep the tensors alive while it is used."""
+
+    _fields_ = [
+        ("bits", ctypes.c_int),
+        ("t0", ctypes.c_void_p),
+        ("t1", ctypes.c_void_p),
+        ("t2", ctypes.c_void_p),
+        ("rows", ctypes.c_int),
+        ("K", ctypes.c_int),
+        ("group", ctypes.c_int),
+    ]
+
+
+def matrix(bits: int, tensors: tuple[torch.Tensor, ...], rows: int, cols: int, group: int) -> Matrix:
+    """A `Matrix` over a weight laid out by `q4_layout` (bits 4) or `q8_layout` (bits 8)."""
+    a, b, c = tensors
+    return Matrix(bits, a.data_ptr(), b.data_ptr(), c.data_ptr(), rows, cols, group)
 
 
 def _load() -> ctypes.CDLL:
@@ -108,6 +131,9 @@ def _load() -> ctypes.CDLL:
     for fn in (lib.torus_q4_linear, lib.torus_q8_linear):
         fn.argtypes = [p, p, p, i, i, i, p, i, p, i, i]
         fn.restype = i
+    mat = ctypes.POINTER(Matrix)
+    lib.torus_gated.argtypes = [mat, mat, mat, i, p, i, p, i, i]
+    lib.torus_gated.restype = i
     lib.torus_has_vnni.restype = i
     return lib
 
@@ -241,7 +267,42 @@ def q4_linear(
     return _call(lib.torus_q4_linear, x, tensors, rows, group, threads, vnni)
 
 
+#: The activations `gated` can apply, by the code host_linear.c's `activate` takes.
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+
+
+def gated(
+    x: torch.Tensor,
+    gate: Matrix,
+    up: Matrix,
+    down: Matrix,
+    act: str,
+    threads: int | None = None,
+    vnni: bool | None = None,
+) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) in one native call: x [tokens, hidden] -> float32 [tokens, down.rows].
+    Each matrix rounds as its own `q4_linear` / `q8_linear` would; `act` is one of `ACTIVATIONS`."""
+    lib = _lib or library()
+    if lib is None:
+        raise OSError(_error)
+    x = x.to(torch.float32).contiguous()
+    tokens = x.shape[0]
+    y = torch.empty(tokens, down.rows, dtype=torch.float32)
+    use_vnni = _vnni if vnni is None else (vnni and _vnni)
+    rc = lib.torus_gated(
+        gate, up, down, ACTIVATIONS[act], x.data_ptr(), tokens, y.data_ptr(), threads or torch.get_num_threads(),
+        int(use_vnni),
+    )
+    if rc != 0:
+        raise MemoryError(f"the native kernel could not allocate scratch for {tokens} tokens")
+    return y
+
+
 __all__ = [
+    "ACTIVATIONS",
+    "Matrix",
+    "gated",
+    "matrix",
     "BLOCK_ROWS",
     "cache_dir",
     "has_vnni",
