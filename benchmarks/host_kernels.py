@@ -5,7 +5,8 @@ bf16 as loaded; int8 and int4 through each host kernel the engine can pick — P
 kernels `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` with activations in fp32 or bf16,
 torus-sparse's own int8/int4 kernels (`host_compute/host_linear.c`, when they build here), and
 dequantize + matmul), gated FFNs (gate, up, down) of those shapes are run at one token, enough
-layers to exceed the caches, and the host-format weight bytes read per second are divided by the
+layers to exceed the caches (the native rows of fp32 models as the engine runs them: one fused
+call per FFN, `host_compute.fused`), and the host-format weight bytes read per second are divided by the
 host memory read bandwidth measured right before them (a sum over 256 MiB of fp32, best of 5).
 This machine's speed drifts by tens of percent over minutes (a shared virtual machine), so each
 row is measured in `--rounds` rounds, each its own bandwidth probe and best-of-3 FFN timing; the
