@@ -150,3 +150,30 @@ def wide_llama() -> torch.nn.Module:
         num_key_value_heads=2,
     )
     return T.LlamaForCausalLM(cfg).eval()
+
+
+# ---------------------------------------------------------------------- host placement tests
+PROMPT = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
+NEW = 6
+
+
+def greedy(model: torch.nn.Module) -> torch.Tensor:
+    return model.generate(PROMPT, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def decode_logits(model: torch.nn.Module) -> torch.Tensor:
+    """Logits of the first one-token pass after an 8-token prefill (the pass decode runs)."""
+    out = model.generate(
+        PROMPT,
+        max_new_tokens=2,
+        min_new_tokens=2,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return out.logits[1]

@@ -16,7 +16,17 @@ import threading
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS, TINY_MOE_CONFIGS, build_tiny, wide_llama
+from conftest import (
+    NEW,
+    PROMPT,
+    TINY_CONFIGS,
+    TINY_MOE_CONFIGS,
+    build_tiny,
+    decode_logits,
+    greedy,
+    relative,
+    wide_llama,
+)
 
 import torus_plugins as tp
 from torus_plugins.errors import ConfigError
@@ -25,32 +35,6 @@ from torus_plugins.host_compute.kernels import HostComputeError, quantized_weigh
 from torus_plugins.host_compute.placement import tolerance
 from torus_plugins.planning.host_split import HostCosts, balanced_share, host_rows, max_host_tokens, predict
 from torus_plugins.quant import dequantize_into, quantize
-
-PROMPT = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
-NEW = 6
-
-
-def greedy(model: torch.nn.Module) -> torch.Tensor:
-    return model.generate(PROMPT, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def decode_logits(model: torch.nn.Module) -> torch.Tensor:
-    """Logits of the first one-token pass after an 8-token prefill (the pass decode runs)."""
-    out = model.generate(
-        PROMPT,
-        max_new_tokens=2,
-        min_new_tokens=2,
-        do_sample=False,
-        pad_token_id=0,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    return out.logits[1]
-
 
 # ---------------------------------------------------------------------- dense layers
 def test_whole_layers_on_the_host_are_bit_equal_and_prefill_streams() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import wide_llama
+from conftest import decode_logits, greedy, relative, wide_llama
 from torch import nn
 
 import torus_plugins as tp
@@ -23,10 +23,6 @@ TORCH_ACT = {
     "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
     "gelu": F.gelu,
 }
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def host_weight(shape: tuple[int, int], quant: str, seed: int) -> HostWeight:
@@ -162,7 +158,6 @@ def test_transformers_mlps_are_recognized() -> None:
 def test_fused_decode_matches_the_twin_path(quant: str) -> None:
     """A whole model's decode through the fused layers against the same engine with each layer's
     fusion taken away (its twin path): logits within the bound, the same greedy tokens."""
-    prompt = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
     model = wide_llama()
     engine = tp.attach(
         model,
@@ -176,27 +171,13 @@ def test_fused_decode_matches_the_twin_path(quant: str) -> None:
     )
     host = engine.host
     assert host.fused == sorted(host.layers) and host.fused
-
-    def decode() -> tuple[torch.Tensor, torch.Tensor]:
-        out = model.generate(
-            prompt,
-            max_new_tokens=6,
-            min_new_tokens=6,
-            do_sample=False,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        return out.sequences, torch.stack(out.logits[1:])
-
-    tokens, logits = decode()
-    calls = engine.stats().host_calls
-    assert calls > 0
+    tokens, logits = greedy(model), decode_logits(model)
+    assert engine.stats().host_calls > 0
     saved = {i: hl.fused for i, hl in host.layers.items()}
     for hl in host.layers.values():
         hl.fused = None
     try:
-        ref_tokens, ref_logits = decode()
+        ref_tokens, ref_logits = greedy(model), decode_logits(model)
     finally:
         for i, hl in host.layers.items():
             hl.fused = saved[i]
