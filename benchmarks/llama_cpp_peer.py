@@ -4,7 +4,8 @@ Model: the embedded SmolLM2-135M-Instruct. llama.cpp reads its GGUF as shipped (
 torus-sparse loads the same GGUF through transformers (dequantized to fp32), attaches with the copy
 transport, no resident FFN layer and `host_compute="all"`, so every decode pass computes every FFN
 layer on the host threads, in int4 (the same 4-bit weight class as Q4_1) or int8. Streaming-only
-int4 and the plain model are measured beside them. Decoding: the chat prompt, greedy, batch 1,
+int4 and the plain model are measured beside them, and the plain and host-int4 runs once more with
+the model in bf16 (its resident attention, norms and LM head then read half the bytes). Decoding: the chat prompt, greedy, batch 1,
 `--tokens` new tokens; tok/s = decode steps ÷ time between the first and last token (prefill
 excluded) for both. `--threads` for both (llama.cpp `n_threads`, torch `set_num_threads`).
 
@@ -59,12 +60,21 @@ import llama_cpp
 print(json.dumps({"version": llama_cpp.__version__, "runs": runs}))
 """
 
+_HOST_INT4 = dict(transport="copy", resident_layers=0, weight_quant="int4", host_compute="all", host_max_tokens=1)
+#: name -> (the model's dtype: its resident attention, norms and LM head; the engine's settings or None).
 VARIANTS = {
-    "plain": None,
-    "stream-int4": dict(transport="copy", resident_layers=0, weight_quant="int4"),
-    "host-int8": dict(transport="copy", resident_layers=0, weight_quant="int8", host_compute="all", host_max_tokens=1),
-    "host-int4": dict(transport="copy", resident_layers=0, weight_quant="int4", host_compute="all", host_max_tokens=1),
-    "host-fp32": dict(transport="copy", resident_layers=0, host_compute="all", host_max_tokens=1),
+    "plain": (torch.float32, None),
+    "stream-int4": (torch.float32, dict(transport="copy", resident_layers=0, weight_quant="int4")),
+    "host-int8": (
+        torch.float32,
+        dict(transport="copy", resident_layers=0, weight_quant="int8", host_compute="all", host_max_tokens=1),
+    ),
+    "host-int4": (torch.float32, _HOST_INT4),
+    "host-fp32": (torch.float32, dict(transport="copy", resident_layers=0, host_compute="all", host_max_tokens=1)),
+    # The same model in bf16: resident matmuls read half the bytes, and torch's bf16 GEMV uses every
+    # thread where MKL's fp32 one runs on one at a single token.
+    "plain-bf16": (torch.bfloat16, None),
+    "host-int4-bf16": (torch.bfloat16, _HOST_INT4),
 }
 
 
@@ -107,7 +117,7 @@ def run_peer(args: argparse.Namespace, gguf: Path) -> dict:
 def lm_head_s(model, inputs) -> float:
     """One token's hidden state through the LM head, best of 20 (the model's own head, resident)."""
     head = model.get_output_embeddings()
-    h = torch.randn(1, 1, head.weight.shape[1])
+    h = torch.randn(1, 1, head.weight.shape[1], dtype=head.weight.dtype)
     best = float("inf")
     with torch.inference_mode():
         for _ in range(20):
@@ -119,9 +129,9 @@ def lm_head_s(model, inputs) -> float:
 
 def run_torus(args: argparse.Namespace, path: Path, inputs, pad_id, tok) -> dict:
     out = {}
-    for name, kw in VARIANTS.items():
+    for name, (dtype, kw) in VARIANTS.items():
         harness.log(f"torus-sparse {name}")
-        model = harness.load_in_memory(path)
+        model = harness.load_in_memory(path, dtype)
         engine = tp.attach(model, **kw) if kw else None
         harness.generate_once(model, inputs, 8, pad_id)
         runs = []
@@ -137,6 +147,7 @@ def run_torus(args: argparse.Namespace, path: Path, inputs, pad_id, tok) -> dict
             runs.append(rates)
         tps = harness.median(r["tok_per_s"] for r in runs)
         entry = {
+            "dtype": str(dtype).removeprefix("torch."),
             "config": kw,
             "tok_per_s": tps,
             "text": tok.decode(runs[0]["tokens"], skip_special_tokens=True),
@@ -179,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, e in ours.items():
         ratio = e["tok_per_s"] / peer_tps if peer_tps else None
         e["ratio_to_llama_cpp"] = ratio
-        weights = "fp32" if not e["config"] else (e["config"].get("weight_quant") or "fp32") + " FFN"
+        ffn = (e["config"] or {}).get("weight_quant")
+        weights = e["dtype"] if not ffn else f"{e['dtype']}, {ffn} FFN"
         t.add_row(
             f"torus-sparse {name}",
             weights,
@@ -188,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             e["text"][:60],
         )
     harness.show(t)
+    bf16 = ours["host-int4-bf16"].get("ratio_to_llama_cpp")
+    if bf16 is not None:
+        harness.log(f"host-int4 with the model in bf16 ÷ llama.cpp = {bf16:.3f}")
     h = ours["host-int4"]
     ratio = h.get("ratio_to_llama_cpp")
     verdict = None if ratio is None else ratio >= TARGET
