@@ -5,8 +5,8 @@ torus-sparse loads the same GGUF through transformers (dequantized to fp32), att
 transport, no resident FFN layer and `host_compute="all"`, so every decode pass computes every FFN
 layer on the host threads, in int4 (the same 4-bit weight class as Q4_1) or int8. Streaming-only
 int4 and the plain model are measured beside them, and the plain and host-int4 runs once more with
-the model in bf16 (its resident attention, norms and LM head then read half the bytes). Decoding: the chat prompt, greedy, batch 1,
-`--tokens` new tokens; tok/s = decode steps ÷ time between the first and last token (prefill
+the model in bf16 (its resident attention, norms and LM head then read half the bytes). Decoding:
+the chat prompt, greedy, batch 1, `--tokens` new tokens; tok/s = decode steps ÷ time between the first and last token (prefill
 excluded) for both. `--threads` for both (llama.cpp `n_threads`, torch `set_num_threads`).
 
 llama.cpp runs in its own virtual environment (`--peer-python`, never a project dependency):
@@ -71,8 +71,8 @@ VARIANTS = {
     ),
     "host-int4": (torch.float32, _HOST_INT4),
     "host-fp32": (torch.float32, dict(transport="copy", resident_layers=0, host_compute="all", host_max_tokens=1)),
-    # The same model in bf16: resident matmuls read half the bytes, and torch's bf16 GEMV uses every
-    # thread where MKL's fp32 one runs on one at a single token.
+    # The same model in bf16: its resident matmuls read half the bytes, but its host FFNs take the
+    # unfused path (the fused one is fp32-only); these rows show which effect wins on this machine.
     "plain-bf16": (torch.bfloat16, None),
     "host-int4-bf16": (torch.bfloat16, _HOST_INT4),
 }
