@@ -6,8 +6,8 @@ transport, no resident FFN layer and `host_compute="all"`, so every decode pass 
 layer on the host threads, in int4 (the same 4-bit weight class as Q4_1) or int8. Streaming-only
 int4 and the plain model are measured beside them, and the plain and host-int4 runs once more with
 the model in bf16 (its resident attention, norms and LM head then read half the bytes). Decoding:
-the chat prompt, greedy, batch 1, `--tokens` new tokens; tok/s = decode steps ÷ time between the first and last token (prefill
-excluded) for both. `--threads` for both (llama.cpp `n_threads`, torch `set_num_threads`).
+the chat prompt, greedy, batch 1, `--tokens` new tokens; tok/s = decode steps ÷ time between the
+first and last token (prefill excluded) for both. `--threads` for both (llama.cpp `n_threads`, torch `set_num_threads`).
 
 llama.cpp runs in its own virtual environment (`--peer-python`, never a project dependency):
 build it as `../shared/notes/llama-cpp-peer.md` says, e.g.
