@@ -323,15 +323,25 @@ def test_native_kernel_refusals(tmp_path) -> None:
         "    tp.attach(T.LlamaForCausalLM(cfg).eval(), **kw, host_kernel='native')\n"
         "except tp.ConfigError as exc:\n"
         "    print('refused:', exc)\n"
+        "kw.pop('weight_quant')\n"
+        "e = tp.attach(T.LlamaForCausalLM(cfg).eval().to(torch.bfloat16), **kw)\n"
+        "print(e.host_plan.kernel)\n"
+        "try:\n"
+        "    tp.attach(T.LlamaForCausalLM(cfg).eval().to(torch.bfloat16), **kw, host_kernel='native')\n"
+        "except tp.ConfigError as exc:\n"
+        "    print('refused:', exc)\n"
     )
     env = {**os.environ, "CC": "false", "TORUS_SPARSE_CACHE": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     lines = out.stdout.splitlines()
     assert out.returncode == 0, out.stderr
-    assert lines[0].startswith("the native int4/int8 kernels are unavailable:") and "failed" in lines[0]
+    assert lines[0].startswith("the native int4/int8/bf16 kernels are unavailable:") and "failed" in lines[0]
     assert lines[1] in ("int4pack", "dequantize")
-    assert lines[2].startswith("refused: host_kernel='native': the native int4/int8 kernels are unavailable")
+    assert lines[2].startswith("refused: host_kernel='native': the native int4/int8/bf16 kernels are unavailable")
     assert "host_kernel='auto'" in lines[2]
+    # a bf16 model's weights as loaded: PyTorch's linear under "auto", "native" refused the same way
+    assert lines[3] == "raw"
+    assert lines[4].startswith("refused: host_kernel='native': the native int4/int8/bf16 kernels are unavailable")
 
 
 # ---------------------------------------------------------------------- MoE experts

@@ -46,7 +46,7 @@ def test_one_call_equals_the_three_kernels_and_torch_activation(quant: str, act:
     got = fused(x)
     want = d.linear(TORCH_ACT[act](g.linear(x)) * u.linear(x))
     for a, b in zip(got, want):  # only the activation's libm vs vector-code ulps differ
-        assert relative(a, b) < FUSED_BOUND
+        assert relative(a, b) < FUSED_BOUND[torch.float32]
     mats = fused._mats
     # the portable C path rounds as the VNNI one, whatever the thread count
     assert torch.equal(native.gated(x, *mats, act, vnni=False), got)
@@ -114,7 +114,7 @@ def test_gated_forwards_are_recognized_and_fused_within_the_bound(case: str) -> 
     x = torch.randn(2, 64)
     with torch.no_grad(), mode:
         want = twin(x)
-    assert relative(fused(x), want) < FUSED_BOUND
+    assert relative(fused(x), want) < FUSED_BOUND[torch.float32]
 
 
 @pytest.mark.parametrize("case", sorted(NOT_GATED))
@@ -124,13 +124,14 @@ def test_other_forwards_keep_the_twin_path(case: str) -> None:
     assert recognize(twin, mode, 64, torch.float32) is None
 
 
-def test_biases_16_bit_models_and_pytorch_kernels_keep_the_twin_path() -> None:
+def test_biases_fp16_models_and_pytorch_kernels_keep_the_twin_path() -> None:
     torch.manual_seed(0)
     fwd = GATED_FORWARDS["silu"][0]
     twin, mode = host_copy(Gated(fwd, bias=True))
     assert recognize(twin, mode, 64, torch.float32) is None
     twin, mode = host_copy(Gated(fwd))
-    assert recognize(twin, mode, 64, torch.bfloat16) is None  # its twin rounds between the ops
+    assert recognize(twin, mode, 64, torch.bfloat16) is None  # fp32 host weights in a bf16 model: not its FFN
+    assert recognize(twin, mode, 64, torch.float16) is None  # fp16 models keep the twin path
     assert recognize(twin, None, 64, torch.float32) is None  # weights as loaded: no native kernel
 
 
@@ -154,11 +155,15 @@ def test_transformers_mlps_are_recognized() -> None:
         assert fused is not None and fused.act == act, type(mlp).__name__
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_fused_decode_matches_the_twin_path(quant: str) -> None:
+# fp32 weights as loaded have no native kernel (PyTorch's fp32 GEMV is memory-bound): nothing fuses
+FUSED_MODELS = [("int4", torch.float32), ("int8", torch.float32), ("int4", torch.bfloat16), (None, torch.bfloat16)]
+
+
+@pytest.mark.parametrize(("quant", "dtype"), FUSED_MODELS)
+def test_fused_decode_matches_the_twin_path(quant: str | None, dtype: torch.dtype) -> None:
     """A whole model's decode through the fused layers against the same engine with each layer's
     fusion taken away (its twin path): logits within the bound, the same greedy tokens."""
-    model = wide_llama()
+    model = wide_llama().to(dtype)
     engine = tp.attach(
         model,
         transport="copy",
@@ -182,5 +187,5 @@ def test_fused_decode_matches_the_twin_path(quant: str) -> None:
         for i, hl in host.layers.items():
             hl.fused = saved[i]
     assert torch.equal(tokens, ref_tokens)
-    assert relative(logits, ref_logits) < FUSED_BOUND
+    assert relative(logits, ref_logits) <= FUSED_BOUND[dtype]
     tp.detach(model)

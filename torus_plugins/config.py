@@ -168,12 +168,14 @@ class TorusConfig:
         host_threads: CPU threads for host compute (`torch.set_num_threads` while attached;
             restored at detach). `None`: all cores but one on a CUDA device, so the thread
             feeding the GPU is never starved; unchanged on the CPU.
-        host_kernel: how quantized host weights compute: "auto" (the fastest measured on this
-            machine), "native" (torus-sparse's own int8/int4 kernels, integer dot products on
-            AVX-512 VNNI, built with the machine's C compiler on first use; activations rounded
-            to about fp16's precision), "packed" (PyTorch's int8/int4 packed CPU kernels, activations in the
-            model's dtype), "packed-bf16" (the same kernels with bf16 activations, much faster
-            on CPUs without fp32 paths for them) or "dequantize" (dequantize + matmul).
+        host_kernel: how host weights compute: "auto" (the fastest measured on this
+            machine), "native" (torus-sparse's own kernels, built with the machine's C compiler
+            on first use: int8/int4 as integer dot products on AVX-512 VNNI, activations rounded
+            to about fp16's precision; bf16 weights as loaded in fp32 multiply-adds, PyTorch's
+            arithmetic up to the order of the sum), "packed" (PyTorch's int8/int4 packed CPU kernels,
+            activations in the model's dtype), "packed-bf16" (the same kernels with bf16 activations,
+            much faster on CPUs without fp32 paths for them) or "dequantize" (dequantize + matmul).
+            fp32 and fp16 weights as loaded always use PyTorch's linear.
         options: free-form settings for plugins, read by name.
     """
 

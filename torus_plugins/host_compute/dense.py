@@ -10,7 +10,8 @@ between two computations and always collect the host's result, whatever the devi
   calling thread) the host share runs on the worker. The shares are summed on the device;
 - any other pass streams the whole layer through the slot ring exactly as without host compute, so
   prefill and training are bit-identical to streaming-only.
-A layer whose FFN is proven to be `down(act(gate(x)) * up(x))` on native weights computes in one
+bf16 weights as loaded compute through `native.bf16_linear` where the probe found it faster than
+PyTorch's (kernel "bf16native"). A layer whose FFN is proven to be `down(act(gate(x)) * up(x))` on native weights computes in one
 native call (`fused`) instead of through its twin. Every host layer is proven at attach (`verify`):
 one random token through both paths must agree within the bound of its arithmetic, or the engine
 refuses (or, under "auto", keeps streaming).
@@ -27,7 +28,7 @@ from torch import nn
 
 from ..guards import ForwardOverride, check_traceable_call
 from .fused import GatedFFN, recognize
-from .kernels import HostComputeError, HostLinearMode, HostWeight, stored_weight
+from .kernels import HostComputeError, HostLinearMode, HostWeight, raw_weight, stored_weight
 from .split import Cut, find_cut
 from .twin import host_twin
 from .worker import HostWorker, timed
@@ -139,7 +140,13 @@ class HostLayers:
                 continue
             if mode == "raw":
                 t = compute[k] if compute is not None else stored[ti]
-                f.data = t if dim is None else (t[start:] if dim == 0 else t[:, start:])
+                t = t if dim is None else (t[start:] if dim == 0 else t[:, start:])
+                if self.kernel == "bf16native" and t.dtype == torch.bfloat16 and t.dim() == 2:
+                    hw = raw_weight(t, "bf16native")  # the stored bytes themselves, through our kernel
+                    f.data = torch.zeros((), dtype=f.dtype).expand(hw.shape)
+                    weights[id(f)] = hw
+                else:
+                    f.data = t
                 continue
             span = slice(start, None)
             hw = stored_weight(

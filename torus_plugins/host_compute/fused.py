@@ -12,11 +12,12 @@ calls on host weights with no bias, the input feeding gate and up, one supported
 down, down's output returned. Any other op, order of data or keyword makes it None and the layer
 keeps the twin path (still correct, only slower).
 
-Only float32 models: in a bf16 or fp16 model the twin path rounds gate's and up's outputs and their
-product to the model's dtype, which the fused call (fp32 throughout) does not; those layers keep the
-twin path. Bound: gate, up and down round exactly as the unfused kernels; the activation is libm's, not
-PyTorch's vector code, a few ulps apart. `FUSED_BOUND` is what `recognize` checks on two random
-inputs against the twin (relative to the largest output): a layer over it is not fused.
+float32 and bf16 models (fp16 ones keep the twin path): a bf16 model's twin rounds gate's and up's
+outputs, the activation's and the product to bf16, and so does the fused call (`round_bf16`). Bound:
+gate, up and down round exactly as the unfused kernels; the activation is libm's, not PyTorch's
+vector code, a few fp32 ulps apart — in fp32 that stays a few ulps; in bf16 it can flip the rounding
+of an intermediate or an output by one bf16 ulp. `FUSED_BOUND` is what `recognize` checks on two
+random inputs against the twin (relative to the largest output): a layer over it is not fused.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from torch import nn
 from . import native
 from .kernels import HostLinearMode, HostWeight
 
-#: Fused vs the twin path, relative to the largest output: a few ulps of the activation carried
-#: through down's input rounding (measured ~1e-7 on SmolLM2's layers).
-FUSED_BOUND = 1e-5
+#: Fused vs the twin path, relative to the largest output, by the model's dtype. fp32: a few ulps of
+#: the activation carried through down's input rounding (measured ~1e-7 on SmolLM2's layers). bf16:
+#: an output one bf16 ulp (2^-8 of itself) off where the activation's ulps flip a rounding.
+FUSED_BOUND = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8}
 
-_BITS = {"int4native": 4, "int8native": 8}
+_BITS = {"int4native": 4, "int8native": 8, "bf16native": 16}
 
 
 @dataclass
@@ -57,7 +59,7 @@ class GatedFFN:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = native.gated(x.reshape(-1, x.shape[-1]), *self._mats, self.act)
+        y = native.gated(x.reshape(-1, x.shape[-1]), *self._mats, self.act, round_bf16=self.dtype == torch.bfloat16)
         return y.to(self.dtype).view(*lead, self.down.shape[0])
 
 
@@ -121,9 +123,9 @@ def recognize(twin: nn.Module, mode: HostLinearMode | None, hidden: int, dtype: 
     """The twin's FFN as one native call, or None when its forward is not provably
     down(act(gate(x)) * up(x)) on native int4/int8 weights, or the fused result strays past
     `FUSED_BOUND`."""
-    if mode is None or dtype != torch.float32 or native.unavailable() is not None:
+    if mode is None or dtype not in FUSED_BOUND or native.unavailable() is not None:
         return None
-    if any(w.kernel not in _BITS for w in mode.weights.values()):
+    if any(w.kernel not in _BITS or w.dtype != dtype for w in mode.weights.values()):
         return None
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, hidden, generator=gen).to(dtype)
@@ -142,6 +144,8 @@ def recognize(twin: nn.Module, mode: HostLinearMode | None, hidden: int, dtype: 
     gate, up, down, act = found
     if gate.shape != up.shape or down.shape[1] != gate.shape[0] or gate.shape[1] != hidden:
         return None
+    if gate.kernel != up.kernel:  # one call computes the same rows of both: their work items must match
+        return None
     fused = GatedFFN(gate, up, down, act, dtype)
     for tokens in (1, 3):
         x = torch.randn(tokens, hidden, generator=gen).to(dtype)
@@ -149,6 +153,6 @@ def recognize(twin: nn.Module, mode: HostLinearMode | None, hidden: int, dtype: 
             ref = twin(x)
         got = fused(x)
         scale = ref.abs().max().item() or 1.0
-        if not (got.float() - ref.float()).abs().max().item() / scale <= FUSED_BOUND:
+        if not (got.float() - ref.float()).abs().max().item() / scale <= FUSED_BOUND[dtype]:
             return None
     return fused

@@ -1,4 +1,4 @@
-/* int4 and int8 weights x fp32 activations, for a few tokens: the host placement's memory-bound kernels.
+/* int4, int8 and bf16 weights x fp32 activations, for a few tokens: the host placement's memory-bound kernels.
  *
  * Why kernels of our own: PyTorch's packed int4/int8 CPU kernels are compute-bound at one token (they
  * reached 0.3-0.73 of the host's memory read bandwidth here, benchmarks/results/host_kernels.json),
@@ -20,6 +20,13 @@
  * integer dot products per group instead of one, which keeps the error near fp16's (|x - x~| <=
  * d / 508 per element) where one int8 level (as llama.cpp's Q8 activations) would be ~1/254.
  * The offset term uses the exact fp32 sum of x over the group.
+ *
+ * bf16 (bf16_*): weights as loaded, row-major with a row stride (a split layer's column share is a
+ * view of the stored matrix: no copy), activations in fp32 as given (a bf16 model's are bf16 values,
+ * so every product is exact). PyTorch's bf16 GEMV reached 0.40-0.67 of the memory bandwidth here;
+ * this is a plain fp32 multiply-add over the widened weights, memory-bound on AVX-512. Per row,
+ * lane j of 16 accumulates columns j, j + 16, ... with one fused multiply-add each, then a fixed
+ * tree adds the lanes (`reduce16`): the arithmetic is PyTorch's up to the order of the sum.
  *
  * The VNNI path and the portable one sum in the same order, so they give bit-identical results
  * (tests compare them); integer sums are exact (|sum| <= 15 * 127 * group < 2^24).
@@ -181,25 +188,121 @@ static void q8_block_portable(const int8_t* w, const int32_t* wsum, const float*
   for (int r = 0; r < R; r++) out[r] = total[r] * scale[r];
 }
 
+/* bf16 -> fp32 is exact: the 16 bits are the top half of the fp32 word. */
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float v;
+  memcpy(&v, &u, sizeof v);
+  return v;
+}
+
+/* fp32 -> bf16 -> fp32, rounding to nearest even as PyTorch's c10::BFloat16 does (NaN -> 0x7FC0). */
+static inline float round_bf16(float v) {
+  uint32_t u;
+  memcpy(&u, &v, sizeof u);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u)
+    u = 0x7FC00000u;
+  else
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  memcpy(&v, &u, sizeof v);
+  return v;
+}
+
+/* The lanes' sum in a fixed order: halves, quarters, pairs (both paths). */
+static inline float reduce16(const float* a) {
+  float s8[8], s4[4];
+  for (int j = 0; j < 8; j++) s8[j] = a[j] + a[j + 8];
+  for (int j = 0; j < 4; j++) s4[j] = s8[j] + s8[j + 4];
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+__attribute__((target("avx512f"))) static inline float reduce16_avx512(__m512 a) {
+  __m256 t8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
+  __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4)); /* [s4[0] + s4[2], s4[1] + s4[3]] */
+  return _mm_cvtss_f32(_mm_add_ss(t2, _mm_shuffle_ps(t2, t2, 1)));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static inline __m512 bf16_load(const uint16_t* p, __mmask16 k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+
+/* n rows (stride ld) . x -> out[0..n): four rows per pass share each load of x. Masked lanes past
+ * K load zeros, so they add 0 * 0 as the portable path does. */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void bf16_rows_avx512(const uint16_t* w, size_t ld, int n,
+                                                                                int K, const float* x, float* out) {
+  int r = 0;
+  for (; r + 4 <= n; r += 4) {
+    const uint16_t *w0 = w + r * ld, *w1 = w0 + ld, *w2 = w1 + ld, *w3 = w2 + ld;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    const char* next = (const char*)(w3 + ld); /* the next four rows, fetched while these compute */
+    for (int c = 0, i = 0; c < K; c += 16, i++) {
+      __mmask16 k = K - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - c)) - 1);
+      const char* p = next + (size_t)(i & 3) * ld * 2 + (size_t)(i >> 2) * 128;
+      _mm_prefetch(p, _MM_HINT_T0);
+      _mm_prefetch(p + 64, _MM_HINT_T0);
+      __m512 xv = _mm512_maskz_loadu_ps(k, x + c);
+      a0 = _mm512_fmadd_ps(xv, bf16_load(w0 + c, k), a0);
+      a1 = _mm512_fmadd_ps(xv, bf16_load(w1 + c, k), a1);
+      a2 = _mm512_fmadd_ps(xv, bf16_load(w2 + c, k), a2);
+      a3 = _mm512_fmadd_ps(xv, bf16_load(w3 + c, k), a3);
+    }
+    out[r] = reduce16_avx512(a0);
+    out[r + 1] = reduce16_avx512(a1);
+    out[r + 2] = reduce16_avx512(a2);
+    out[r + 3] = reduce16_avx512(a3);
+  }
+  for (; r < n; r++) {
+    const uint16_t* w0 = w + r * ld;
+    __m512 a0 = _mm512_setzero_ps();
+    for (int c = 0; c < K; c += 16) {
+      __mmask16 k = K - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - c)) - 1);
+      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, x + c), bf16_load(w0 + c, k), a0);
+    }
+    out[r] = reduce16_avx512(a0);
+  }
+}
+
+static void bf16_rows_portable(const uint16_t* w, size_t ld, int n, int K, const float* x, float* out) {
+  for (int r = 0; r < n; r++) {
+    const uint16_t* wr = w + r * ld;
+    float acc[16] = {0};
+    for (int c = 0; c < K; c += 16)
+      for (int j = 0; j < 16; j++) {
+        int k = c + j;
+        acc[j] = k < K ? fmaf(x[k], bf16_to_f32(wr[k]), acc[j]) : fmaf(0.f, 0.f, acc[j]);
+      }
+    out[r] = reduce16(acc);
+  }
+}
+
+/* The vector paths: int4 / int8 need VNNI, bf16 AVX-512 BW / VL (every VNNI CPU has them). */
 int torus_has_vnni(void) {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni");
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
 /* ------------------------------------------------------------------ matrices, work items, calls
- * One weight matrix in either layout; t0, t1, t2 are q4's (codes, step, offset) or q8's (q, row sums,
- * scales), as native.py lays them out. */
+ * One weight matrix in any layout; t0, t1, t2 are q4's (codes, step, offset), q8's (q, row sums,
+ * scales), as native.py lays them out, or bf16's (weights, unused, unused). */
 typedef struct {
-  int bits; /* 4 or 8 */
+  int bits; /* 4, 8 or 16 (bf16) */
   const void* t0;
   const void* t1;
   const void* t2;
-  int rows, K, group; /* group: q4's weight group, q8's activation group */
+  int rows, K, group; /* group: q4's weight group, q8's activation group (bf16: unused) */
+  long long ld;       /* bf16: elements from one row to the next */
 } torus_mat;
 
-/* A matrix's activations for M tokens: `activations` plus, for q8, the unsigned form VNNI wants. */
+/* A matrix's activations for M tokens: `activations` plus, for q8, the unsigned form VNNI wants
+ * (bf16 takes x as it is: no scratch). */
 static int prepare(const torus_mat* m, const float* x, int M, int8_t** q, float** f) {
+  if (m->bits == 16) {
+    *q = NULL;
+    *f = NULL;
+    return 0;
+  }
   if (activations(x, M, m->K, m->group, q, f)) return -1;
   if (m->bits == 8) {
     uint8_t* u = (uint8_t*)*q;
@@ -208,7 +311,7 @@ static int prepare(const torus_mat* m, const float* x, int M, int8_t** q, float*
   return 0;
 }
 
-/* Work items: q4 computes pairs of blocks (the VNNI path does a pair per call), q8 single blocks. */
+/* Work items: q4 computes pairs of blocks (the VNNI path does a pair per call), q8 and bf16 single blocks. */
 static int items(const torus_mat* m) {
   int blocks = (m->rows + R - 1) / R;
   return m->bits == 4 ? (blocks + 1) / 2 : blocks;
@@ -220,10 +323,23 @@ static void item_rows(const torus_mat* m, int it, int* r0, int* r1) {
   *r1 = *r0 + span < m->rows ? *r0 + span : m->rows;
 }
 
-/* Rows of work item `it` for all M tokens: y[t * ystride + row]. */
-static void item(const torus_mat* m, const int8_t* q, const float* f, int M, int it, float* y, int ystride,
-                 int vnni) {
-  int K = m->K, group = m->group, G = K / group, rows = m->rows, blocks = (rows + R - 1) / R;
+/* Rows of work item `it` for all M tokens: y[t * ystride + row]. x: the activations as given (bf16
+ * reads them), q / f: as `prepare` made them (q4, q8). */
+static void item(const torus_mat* m, const float* x, const int8_t* q, const float* f, int M, int it, float* y,
+                 int ystride, int vnni) {
+  int K = m->K, rows = m->rows;
+  if (m->bits == 16) {
+    int r0 = it * R, n = rows - r0 < R ? rows - r0 : R;
+    const uint16_t* w = (const uint16_t*)m->t0 + (size_t)r0 * (size_t)m->ld;
+    for (int t = 0; t < M; t++) {
+      if (vnni)
+        bf16_rows_avx512(w, (size_t)m->ld, n, K, x + (size_t)t * K, y + (size_t)t * ystride + r0);
+      else
+        bf16_rows_portable(w, (size_t)m->ld, n, K, x + (size_t)t * K, y + (size_t)t * ystride + r0);
+    }
+    return;
+  }
+  int group = m->group, G = K / group, blocks = (rows + R - 1) / R;
   for (int t = 0; t < M; t++) {
     const float* d = f + (size_t)t * G;
     if (m->bits == 8) {
@@ -272,7 +388,7 @@ static int linear(const torus_mat* m, const float* x, int M, float* y, int threa
   if (prepare(m, x, M, &q, &f)) return -1;
   int n = items(m);
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int it = 0; it < n; it++) item(m, q, f, M, it, y, m->rows, vnni);
+  for (int it = 0; it < n; it++) item(m, x, q, f, M, it, y, m->rows, vnni);
   free(q);
   free(f);
   return 0;
@@ -281,14 +397,21 @@ static int linear(const torus_mat* m, const float* x, int M, float* y, int threa
 /* int8: W in the q8 layout; `group`: the activations' group (divides K, multiple of 4). */
 int torus_q8_linear(const int8_t* w, const int32_t* wsum, const float* scale, int rows, int K, int group,
                     const float* x, int M, float* y, int threads, int vnni) {
-  torus_mat m = {8, w, wsum, scale, rows, K, group};
+  torus_mat m = {8, w, wsum, scale, rows, K, group, K};
   return linear(&m, x, M, y, threads, vnni);
 }
 
 /* int4: W in the q4 layout; `group`: the weight's group. */
 int torus_q4_linear(const uint8_t* w, const float* step, const float* off, int rows, int K, int group,
                     const float* x, int M, float* y, int threads, int vnni) {
-  torus_mat m = {4, w, step, off, rows, K, group};
+  torus_mat m = {4, w, step, off, rows, K, group, K};
+  return linear(&m, x, M, y, threads, vnni);
+}
+
+/* bf16: W row-major bf16, `ld` elements from one row to the next. */
+int torus_bf16_linear(const uint16_t* w, long long ld, int rows, int K, const float* x, int M, float* y, int threads,
+                      int vnni) {
+  torus_mat m = {16, w, NULL, NULL, rows, K, 0, ld};
   return linear(&m, x, M, y, threads, vnni);
 }
 
@@ -300,7 +423,9 @@ int torus_q4_linear(const uint8_t* w, const float* step, const float* off, int r
  * quantized as `linear` quantizes any input and goes through down. gate, up and down round exactly
  * as three `linear` calls; only act differs from PyTorch's (libm's expf / tanhf / erff, not Sleef's
  * vector code: a few ulps, host_compute/fused.py states and tests the bound).
- * act: 0 silu, 1 gelu (tanh approximation), 2 gelu (erf). */
+ * act: 0 silu, 1 gelu (tanh approximation), 2 gelu (erf).
+ * round16: the model is bf16, whose forward rounds gate's and up's outputs, the activation's and the
+ * product to bf16 (PyTorch computes each op in fp32 and rounds its result): so does this. */
 static float activate(int act, float v) {
   if (act == 0) return v / (1.f + expf(-v));
   if (act == 1) return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
@@ -308,7 +433,7 @@ static float activate(int act, float v) {
 }
 
 int torus_gated(const torus_mat* gate, const torus_mat* up, const torus_mat* down, int act, const float* x, int M,
-                float* y, int threads, int vnni) {
+                float* y, int threads, int vnni, int round16) {
   int inter = gate->rows, rc = -1;
   int8_t *qg = NULL, *qu = NULL, *qd = NULL;
   float *fg = NULL, *fu = NULL, *fd = NULL;
@@ -323,19 +448,22 @@ int torus_gated(const torus_mat* gate, const torus_mat* up, const torus_mat* dow
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int it = 0; it < n; it++) {
     int r0, r1;
-    item(gate, qg, fg, M, it, mid, inter, vnni);
-    item(up, qx, fx, M, it, u, inter, vnni);
+    item(gate, x, qg, fg, M, it, mid, inter, vnni);
+    item(up, x, qx, fx, M, it, u, inter, vnni);
     item_rows(gate, it, &r0, &r1);
     for (int t = 0; t < M; t++)
       for (int r = r0; r < r1; r++) {
         size_t k = (size_t)t * inter + r;
-        mid[k] = activate(act, mid[k]) * u[k];
+        if (round16)
+          mid[k] = round_bf16(round_bf16(activate(act, round_bf16(mid[k]))) * round_bf16(u[k]));
+        else
+          mid[k] = activate(act, mid[k]) * u[k];
       }
   }
   if (prepare(down, mid, M, &qd, &fd)) goto done;
   n = items(down);
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int it = 0; it < n; it++) item(down, qd, fd, M, it, y, down->rows, vnni);
+  for (int it = 0; it < n; it++) item(down, mid, qd, fd, M, it, y, down->rows, vnni);
   rc = 0;
 done:
   free(mid);

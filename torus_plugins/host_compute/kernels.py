@@ -1,10 +1,12 @@
-"""Host weights and the `linear` they compute: as loaded, int8 or int4 in PyTorch's packed CPU layouts.
+"""Host weights and the `linear` they compute: as loaded, int8 or int4 in PyTorch's packed CPU layouts, or our own kernels.
 
 A host-placed unit never dequantizes a whole matrix per token (that reads and writes it several
 times): int8 weights go to `aten._weight_int8pack_mm` (per-row scales, the host store's own int8
 bytes), int4 weights to `aten._weight_int4pack_mm_for_cpu` (a second, packed layout of the same codes,
 built once at attach), or to our own kernels (`native`: integer dot products, memory-bound at a few
-tokens where PyTorch's are compute-bound; one more layout of the same codes). PyTorch's kernels
+tokens where PyTorch's are compute-bound; one more layout of the same codes). bf16 weights as loaded
+may go to `native.bf16_linear` (the stored bytes themselves, no second layout), which reads them at
+the memory limit where PyTorch's bf16 GEMV reached 0.40-0.67 of it. PyTorch's kernels
 take activations in the scales' dtype; on a CPU without native fp32 paths for them the bf16 one is
 an order of magnitude faster, so the kernel and activation dtype are a choice the probe makes by
 timing (`probe.probe_host`) and the accuracy bound covers.
@@ -28,7 +30,7 @@ from ..errors import TorusError
 from . import native
 
 #: The kernels a host weight can use, by weight format.
-KERNELS = ("raw", "int8pack", "int8native", "int4pack", "int4native", "dequantize")
+KERNELS = ("raw", "bf16native", "int8pack", "int8native", "int4pack", "int4native", "dequantize")
 
 
 class HostComputeError(TorusError, RuntimeError):
@@ -39,7 +41,7 @@ class HostComputeError(TorusError, RuntimeError):
 class HostWeight:
     """One 2-D weight on the host, ready for `linear`.
 
-    kernel: "raw" (the weight as loaded), "int8pack", "int4pack", "int8native" / "int4native" (`native`)
+    kernel: "raw" (the weight as loaded), "bf16native" (the same bf16 tensor through `native`), "int8pack", "int4pack", "int8native" / "int4native" (`native`)
         or "dequantize" (dequantize into a scratch matrix, then matmul: the fallback for shapes the
         packed kernels refuse); its tensors are (q, scale) for int8 and (codes, step, offset) for int4.
     act_dtype: the dtype activations are cast to for the packed kernels (None: the input's).
@@ -62,7 +64,9 @@ class HostWeight:
             return F.linear(x, self.tensors[0], bias)
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        if self.kernel == "int8pack":
+        if self.kernel == "bf16native":
+            y = native.bf16_linear(x2, self.tensors[0])
+        elif self.kernel == "int8pack":
             q, scales = self.tensors
             y = torch.ops.aten._weight_int8pack_mm(x2.to(self.act_dtype), q, scales)
         elif self.kernel == "int4pack":
@@ -85,7 +89,12 @@ class HostWeight:
         return y if bias is None else y + bias
 
 
-def raw_weight(w: torch.Tensor) -> HostWeight:
+def raw_weight(w: torch.Tensor, kernel: str = "raw") -> HostWeight:
+    """A host weight as loaded: PyTorch's linear ("raw"), or for a bf16 weight "bf16native" (the
+    same tensor through `native.bf16_linear`)."""
+    if kernel == "bf16native":
+        native.check_bf16(w)
+        return HostWeight("bf16native", tuple(w.shape), w.dtype, (w,))  # type: ignore[arg-type]
     return HostWeight("raw", tuple(w.shape), w.dtype, (w,))  # type: ignore[arg-type]
 
 

@@ -1,8 +1,8 @@
-"""The host placement's native int4 and int8 kernels (`host_linear.c`): built on first use, loaded with ctypes.
+"""The host placement's native int4, int8 and bf16 kernels (`host_linear.c`): built on first use, loaded with ctypes.
 
 Why native: at one token PyTorch's packed int4/int8 CPU kernels are compute-bound (0.3-0.73 of the
-host's memory read bandwidth on the 2-core machine this project is built on), and a host-placed
-FFN's token costs its weight bytes read. `host_linear.c` says how its integer dot products reach the
+host's memory read bandwidth on the 2-core machine this project is built on), its bf16 GEMV reaches
+0.40-0.67, and a host-placed FFN's token costs its weight bytes read. `host_linear.c` says how its integer dot products reach the
 memory limit and what its activation rounding costs (about fp16's).
 
 Why built at run time rather than shipped compiled: the project travels as a pure-Python wheel
@@ -95,7 +95,8 @@ def _build(cc: str) -> Path:
 
 class Matrix(ctypes.Structure):
     """host_linear.c's `torus_mat`: one weight in the q4 or q8 layout (t0, t1, t2 as `q4_layout` /
-    `q8_layout` return them). Holds raw pointers: keep the tensors alive while it is used."""
+    `q8_layout` return them) or bf16 as loaded (t0; `ld` its row stride). Holds raw pointers: keep
+    the tensors alive while it is used."""
 
     _fields_ = [
         ("bits", ctypes.c_int),
@@ -105,13 +106,19 @@ class Matrix(ctypes.Structure):
         ("rows", ctypes.c_int),
         ("K", ctypes.c_int),
         ("group", ctypes.c_int),
+        ("ld", ctypes.c_longlong),
     ]
 
 
 def matrix(bits: int, tensors: tuple[torch.Tensor, ...], rows: int, cols: int, group: int) -> Matrix:
-    """A `Matrix` over a weight laid out by `q4_layout` (bits 4) or `q8_layout` (bits 8)."""
+    """A `Matrix` over a weight laid out by `q4_layout` (bits 4) or `q8_layout` (bits 8), or a bf16
+    weight as `bf16_linear` takes it (bits 16, `tensors` its one tensor)."""
+    if bits == 16:
+        (w,) = tensors
+        check_bf16(w)
+        return Matrix(16, w.data_ptr(), None, None, rows, cols, 0, w.stride(0))
     a, b, c = tensors
-    return Matrix(bits, a.data_ptr(), b.data_ptr(), c.data_ptr(), rows, cols, group)
+    return Matrix(bits, a.data_ptr(), b.data_ptr(), c.data_ptr(), rows, cols, group, cols)
 
 
 def _load() -> ctypes.CDLL:
@@ -131,8 +138,10 @@ def _load() -> ctypes.CDLL:
     for fn in (lib.torus_q4_linear, lib.torus_q8_linear):
         fn.argtypes = [p, p, p, i, i, i, p, i, p, i, i]
         fn.restype = i
+    lib.torus_bf16_linear.argtypes = [p, ctypes.c_longlong, i, i, p, i, p, i, i]
+    lib.torus_bf16_linear.restype = i
     mat = ctypes.POINTER(Matrix)
-    lib.torus_gated.argtypes = [mat, mat, mat, i, p, i, p, i, i]
+    lib.torus_gated.argtypes = [mat, mat, mat, i, p, i, p, i, i, i]
     lib.torus_gated.restype = i
     lib.torus_has_vnni.restype = i
     return lib
@@ -150,7 +159,7 @@ def library() -> ctypes.CDLL | None:
                 _vnni = bool(lib.torus_has_vnni())
                 _lib = lib
             except OSError as exc:
-                _error = f"the native int4/int8 kernels are unavailable: {exc}"
+                _error = f"the native int4/int8/bf16 kernels are unavailable: {exc}"
         return _lib
 
 
@@ -160,7 +169,7 @@ def unavailable() -> str | None:
 
 
 def has_vnni() -> bool:
-    """Whether this CPU runs the AVX-512 VNNI path (else the portable C path, same results)."""
+    """Whether this CPU runs the AVX-512 (VNNI) paths (else the portable C path, same results)."""
     return library() is not None and _vnni
 
 
@@ -267,6 +276,37 @@ def q4_linear(
     return _call(lib.torus_q4_linear, x, tensors, rows, group, threads, vnni)
 
 
+def check_bf16(w: torch.Tensor) -> None:
+    """`bf16_linear` reads a 2-D bf16 CPU matrix whose rows may be apart (a column share's view)
+    but whose columns are adjacent."""
+    if w.dtype != torch.bfloat16 or w.dim() != 2 or w.device.type != "cpu" or (w.shape[1] > 1 and w.stride(1) != 1):
+        raise ValueError(
+            f"the native bf16 kernel takes a 2-D bf16 CPU matrix with adjacent columns, got {w.dtype} "
+            f"{tuple(w.shape)} strides {w.stride()} on {w.device}"
+        )
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor, threads: int | None = None, vnni: bool | None = None) -> torch.Tensor:
+    """x [tokens, cols] @ w^T -> float32 [tokens, rows], w bf16 [rows, cols] as loaded (`check_bf16`).
+    Products of bf16 values are exact in fp32: this differs from PyTorch's bf16 linear only by the
+    order of the fp32 sum (and by rounding to bf16 after it, which the caller does)."""
+    lib = _lib or library()
+    if lib is None:
+        raise OSError(_error)
+    check_bf16(w)
+    x = x.to(torch.float32).contiguous()
+    tokens = x.shape[0]
+    y = torch.empty(tokens, w.shape[0], dtype=torch.float32)
+    use_vnni = _vnni if vnni is None else (vnni and _vnni)
+    rc = lib.torus_bf16_linear(
+        w.data_ptr(), w.stride(0), w.shape[0], w.shape[1], x.data_ptr(), tokens, y.data_ptr(),
+        threads or torch.get_num_threads(), int(use_vnni),
+    )
+    if rc != 0:
+        raise MemoryError(f"the native kernel could not allocate scratch for {tokens} tokens")
+    return y
+
+
 #: The activations `gated` can apply, by the code host_linear.c's `activate` takes.
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
@@ -279,9 +319,12 @@ def gated(
     act: str,
     threads: int | None = None,
     vnni: bool | None = None,
+    round_bf16: bool = False,
 ) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) in one native call: x [tokens, hidden] -> float32 [tokens, down.rows].
-    Each matrix rounds as its own `q4_linear` / `q8_linear` would; `act` is one of `ACTIVATIONS`."""
+    Each matrix rounds as its own `q4_linear` / `q8_linear` / `bf16_linear` would; `act` is one of
+    `ACTIVATIONS`. `round_bf16`: round gate's and up's outputs, the activation and the product to
+    bf16, as a bf16 model's forward does between its ops."""
     lib = _lib or library()
     if lib is None:
         raise OSError(_error)
@@ -292,6 +335,7 @@ def gated(
     rc = lib.torus_gated(
         gate, up, down, ACTIVATIONS[act], x.data_ptr(), tokens, y.data_ptr(), threads or torch.get_num_threads(),
         int(use_vnni),
+        int(round_bf16),
     )
     if rc != 0:
         raise MemoryError(f"the native kernel could not allocate scratch for {tokens} tokens")
@@ -304,6 +348,8 @@ __all__ = [
     "gated",
     "matrix",
     "BLOCK_ROWS",
+    "bf16_linear",
+    "check_bf16",
     "cache_dir",
     "has_vnni",
     "library",

@@ -123,10 +123,20 @@ def split_align(quant: str | None, group: int) -> int:
 
 
 def choose_kernel(config: TorusConfig, probe: HostProbe | None, dtype: torch.dtype) -> tuple[str, torch.dtype | None]:
-    """The host kernel for `config.weight_quant` weights: as configured, or the probe's fastest."""
+    """The host kernel for `config.weight_quant` weights: as configured, or the probe's fastest.
+    Weights as loaded: PyTorch's linear ("raw"), or for a bf16 model our bf16 kernel where the
+    probe found it faster ("auto") or it was asked for ("native")."""
     quant = config.weight_quant
     if quant is None:
-        return "raw", None
+        if dtype != torch.bfloat16 or config.host_kernel not in ("auto", "native"):
+            return "raw", None
+        if config.host_kernel == "native":
+            why = native.unavailable()
+            if why is not None:
+                raise ConfigError(f"host_kernel='native': {why}. Use host_kernel='auto' (PyTorch's kernels)")
+            return "bf16native", None
+        assert probe is not None
+        return probe.kernel, probe.act_dtype
     packed = "int8pack" if quant == "int8" else "int4pack"
     if config.host_kernel == "native":
         why = native.unavailable()
@@ -189,7 +199,8 @@ def plan_host(engine: Any) -> HostPlacement | None:
     quant, group = config.weight_quant, config.quant_group_size
     align = split_align(quant, group)
     fixed_split = config.host_compute == "all" or config.host_share is not None
-    need_probe = config.host_kernel == "auto" and quant is not None or not fixed_split or config.host_max_tokens is None
+    choose = config.host_kernel == "auto" and (quant is not None or dtype == torch.bfloat16)
+    need_probe = choose or not fixed_split or config.host_max_tokens is None
     probe = costs = None
     if need_probe:
         probe = probe_host(hidden, inter, dtype, quant, group)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .fused import GatedFFN
+from .fused import FUSED_BOUND, GatedFFN
 from .kernels import HostWeight, quantized_weight, raw_weight
 
 
@@ -75,7 +75,7 @@ def _ffn_weights(
         ]
         out.append(
             [
-                raw_weight(w) if quant is None else quantized_weight(w, quant, group, kernel, act, refine=False)
+                raw_weight(w, kernel) if quant is None else quantized_weight(w, quant, group, kernel, act, refine=False)
                 for w in ws
             ]
         )
@@ -85,7 +85,7 @@ def _ffn_weights(
 def _ffn(ws: list[HostWeight], dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """One gated FFN as the engine computes it: in one native call where `fused` would fuse it."""
     g, u, d = ws
-    if dtype == torch.float32 and all(w.kernel in ("int4native", "int8native") for w in ws):
+    if dtype in FUSED_BOUND and all(w.kernel in ("int4native", "int8native", "bf16native") for w in ws):
         return GatedFFN(g, u, d, "silu", dtype)
     return lambda x: d.linear(F.silu(g.linear(x)) * u.linear(x))
 
@@ -122,7 +122,8 @@ def ffn_runner(
 def candidates(dtype: torch.dtype, quant: str | None) -> list[tuple[str, torch.dtype | None]]:
     """(kernel, activation dtype) pairs worth timing for weights of `dtype` streamed as `quant`."""
     if quant is None:
-        return [("raw", None)]
+        own = [("bf16native", None)] if dtype == torch.bfloat16 and native.unavailable() is None else []
+        return own + [("raw", None)]
     packed = "int8pack" if quant == "int8" else "int4pack"
     acts = [dtype] + ([torch.bfloat16] if dtype == torch.float32 else [])
     own = [(f"{quant}native", None)] if native.unavailable() is None else []
