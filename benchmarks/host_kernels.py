@@ -1,12 +1,12 @@
 """Host kernel efficiency: how close host-side FFN compute at batch 1 comes to the memory limit.
 
 For each FFN shape (SmolLM2-135M's 576→1536, a 7B Llama's 4096→11008) and weight format (fp32 and
-bf16 as loaded; int8 and int4 through each host kernel the engine can pick — PyTorch's packed CPU
-kernels `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` with activations in fp32 or bf16,
-torus-sparse's own int8/int4 kernels (`host_compute/host_linear.c`, when they build here), and
-dequantize + matmul), gated FFNs (gate, up, down) of those shapes are run at one token, enough
-layers to exceed the caches (the native rows of fp32 models as the engine runs them: one fused
-call per FFN, `host_compute.fused`), and the host-format weight bytes read per second are divided by the
+bf16 as loaded, bf16 also through torus-sparse's bf16 kernel; int8 and int4 through each host kernel
+the engine can pick — PyTorch's packed CPU kernels `_weight_int8pack_mm` /
+`_weight_int4pack_mm_for_cpu` with activations in fp32 or bf16, torus-sparse's own int8/int4 kernels
+(`host_compute/host_linear.c`, when they build here), and dequantize + matmul), gated FFNs (gate,
+up, down) of those shapes are run at one token, enough layers to exceed the caches (the native rows
+as the engine runs them: one fused call per FFN, `host_compute.fused`), and the host-format weight bytes read per second are divided by the
 host memory read bandwidth measured right before them (a sum over 256 MiB of fp32, best of 5).
 This machine's speed drifts by tens of percent over minutes (a shared virtual machine), so each
 row is measured in `--rounds` rounds, each its own bandwidth probe and best-of-3 FFN timing; the
@@ -34,6 +34,7 @@ SHAPES = {"smollm2": (576, 1536), "7b": (4096, 11008)}
 ROWS = [
     ("fp32", torch.float32, None, "raw", None),
     ("bf16", torch.bfloat16, None, "raw", None),
+    ("bf16", torch.bfloat16, None, "bf16native", None),
     ("int8", torch.float32, "int8", "int8native", None),
     ("int8", torch.float32, "int8", "int8pack", torch.float32),
     ("int8", torch.float32, "int8", "int8pack", torch.bfloat16),

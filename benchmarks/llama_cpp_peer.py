@@ -5,7 +5,8 @@ torus-sparse loads the same GGUF through transformers (dequantized to fp32), att
 transport, no resident FFN layer and `host_compute="all"`, so every decode pass computes every FFN
 layer on the host threads, in int4 (the same 4-bit weight class as Q4_1) or int8. Streaming-only
 int4 and the plain model are measured beside them, and the plain and host-int4 runs once more with
-the model in bf16 (its resident attention, norms and LM head then read half the bytes). Decoding:
+the model in bf16 (its resident attention, norms and LM head then read half the bytes), with a
+host-bf16 run (FFN weights as loaded in bf16, through torus-sparse's bf16 kernel). Decoding:
 the chat prompt, greedy, batch 1, `--tokens` new tokens; tok/s = decode steps ÷ time between the
 first and last token (prefill excluded) for both. `--threads` for both (llama.cpp `n_threads`, torch `set_num_threads`).
 
@@ -71,10 +72,12 @@ VARIANTS = {
     ),
     "host-int4": (torch.float32, _HOST_INT4),
     "host-fp32": (torch.float32, dict(transport="copy", resident_layers=0, host_compute="all", host_max_tokens=1)),
-    # The same model in bf16: its resident matmuls read half the bytes, but its host FFNs take the
-    # unfused path (the fused one is fp32-only); these rows show which effect wins on this machine.
+    # The same model in bf16: its resident matmuls and LM head read half the bytes through PyTorch's
+    # bf16 GEMV (slower per byte than its fp32 one here); its host FFNs fuse as in fp32, rounding
+    # between ops as the bf16 model does. host-bf16: the FFN weights as loaded, our bf16 kernel.
     "plain-bf16": (torch.bfloat16, None),
     "host-int4-bf16": (torch.bfloat16, _HOST_INT4),
+    "host-bf16": (torch.bfloat16, dict(transport="copy", resident_layers=0, host_compute="all", host_max_tokens=1)),
 }
 
 

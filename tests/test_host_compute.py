@@ -34,7 +34,7 @@ from torus_plugins.host_compute import native
 from torus_plugins.host_compute.kernels import HostComputeError, quantized_weight, stored_weight
 from torus_plugins.host_compute.placement import tolerance
 from torus_plugins.planning.host_split import HostCosts, balanced_share, host_rows, max_host_tokens, predict
-from torus_plugins.quant import dequantize_into, quantize
+from torus_plugins.quant import dequantize_into, int4_parts, quantize
 
 # ---------------------------------------------------------------------- dense layers
 def test_whole_layers_on_the_host_are_bit_equal_and_prefill_streams() -> None:
@@ -240,6 +240,16 @@ def test_native_int4_kernel_computes_the_stored_codes(rows: int) -> None:
         assert torch.equal(hw.linear(torch.zeros_like(xs)), torch.zeros(3, rows))
         one_thread = native.q4_linear(xs, hw.tensors, hw.shape[0], hw.group, threads=1)
         assert torch.equal(one_thread, got)
+    # The kernel reads 6-bit sc / mn bytes and per-row d / dmin and forms step = d * sc itself: exact
+    # in fp32 (fp16 d by a 6-bit integer), so it is the dequantizer's step bit for bit
+    _, d, dmin, sc, mn = int4_parts(q, meta)
+    for scale, code in ((d, sc), (dmin, mn)):
+        prod = scale.double()[:, None] * code.double()
+        assert torch.equal((scale[:, None] * code.float()).double(), prod)
+    # hw: the last share, 32 columns (one group) of rows padded to blocks of 16. 4 bits a weight,
+    # 2 bytes a (row, group), 8 a row (d, dmin): 0.56 bytes a weight at group 32, not 0.75
+    padded = -(-rows // 16) * 16
+    assert hw.nbytes == padded * (32 // 2 + 2 + 8)
 
 
 @needs_native

@@ -159,10 +159,12 @@ def quantize(
     return _quantize_int4(w, group_size, refine)
 
 
-def int4_codes(q: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The int4 layout decoded: (codes uint8 [rows, cols] in 0..15, step and offset float32
-    [rows, groups]), so that w = codes * step - offset within each group (see the module docstring).
-    The streamed dequantizer and the host's packed kernel layout both start from these."""
+def int4_parts(
+    q: torch.Tensor, meta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int4 layout unpacked, nothing multiplied: (codes uint8 [rows, cols] in 0..15, d and dmin
+    float32 [rows] (fp16 values), sc and mn uint8 [rows, groups] in 0..63): step = d * sc and
+    offset = dmin * mn, each exact in fp32 (an 11-bit by 6-bit product)."""
     rows, half = q.shape
     cols = half * 2
     groups = 2 * (meta.shape[1] - 4) // 3
@@ -174,10 +176,16 @@ def int4_codes(q: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch
     v = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
     sc = torch.stack((v & 63, (v >> 12) & 63), dim=-1).view(rows, -1)[:, :groups]
     mn = torch.stack(((v >> 6) & 63, (v >> 18) & 63), dim=-1).view(rows, -1)[:, :groups]
-    step = dd[:, 0:1] * sc.to(torch.float32)
-    offset = dd[:, 1:2] * mn.to(torch.float32)
     nib = torch.stack((q & 0xF, q >> 4), dim=-1).view(rows, cols)
-    return nib, step, offset
+    return nib, dd[:, 0].contiguous(), dd[:, 1].contiguous(), sc.to(torch.uint8), mn.to(torch.uint8)
+
+
+def int4_codes(q: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int4 layout decoded: (codes uint8 [rows, cols] in 0..15, step and offset float32
+    [rows, groups]), so that w = codes * step - offset within each group (see the module docstring).
+    The streamed dequantizer and the host's kernel layouts all start from these (or `int4_parts`)."""
+    nib, d, dmin, sc, mn = int4_parts(q, meta)
+    return nib, d[:, None] * sc.to(torch.float32), dmin[:, None] * mn.to(torch.float32)
 
 
 def dequantize_into(dst: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mode: str) -> None:

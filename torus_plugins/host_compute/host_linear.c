@@ -11,10 +11,15 @@
  * rows' sums of q over the group (int32), and the 16 row scales. vpdpbusd wants one unsigned
  * operand: the activations go in as h + 128 (and l + 128), and 128 * sum(q) comes off again.
  *
- * int4 (q4_*) weights: the host store's int4 layout decoded (quant.int4_codes): w = code * step - offset per
- * (row, group), code in 0..15. Re-laid once per weight (native.py: q4_layout) in blocks of 16 rows;
- * within a block, 8 columns make 64 bytes: byte r*4+k holds code[r][c+k] (low nibble) and
- * code[r][c+4+k] (high nibble); step and offset are laid out [block][group][16].
+ * int4 (q4_*) weights: the host store's int4 layout (quant.py, Q4_K-like): w = code * step - offset per
+ * (row, group), code in 0..15, step = d * sc and offset = dmin * mn with d, dmin per row (fp16
+ * values) and sc, mn per (row, group) 6-bit integers. Re-laid once per weight (native.py:
+ * q4_layout) in blocks of 16 rows; within a block, 8 columns make 64 bytes: byte r*4+k holds
+ * code[r][c+k] (low nibble) and code[r][c+4+k] (high nibble); sc and mn stay bytes, laid out
+ * [block][group][sc of 16 rows | mn of 16 rows]; d and dmin fp32 [block][d of 16 | dmin of 16].
+ * The kernel forms step and offset itself: an 11-bit by 6-bit product is exact in fp32, so they
+ * are bit for bit quant.int4_codes' values, from 2 bytes per group instead of 8 (at group 32 a
+ * weight reads 0.56 bytes, not 0.75).
  *
  * Activations: per weight group, x = d * (h + l / 254) with h, l int8 (d = max|x| / 127): two
  * integer dot products per group instead of one, which keeps the error near fp16's (|x - x~| <=
@@ -65,12 +70,18 @@ static void quantize_act(const float* x, int K, int group, int8_t* hi, int8_t* l
 
 /* Two blocks at once (32 rows): each activation broadcast feeds two weight vectors. A last odd block
  * passes itself twice. Per block the arithmetic, and its order, is block_portable's. */
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline __m512 q4_scale(const uint8_t* b, __m512 d) {
+  return _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)b))));
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void pair_vnni(
-    const uint8_t* w0, const uint8_t* w1, const float* step0, const float* step1, const float* off0,
-    const float* off1, int K, int group, const int8_t* hi, const int8_t* lo, const float* d,
+    const uint8_t* w0, const uint8_t* w1, const uint8_t* sm0, const uint8_t* sm1, const float* dd0,
+    const float* dd1, int K, int group, const int8_t* hi, const int8_t* lo, const float* d,
     const float* sum, float* out0, float* out1) {
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512 inv = _mm512_set1_ps(1.f / 254.f);
+  const __m512 rd0 = _mm512_loadu_ps(dd0), rm0 = _mm512_loadu_ps(dd0 + R);
+  const __m512 rd1 = _mm512_loadu_ps(dd1), rm1 = _mm512_loadu_ps(dd1 + R);
   __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
   for (int g = 0; g < K / group; g++) {
     __m512i h0 = _mm512_setzero_si512(), l0 = _mm512_setzero_si512();
@@ -89,18 +100,19 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void pair_vnni(
       l1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(l1, a1, ya), b1, yb);
     }
     __m512 dg = _mm512_set1_ps(d[g]), sg = _mm512_set1_ps(sum[g]);
+    const uint8_t *s0 = sm0 + (size_t)g * 2 * R, *s1 = sm1 + (size_t)g * 2 * R;
     __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l0), inv, _mm512_cvtepi32_ps(h0));
-    t0 = _mm512_fmadd_ps(a, _mm512_mul_ps(_mm512_loadu_ps(step0 + g * R), dg), t0);
-    t0 = _mm512_fnmadd_ps(_mm512_loadu_ps(off0 + g * R), sg, t0);
+    t0 = _mm512_fmadd_ps(a, _mm512_mul_ps(q4_scale(s0, rd0), dg), t0);
+    t0 = _mm512_fnmadd_ps(q4_scale(s0 + R, rm0), sg, t0);
     __m512 b = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l1), inv, _mm512_cvtepi32_ps(h1));
-    t1 = _mm512_fmadd_ps(b, _mm512_mul_ps(_mm512_loadu_ps(step1 + g * R), dg), t1);
-    t1 = _mm512_fnmadd_ps(_mm512_loadu_ps(off1 + g * R), sg, t1);
+    t1 = _mm512_fmadd_ps(b, _mm512_mul_ps(q4_scale(s1, rd1), dg), t1);
+    t1 = _mm512_fnmadd_ps(q4_scale(s1 + R, rm1), sg, t1);
   }
   _mm512_storeu_ps(out0, t0);
   _mm512_storeu_ps(out1, t1);
 }
 
-static void block_portable(const uint8_t* w, const float* step, const float* off, int K, int group,
+static void block_portable(const uint8_t* w, const uint8_t* sm, const float* dd, int K, int group,
                            const int8_t* hi, const int8_t* lo, const float* d, const float* sum, float* out) {
   float total[R] = {0};
   for (int g = 0; g < K / group; g++) {
@@ -118,9 +130,10 @@ static void block_portable(const uint8_t* w, const float* step, const float* off
     }
     for (int r = 0; r < R; r++) {
       float a = fmaf((float)acc_l[r], 1.f / 254.f, (float)acc_h[r]);
-      float sv = step[g * R + r] * d[g];
+      float step = dd[r] * (float)sm[(size_t)g * 2 * R + r], off = dd[R + r] * (float)sm[(size_t)g * 2 * R + R + r];
+      float sv = step * d[g];
       total[r] = fmaf(a, sv, total[r]);
-      total[r] = fmaf(-off[g * R + r], sum[g], total[r]);
+      total[r] = fmaf(-off, sum[g], total[r]);
     }
   }
   memcpy(out, total, sizeof total);
@@ -284,7 +297,7 @@ int torus_has_vnni(void) {
 }
 
 /* ------------------------------------------------------------------ matrices, work items, calls
- * One weight matrix in any layout; t0, t1, t2 are q4's (codes, step, offset), q8's (q, row sums,
+ * One weight matrix in any layout; t0, t1, t2 are q4's (codes, sc | mn, d | dmin), q8's (q, row sums,
  * scales), as native.py lays them out, or bf16's (weights, unused, unused). */
 typedef struct {
   int bits; /* 4, 8 or 16 (bf16) */
@@ -363,15 +376,15 @@ static void item(const torus_mat* m, const float* x, const int8_t* q, const floa
     float out[2][R];
     int b0 = 2 * it, nblk = b0 + 1 < blocks ? 2 : 1;
     const uint8_t* wb = (const uint8_t*)m->t0 + (size_t)b0 * R * K / 2;
-    const float* sb = (const float*)m->t1 + (size_t)b0 * G * R;
-    const float* ob = (const float*)m->t2 + (size_t)b0 * G * R;
+    const uint8_t* sb = (const uint8_t*)m->t1 + (size_t)b0 * G * 2 * R;
+    const float* db = (const float*)m->t2 + (size_t)b0 * 2 * R;
     if (vnni) {
-      size_t w1 = nblk == 2 ? (size_t)R * K / 2 : 0, s1 = nblk == 2 ? (size_t)G * R : 0;
-      pair_vnni(wb, wb + w1, sb, sb + s1, ob, ob + s1, K, group, h, l, d, s, out[0], out[1]);
+      size_t w1 = nblk == 2 ? (size_t)R * K / 2 : 0, s1 = nblk == 2 ? (size_t)G * 2 * R : 0, d1 = nblk == 2 ? 2 * R : 0;
+      pair_vnni(wb, wb + w1, sb, sb + s1, db, db + d1, K, group, h, l, d, s, out[0], out[1]);
     } else {
       for (int j = 0; j < nblk; j++) {
-        size_t wo = (size_t)j * R * K / 2, so = (size_t)j * G * R;
-        block_portable(wb + wo, sb + so, ob + so, K, group, h, l, d, s, out[j]);
+        size_t wo = (size_t)j * R * K / 2, so = (size_t)j * G * 2 * R, dof = (size_t)j * 2 * R;
+        block_portable(wb + wo, sb + so, db + dof, K, group, h, l, d, s, out[j]);
       }
     }
     for (int j = 0; j < nblk; j++) {
@@ -401,10 +414,10 @@ int torus_q8_linear(const int8_t* w, const int32_t* wsum, const float* scale, in
   return linear(&m, x, M, y, threads, vnni);
 }
 
-/* int4: W in the q4 layout; `group`: the weight's group. */
-int torus_q4_linear(const uint8_t* w, const float* step, const float* off, int rows, int K, int group,
+/* int4: W in the q4 layout (codes, sc | mn bytes, d | dmin); `group`: the weight's group. */
+int torus_q4_linear(const uint8_t* w, const uint8_t* scmn, const float* dd, int rows, int K, int group,
                     const float* x, int M, float* y, int threads, int vnni) {
-  torus_mat m = {4, w, step, off, rows, K, group, K};
+  torus_mat m = {4, w, scmn, dd, rows, K, group, K};
   return linear(&m, x, M, y, threads, vnni);
 }
 

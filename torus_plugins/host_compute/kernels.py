@@ -130,19 +130,22 @@ def stored_weight(
             act = act_dtype or dtype
             return HostWeight("int8pack", shape, dtype, (qs, ss.to(act)), act, mode=mode)
         return HostWeight("dequantize", shape, dtype, (qs, ss), mode=mode)
-    codes, step, offset = quantization.int4_codes(q, scale)
-    codes = codes.to(torch.int32)
-    g = codes.shape[1] // step.shape[1]
+    nib, d, dmin, sc, mn = quantization.int4_parts(q, scale)
+    g = nib.shape[1] // sc.shape[1]
     start = cols.start or 0
-    stop = codes.shape[1] if cols.stop is None else cols.stop
+    stop = nib.shape[1] if cols.stop is None else cols.stop
     if start % g or stop % g:
         raise HostComputeError(f"an int4 weight's host share must start and end on a {g}-column group boundary")
     gcols = slice(start // g, stop // g)
+    if kernel == "int4native" and g % 8 == 0:
+        # The kernel forms step = d * sc and offset = dmin * mn itself (exactly int4_codes' values).
+        share = nib[rows, cols]
+        layout = native.q4_layout(share, d[rows], dmin[rows], sc[rows, gcols], mn[rows, gcols])
+        return HostWeight("int4native", (share.shape[0], share.shape[1]), dtype, layout, group=g, mode=mode)
+    codes = nib.to(torch.int32)
+    step, offset = d[:, None] * sc.to(torch.float32), dmin[:, None] * mn.to(torch.float32)
     codes, step, offset = codes[rows, cols], step[rows, gcols], offset[rows, gcols]
     shape = (codes.shape[0], codes.shape[1])
-    if kernel == "int4native" and g % 8 == 0:
-        layout = native.q4_layout(codes.to(torch.uint8), step, offset)
-        return HostWeight("int4native", shape, dtype, layout, group=g, mode=mode)
     if kernel == "int4pack" and shape[0] % 16 == 0 and g in (32, 64, 128, 256):
         act = act_dtype or dtype
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)

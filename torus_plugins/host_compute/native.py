@@ -174,25 +174,26 @@ def has_vnni() -> bool:
 
 
 def q4_layout(
-    codes: torch.Tensor, step: torch.Tensor, offset: torch.Tensor
+    codes: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernel's layout of an int4 weight (codes uint8 [rows, cols] in 0..15; step, offset
-    float32 [rows, groups]): rows padded to blocks of 16 with zero codes, scales and offsets."""
+    """The kernel's layout of an int4 weight (`quant.int4_parts`: codes uint8 [rows, cols] in 0..15;
+    d, dmin float32 [rows]; sc, mn [rows, groups] in 0..63): (packed codes, sc | mn bytes per
+    (block, group), d | dmin per block), rows padded to blocks of 16 with zeros."""
     rows, cols = codes.shape
-    groups = step.shape[1]
+    groups = sc.shape[1]
     blocks = -(-rows // BLOCK_ROWS)
     padded = blocks * BLOCK_ROWS
     c = codes.new_zeros(padded, cols)
     c[:rows] = codes
     c = c.view(blocks, BLOCK_ROWS, cols // 8, 8)
     packed = (c[..., :4] | (c[..., 4:] << 4)).permute(0, 2, 1, 3).contiguous()
-
-    def blocked(t: torch.Tensor) -> torch.Tensor:
-        full = t.new_zeros(padded, groups, dtype=torch.float32)
-        full[:rows] = t
-        return full.view(blocks, BLOCK_ROWS, groups).permute(0, 2, 1).contiguous()
-
-    return packed, blocked(step), blocked(offset)
+    scmn = torch.zeros(padded, groups, 2, dtype=torch.uint8)
+    scmn[:rows, :, 0], scmn[:rows, :, 1] = sc, mn
+    scmn = scmn.view(blocks, BLOCK_ROWS, groups, 2).permute(0, 2, 3, 1).contiguous()  # [block][group][2][16]
+    dd = torch.zeros(padded, 2, dtype=torch.float32)
+    dd[:rows, 0], dd[:rows, 1] = d, dmin
+    dd = dd.view(blocks, BLOCK_ROWS, 2).permute(0, 2, 1).contiguous()  # [block][2][16]
+    return packed, scmn, dd
 
 
 def q8_group(cols: int) -> int | None:
