@@ -146,15 +146,23 @@ def test_bf16_model_on_the_host_matches_the_unwrapped_model(split: bool) -> None
     tp.detach(model)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gemma", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen2", "gemma", "mixtral", "olmoe"])
 def test_bf16_architectures_on_the_host(arch: str) -> None:
-    """Other gated FFNs (Qwen2's, Gemma's tanh GELU) and MoE experts (weights as loaded: PyTorch's
-    linear, the bf16 kernel is for dense layers) in bf16 with every FFN on the host."""
+    """Other gated FFNs (Qwen2's, Gemma's tanh GELU) and MoE experts missing from the device cache
+    (each expert's weights read in place by the bf16 kernel) in bf16, every FFN on the host."""
     model = build_tiny(arch).to(torch.bfloat16)
     ref_tokens, ref_logits = greedy(model), decode_logits(model)
-    extra = {"moe_cache_experts": 8} if arch == "mixtral" else {"resident_layers": 0}
+    moe = arch in ("mixtral", "olmoe")
+    extra = {"moe_cache_experts": 8} if moe else {"resident_layers": 0}
     engine = tp.attach(model, transport="copy", host_compute="all", host_max_tokens=1, host_kernel="native", **extra)
+    assert engine.host_plan.kernel == "bf16native"
+    if moe:
+        assert engine.experts._host_mode is not None  # the experts' weights compute through the kernel
+        assert all(w.kernel == "bf16native" for w in engine.experts._host_mode.weights.values())
     assert relative(decode_logits(model), ref_logits) < tolerance(torch.bfloat16, None)
     assert torch.equal(greedy(model), ref_tokens)
-    assert engine.stats().host_calls > 0
+    s = engine.stats()
+    assert s.host_calls > 0
+    if moe:
+        assert sum(layer.host_computed for layer in s.experts.layers) > 0
     tp.detach(model)

@@ -21,7 +21,7 @@ from ..architecture import EXPERTS_RUNNER_ATTR, ExpertSite, MoEArchitecture
 from ..config import TorusConfig
 from ..errors import ConfigError, TransferError
 from ..guards import check_traceable_call
-from ..host_compute.kernels import HostComputeError, HostLinearMode, HostWeight, stored_weight
+from ..host_compute.kernels import HostComputeError, HostLinearMode, HostWeight, raw_weight, stored_weight
 from ..host_compute.worker import HostWorker
 from ..host_store import HostStore, PackedLayer, plan_packed
 from ..slots import Slot
@@ -310,7 +310,8 @@ class ExpertStreamer:
     # ------------------------------------------------------------------ host placement
     def enable_host(self, max_tokens: int, kernel: str, act: torch.dtype | None) -> None:
         """Compute cache misses of passes with at most `max_tokens` tokens on the host, from the
-        host store: weights as stored, or quantized ones through the packed CPU kernels."""
+        host store: weights as stored (bf16 ones through the native bf16 kernel when `kernel` is
+        "bf16native"), or quantized ones through the chosen host kernel."""
         self._host_max = max_tokens
         self._host_worker = HostWorker(self.device)
         weights: dict[int, HostWeight] = {}
@@ -318,6 +319,8 @@ class ExpertStreamer:
         for unit, packed in enumerate(self.store.layers):
             views = packed.transfer.views(self.store.buffers[unit])  # type: ignore[arg-type]
             if not packed.quantized:
+                if kernel == "bf16native":
+                    views = [self._bf16_marker(v, weights) for v in views]
                 tensors.append(views)
                 continue
             unit_tensors = []
@@ -332,6 +335,16 @@ class ExpertStreamer:
         self._host_mode = HostLinearMode(weights) if weights else None
         self._host_tensors = tensors
         self._host_shims = [self._make_host_shim(j) for j in range(len(self.sites))]
+
+    @staticmethod
+    def _bf16_marker(t: torch.Tensor, weights: dict[int, HostWeight]) -> torch.Tensor:
+        """A 2-D bf16 expert weight as a memory-free marker that `HostLinearMode` computes with
+        the native bf16 kernel, reading `t` in place; anything else as it is."""
+        if t.dtype != torch.bfloat16 or t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+            return t
+        marker = torch.zeros((), dtype=t.dtype).expand(t.shape)
+        weights[id(marker)] = raw_weight(t, "bf16native")
+        return marker
 
     def _make_host_shim(self, j: int) -> _ModuleShim:
         site, base, n = self.sites[j], self.base[j], self.sites[j].num_experts
