@@ -207,6 +207,8 @@ def test_native_int8_kernel_computes_the_stored_integers() -> None:
     for cols in (slice(None), slice(64, None)):
         hw = stored_weight(q, scale, "int8", "int8native", None, torch.float32, cols=cols)
         assert hw.kernel == "int8native"
+        # one byte a weight (q + 128) and a scale a row, rows padded to blocks of 16: no row sums
+        assert hw.nbytes == 64 * hw.shape[1] + 64 * 4
         xs = torch.randn(3, deq[:, cols].shape[1]) * torch.tensor([1e-3, 1.0, 1e3])[:, None]
         got, want = hw.linear(xs), xs @ deq[:, cols].T
         for g, r in zip(got, want):

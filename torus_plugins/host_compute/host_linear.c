@@ -7,9 +7,11 @@
  * limit with compute to spare.
  *
  * int8 (q8_*): the host store's int8 layout, w = q * scale per row, q in -127..127. Laid out in
- * blocks of 16 rows; 4 columns make 64 bytes (byte r*4+k = q[r][c+k]); per (block, group) the 16
- * rows' sums of q over the group (int32), and the 16 row scales. vpdpbusd wants one unsigned
- * operand: the activations go in as h + 128 (and l + 128), and 128 * sum(q) comes off again.
+ * blocks of 16 rows; 4 columns make 64 bytes (byte r*4+k = q[r][c+k] + 128), and the 16 row scales.
+ * vpdpbusd wants one unsigned operand: the weights are stored as q + 128, and 128 * sum(h) (one
+ * integer per token and activation group, made with the activations) comes off again, so the
+ * integer sums are exactly sum(q * h) and a weight reads one byte (row sums of q kept with the
+ * weights, as activations + 128 would need, cost an eighth more).
  *
  * int4 (q4_*) weights: the host store's int4 layout (quant.py, Q4_K-like): w = code * step - offset per
  * (row, group), code in 0..15, step = d * sc and offset = dmin * mn with d, dmin per row (fp16
@@ -46,7 +48,10 @@
 
 #define R 16
 
-static void quantize_act(const float* x, int K, int group, int8_t* hi, int8_t* lo, float* d, float* sum) {
+/* One token's activations, per group: hi, lo, the scale d, the fp32 sum of x (q4's offset term) and
+ * the integer sums of hi and lo (q8's correction for its unsigned weights). */
+static void quantize_act(const float* x, int K, int group, int8_t* hi, int8_t* lo, float* d, float* sum,
+                         int32_t* hsum, int32_t* lsum) {
   for (int g = 0; g < K / group; g++) {
     const float* xg = x + (size_t)g * group;
     float amax = 0.f, s = 0.f;
@@ -57,14 +62,20 @@ static void quantize_act(const float* x, int K, int group, int8_t* hi, int8_t* l
     }
     float dg = amax / 127.f;
     float inv = dg > 0.f ? 1.f / dg : 0.f;
+    int32_t hs = 0, ls = 0;
     for (int i = 0; i < group; i++) {
       float v = xg[i] * inv;
       float h = rintf(v);
-      hi[(size_t)g * group + i] = (int8_t)h;
-      lo[(size_t)g * group + i] = (int8_t)rintf((v - h) * 254.f);
+      int8_t hq = (int8_t)h, lq = (int8_t)rintf((v - h) * 254.f);
+      hi[(size_t)g * group + i] = hq;
+      lo[(size_t)g * group + i] = lq;
+      hs += hq;
+      ls += lq;
     }
     d[g] = dg;
     sum[g] = s;
+    hsum[g] = hs;
+    lsum[g] = ls;
   }
 }
 
@@ -140,26 +151,32 @@ static void block_portable(const uint8_t* w, const uint8_t* sm, const float* dd,
 }
 
 /* Scratch for M tokens' activations: q = [hi of every token | lo of every token] (M*K each),
- * f = [d of every token | sum of every token] (M*G each), filled by quantize_act. Nonzero: no memory. */
+ * f = [d of every token | sum of every token | hsum | lsum] (M*G each; the last two int32 in
+ * float-sized slots: `isums`), filled by quantize_act. Nonzero: no memory. */
 static int activations(const float* x, int M, int K, int group, int8_t** q, float** f) {
   int G = K / group;
   *q = malloc((size_t)M * K * 2);
-  *f = malloc(sizeof(float) * (size_t)M * G * 2);
+  *f = malloc(sizeof(float) * (size_t)M * G * 4);
   if (!*q || !*f) {
     free(*q);
     free(*f);
     return -1;
   }
+  int32_t* is = (int32_t*)(*f + (size_t)M * G * 2);
   for (int m = 0; m < M; m++)
     quantize_act(x + (size_t)m * K, K, group, *q + (size_t)m * K, *q + (size_t)(M + m) * K, *f + (size_t)m * G,
-                 *f + (size_t)(M + m) * G);
+                 *f + (size_t)(M + m) * G, is + (size_t)m * G, is + (size_t)(M + m) * G);
   return 0;
 }
 
-/* int8: one block of 16 rows; activations as unsigned bytes (h + 128, l + 128). */
+/* The integer sums of hi (then lo, M*G further on) that `activations` put after d and sum. */
+static const int32_t* isums(const float* f, int M, int G) { return (const int32_t*)(f + (size_t)M * G * 2); }
+
+/* int8: one block of 16 rows, weights as unsigned bytes (q + 128); hs / ls: the token's integer
+ * sums of hi / lo per group. */
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void q8_block_vnni(
-    const int8_t* w, const int32_t* wsum, const float* scale, int K, int group, const uint8_t* hi,
-    const uint8_t* lo, const float* d, float* out) {
+    const uint8_t* w, const float* scale, int K, int group, const int8_t* hi, const int8_t* lo, const float* d,
+    const int32_t* hs, const int32_t* ls, float* out) {
   const __m512 inv = _mm512_set1_ps(1.f / 254.f);
   __m512 total = _mm512_setzero_ps();
   for (int g = 0; g < K / group; g++) {
@@ -168,33 +185,32 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void q8_block_vnni
     const int32_t* xl = (const int32_t*)(lo + (size_t)g * group);
     for (int c = 0; c < group / 4; c++, w += 64) {
       __m512i v = _mm512_loadu_si512((const void*)w);
-      acc_h = _mm512_dpbusd_epi32(acc_h, _mm512_set1_epi32(xh[c]), v);
-      acc_l = _mm512_dpbusd_epi32(acc_l, _mm512_set1_epi32(xl[c]), v);
+      acc_h = _mm512_dpbusd_epi32(acc_h, v, _mm512_set1_epi32(xh[c]));
+      acc_l = _mm512_dpbusd_epi32(acc_l, v, _mm512_set1_epi32(xl[c]));
     }
-    __m512i off = _mm512_slli_epi32(_mm512_loadu_si512((const void*)(wsum + g * R)), 7);
-    __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_l, off)), inv,
-                               _mm512_cvtepi32_ps(_mm512_sub_epi32(acc_h, off)));
+    __m512i oh = _mm512_set1_epi32(hs[g] * 128), ol = _mm512_set1_epi32(ls[g] * 128);
+    __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_l, ol)), inv,
+                               _mm512_cvtepi32_ps(_mm512_sub_epi32(acc_h, oh)));
     total = _mm512_fmadd_ps(a, _mm512_set1_ps(d[g]), total);
   }
   _mm512_storeu_ps(out, _mm512_mul_ps(total, _mm512_loadu_ps(scale)));
 }
 
-static void q8_block_portable(const int8_t* w, const int32_t* wsum, const float* scale, int K, int group,
-                              const uint8_t* hi, const uint8_t* lo, const float* d, float* out) {
+static void q8_block_portable(const uint8_t* w, const float* scale, int K, int group, const int8_t* hi,
+                              const int8_t* lo, const float* d, const int32_t* hs, const int32_t* ls, float* out) {
   float total[R] = {0};
   for (int g = 0; g < K / group; g++) {
     int32_t acc_h[R] = {0}, acc_l[R] = {0};
-    const uint8_t* xh = hi + (size_t)g * group;
-    const uint8_t* xl = lo + (size_t)g * group;
+    const int8_t* xh = hi + (size_t)g * group;
+    const int8_t* xl = lo + (size_t)g * group;
     for (int c = 0; c < group / 4; c++, w += 64)
       for (int r = 0; r < R; r++)
         for (int k = 0; k < 4; k++) {
-          acc_h[r] += (int32_t)xh[4 * c + k] * w[r * 4 + k];
-          acc_l[r] += (int32_t)xl[4 * c + k] * w[r * 4 + k];
+          acc_h[r] += (int32_t)w[r * 4 + k] * xh[4 * c + k];
+          acc_l[r] += (int32_t)w[r * 4 + k] * xl[4 * c + k];
         }
     for (int r = 0; r < R; r++) {
-      int32_t off = wsum[g * R + r] * 128;
-      float a = fmaf((float)(acc_l[r] - off), 1.f / 254.f, (float)(acc_h[r] - off));
+      float a = fmaf((float)(acc_l[r] - ls[g] * 128), 1.f / 254.f, (float)(acc_h[r] - hs[g] * 128));
       total[r] = fmaf(a, d[g], total[r]);
     }
   }
@@ -297,8 +313,8 @@ int torus_has_vnni(void) {
 }
 
 /* ------------------------------------------------------------------ matrices, work items, calls
- * One weight matrix in any layout; t0, t1, t2 are q4's (codes, sc | mn, d | dmin), q8's (q, row sums,
- * scales), as native.py lays them out, or bf16's (weights, unused, unused). */
+ * One weight matrix in any layout; t0, t1, t2 are q4's (codes, sc | mn, d | dmin), q8's (q + 128,
+ * scales, unused), as native.py lays them out, or bf16's (weights, unused, unused). */
 typedef struct {
   int bits; /* 4, 8 or 16 (bf16) */
   const void* t0;
@@ -308,20 +324,14 @@ typedef struct {
   long long ld;       /* bf16: elements from one row to the next */
 } torus_mat;
 
-/* A matrix's activations for M tokens: `activations` plus, for q8, the unsigned form VNNI wants
- * (bf16 takes x as it is: no scratch). */
+/* A matrix's activations for M tokens: `activations` (bf16 takes x as it is: no scratch). */
 static int prepare(const torus_mat* m, const float* x, int M, int8_t** q, float** f) {
   if (m->bits == 16) {
     *q = NULL;
     *f = NULL;
     return 0;
   }
-  if (activations(x, M, m->K, m->group, q, f)) return -1;
-  if (m->bits == 8) {
-    uint8_t* u = (uint8_t*)*q;
-    for (size_t i = 0; i < (size_t)M * m->K * 2; i++) u[i] ^= 0x80; /* int8 v -> unsigned v + 128 */
-  }
-  return 0;
+  return activations(x, M, m->K, m->group, q, f);
 }
 
 /* Work items: q4 computes pairs of blocks (the VNNI path does a pair per call), q8 and bf16 single blocks. */
@@ -356,17 +366,18 @@ static void item(const torus_mat* m, const float* x, const int8_t* q, const floa
   for (int t = 0; t < M; t++) {
     const float* d = f + (size_t)t * G;
     if (m->bits == 8) {
-      const uint8_t* h = (const uint8_t*)q + (size_t)t * K;
-      const uint8_t* l = (const uint8_t*)q + (size_t)(M + t) * K;
+      const int8_t* h = q + (size_t)t * K;
+      const int8_t* l = q + (size_t)(M + t) * K;
+      const int32_t* hs = isums(f, M, G) + (size_t)t * G;
+      const int32_t* ls = isums(f, M, G) + (size_t)(M + t) * G;
       float out[R];
       int b = it, n = rows - b * R < R ? rows - b * R : R;
-      const int8_t* wb = (const int8_t*)m->t0 + (size_t)b * R * K;
-      const int32_t* sb = (const int32_t*)m->t1 + (size_t)b * G * R;
-      const float* scale = (const float*)m->t2 + (size_t)b * R;
+      const uint8_t* wb = (const uint8_t*)m->t0 + (size_t)b * R * K;
+      const float* scale = (const float*)m->t1 + (size_t)b * R;
       if (vnni)
-        q8_block_vnni(wb, sb, scale, K, group, h, l, d, out);
+        q8_block_vnni(wb, scale, K, group, h, l, d, hs, ls, out);
       else
-        q8_block_portable(wb, sb, scale, K, group, h, l, d, out);
+        q8_block_portable(wb, scale, K, group, h, l, d, hs, ls, out);
       memcpy(y + (size_t)t * ystride + (size_t)b * R, out, sizeof(float) * n);
       continue;
     }
@@ -407,10 +418,10 @@ static int linear(const torus_mat* m, const float* x, int M, float* y, int threa
   return 0;
 }
 
-/* int8: W in the q8 layout; `group`: the activations' group (divides K, multiple of 4). */
-int torus_q8_linear(const int8_t* w, const int32_t* wsum, const float* scale, int rows, int K, int group,
-                    const float* x, int M, float* y, int threads, int vnni) {
-  torus_mat m = {8, w, wsum, scale, rows, K, group, K};
+/* int8: W in the q8 layout (q + 128, scales); `group`: the activations' group (divides K, multiple of 4). */
+int torus_q8_linear(const uint8_t* w, const float* scale, int rows, int K, int group, const float* x, int M, float* y,
+                    int threads, int vnni) {
+  torus_mat m = {8, w, scale, NULL, rows, K, group, K};
   return linear(&m, x, M, y, threads, vnni);
 }
 

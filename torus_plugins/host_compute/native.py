@@ -117,8 +117,8 @@ def matrix(bits: int, tensors: tuple[torch.Tensor, ...], rows: int, cols: int, g
         (w,) = tensors
         check_bf16(w)
         return Matrix(16, w.data_ptr(), None, None, rows, cols, 0, w.stride(0))
-    a, b, c = tensors
-    return Matrix(bits, a.data_ptr(), b.data_ptr(), c.data_ptr(), rows, cols, group, cols)
+    ptrs = [t.data_ptr() for t in tensors] + [None] * (3 - len(tensors))  # q8: (q + 128, scales)
+    return Matrix(bits, *ptrs, rows, cols, group, cols)
 
 
 def _load() -> ctypes.CDLL:
@@ -135,8 +135,9 @@ def _load() -> ctypes.CDLL:
             f"({sorted(before)}); two thread pools on the same cores spin against each other"
         )
     p, i = ctypes.c_void_p, ctypes.c_int
+    lib.torus_q4_linear.argtypes = [p, p, p, i, i, i, p, i, p, i, i]
+    lib.torus_q8_linear.argtypes = [p, p, i, i, i, p, i, p, i, i]
     for fn in (lib.torus_q4_linear, lib.torus_q8_linear):
-        fn.argtypes = [p, p, p, i, i, i, p, i, p, i, i]
         fn.restype = i
     lib.torus_bf16_linear.argtypes = [p, ctypes.c_longlong, i, i, p, i, p, i, i]
     lib.torus_bf16_linear.restype = i
@@ -201,22 +202,21 @@ def q8_group(cols: int) -> int | None:
     return next((g for g in (32, 16, 8, 4) if cols % g == 0), None)
 
 
-def q8_layout(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def q8_layout(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The int8 kernel's layout of an int8 weight (q int8 [rows, cols], scale float32 [rows]):
-    (blocked q, per-(block, group) row sums of q as int32, scales), rows padded to blocks of 16."""
+    (blocked q + 128 as uint8, scales), rows padded to blocks of 16. Unsigned because vpdpbusd
+    multiplies unsigned by signed bytes: the kernel takes 128 * sum(activations) off again, so
+    no per-row sums travel with the weights."""
     rows, cols = q.shape
-    group = q8_group(cols)
-    assert group is not None
+    assert q8_group(cols) is not None
     blocks = -(-rows // BLOCK_ROWS)
     padded = blocks * BLOCK_ROWS
-    full = q.new_zeros(padded, cols)
-    full[:rows] = q
+    full = torch.full((padded, cols), 128, dtype=torch.uint8)
+    full[:rows] = (q.to(torch.int16) + 128).to(torch.uint8)
     packed = full.view(blocks, BLOCK_ROWS, cols // 4, 4).permute(0, 2, 1, 3).contiguous()
-    sums = full.view(padded, cols // group, group).sum(-1, dtype=torch.int32)
-    sums = sums.view(blocks, BLOCK_ROWS, -1).permute(0, 2, 1).contiguous()
     scales = scale.new_zeros(padded, dtype=torch.float32)
     scales[:rows] = scale
-    return packed, sums, scales
+    return packed, scales
 
 
 def _call(
@@ -226,11 +226,8 @@ def _call(
     tokens, cols = x.shape
     y = torch.empty(tokens, rows, dtype=torch.float32)
     use_vnni = _vnni if vnni is None else (vnni and _vnni)
-    a, b, c = tensors
     rc = fn(
-        a.data_ptr(),
-        b.data_ptr(),
-        c.data_ptr(),
+        *(t.data_ptr() for t in tensors),
         rows,
         cols,
         group,
@@ -247,7 +244,7 @@ def _call(
 
 def q8_linear(
     x: torch.Tensor,
-    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    tensors: tuple[torch.Tensor, torch.Tensor],
     rows: int,
     group: int,
     threads: int | None = None,
