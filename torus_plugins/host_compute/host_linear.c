@@ -180,14 +180,26 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void q8_block_vnni
   const __m512 inv = _mm512_set1_ps(1.f / 254.f);
   __m512 total = _mm512_setzero_ps();
   for (int g = 0; g < K / group; g++) {
-    __m512i acc_h = _mm512_setzero_si512(), acc_l = _mm512_setzero_si512();
+    /* Two sums per level, even and odd column steps, added at the group's end (exact integers):
+     * one dependent product per step left the VNNI unit waiting on its latency. */
+    __m512i acc_h = _mm512_setzero_si512(), acc_l = acc_h, acc_h2 = acc_h, acc_l2 = acc_h;
     const int32_t* xh = (const int32_t*)(hi + (size_t)g * group);
     const int32_t* xl = (const int32_t*)(lo + (size_t)g * group);
-    for (int c = 0; c < group / 4; c++, w += 64) {
+    int c = 0;
+    for (; c + 2 <= group / 4; c += 2, w += 128) {
+      __m512i v = _mm512_loadu_si512((const void*)w), v2 = _mm512_loadu_si512((const void*)(w + 64));
+      acc_h = _mm512_dpbusd_epi32(acc_h, v, _mm512_set1_epi32(xh[c]));
+      acc_l = _mm512_dpbusd_epi32(acc_l, v, _mm512_set1_epi32(xl[c]));
+      acc_h2 = _mm512_dpbusd_epi32(acc_h2, v2, _mm512_set1_epi32(xh[c + 1]));
+      acc_l2 = _mm512_dpbusd_epi32(acc_l2, v2, _mm512_set1_epi32(xl[c + 1]));
+    }
+    for (; c < group / 4; c++, w += 64) { /* group 4: one step */
       __m512i v = _mm512_loadu_si512((const void*)w);
       acc_h = _mm512_dpbusd_epi32(acc_h, v, _mm512_set1_epi32(xh[c]));
       acc_l = _mm512_dpbusd_epi32(acc_l, v, _mm512_set1_epi32(xl[c]));
     }
+    acc_h = _mm512_add_epi32(acc_h, acc_h2);
+    acc_l = _mm512_add_epi32(acc_l, acc_l2);
     __m512i oh = _mm512_set1_epi32(hs[g] * 128), ol = _mm512_set1_epi32(ls[g] * 128);
     __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_l, ol)), inv,
                                _mm512_cvtepi32_ps(_mm512_sub_epi32(acc_h, oh)));
