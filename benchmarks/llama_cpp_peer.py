@@ -19,9 +19,10 @@ build it as `../shared/notes/llama-cpp-peer.md` says, e.g.
     CMAKE_BUILD_PARALLEL_LEVEL=2 .venv-llamacpp/bin/pip install llama-cpp-python==0.3.36   # ~20 min
 
 Where torus-sparse's time goes: per decode step, the host FFN seconds (engine stats), the LM head
-(one token through `lm_head`, timed alone) and the rest (attention, norms, embeddings, Python and
-generate()'s own work); and the ratio host-int4 would reach if its host FFNs took no time (what the
-rest of the step allows). This machine's speed drifts over minutes, so host-int4 runs between two
+(one token through `lm_head`, timed alone), the attention projections (one token through each
+layer's q, k, v, o, timed alone) and the rest (norms, rotary embeddings, the KV cache, attention's
+own ops, embeddings, Python and generate()'s own work; also per decoder layer); and the ratio
+host-int4 would reach if its host FFNs took no time (what the rest of the step allows). This machine's speed drifts over minutes, so host-int4 runs between two
 llama.cpp runs and each ratio is to their mean. Target: host-int4 decode >= 0.5 x llama.cpp's.
 
 Run:  python benchmarks/llama_cpp_peer.py [--tokens 48] [--repeats 3] [--record | --out PATH]
@@ -133,6 +134,21 @@ def lm_head_s(model, inputs) -> float:
     return best
 
 
+def attention_linears_s(model) -> float:
+    """One token through every attention projection (q, k, v, o of each layer: resident linears
+    under a `self_attn`), best of 20: what attention's weight reads cost, apart from its other ops."""
+    lins = [m for n, m in model.named_modules() if ".self_attn." in f".{n}" and isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(1, 1, m.in_features, dtype=m.weight.dtype) for m in lins]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(20):
+            t0 = time.perf_counter()
+            for m, x in zip(lins, xs):
+                m(x)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def run_torus(args: argparse.Namespace, path: Path, inputs, pad_id, tok, names: list[str]) -> dict:
     out = {}
     for name in names:
@@ -165,7 +181,18 @@ def run_torus(args: argparse.Namespace, path: Path, inputs, pad_id, tok, names: 
             step = 1.0 / tps
             ffn = harness.median(r["host_ffn_s_per_step"] for r in runs)
             head = lm_head_s(model, inputs)
-            entry["time_per_step_s"] = {"total": step, "host_ffn": ffn, "lm_head": head, "rest": step - ffn - head}
+            attn = attention_linears_s(model)
+            rest = step - ffn - head - attn
+            entry["time_per_step_s"] = {
+                "total": step,
+                "host_ffn": ffn,
+                "lm_head": head,
+                "attention_linears": attn,
+                "rest": rest,
+                # norms, rotary embeddings, the KV cache, attention's own ops, residual adds, the
+                # engine's and transformers' Python, per decoder layer
+                "rest_per_layer": rest / model.config.num_hidden_layers,
+            }
             # The decode rate if the host FFNs took no time at all: what the rest of the step allows
             entry["tok_per_s_without_ffn"] = 1.0 / (step - ffn)
         out[name] = entry

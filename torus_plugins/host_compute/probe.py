@@ -8,7 +8,7 @@ with more tokens than the host keeps up with to the device.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -56,7 +56,7 @@ def memory_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     return nbytes / best_time(t.sum, repeats)
 
 
-def _ffn_weights(
+def _ffn_layer(
     hidden: int,
     inter: int,
     dtype: torch.dtype,
@@ -64,22 +64,20 @@ def _ffn_weights(
     kernel: str,
     act: torch.dtype | None,
     group: int,
-    layers: int,
-) -> list[list[HostWeight]]:
+) -> list[HostWeight]:
+    """One random gated FFN's (gate, up, down) as the host holds them."""
     gen = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(layers):
-        ws = [
-            torch.randn(s, generator=gen).div_(hidden**0.5).to(dtype)
-            for s in ((inter, hidden), (inter, hidden), (hidden, inter))
-        ]
-        out.append(
-            [
-                raw_weight(w, kernel) if quant is None else quantized_weight(w, quant, group, kernel, act, refine=False)
-                for w in ws
-            ]
-        )
-    return out
+    shapes = ((inter, hidden), (inter, hidden), (hidden, inter))
+    ws = [torch.randn(s, generator=gen).div_(hidden**0.5).to(dtype) for s in shapes]
+    return [
+        raw_weight(w, kernel) if quant is None else quantized_weight(w, quant, group, kernel, act, refine=False)
+        for w in ws
+    ]
+
+
+def _copy(w: HostWeight) -> HostWeight:
+    """The same weight in memory of its own (a model's layers do not share their bytes)."""
+    return replace(w, tensors=tuple(t.clone() for t in w.tensors))
 
 
 def _ffn(ws: list[HostWeight], dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -102,12 +100,16 @@ def ffn_runner(
     target_bytes: int = 96 * 2**20,
 ) -> tuple[Callable[[], None], int]:
     """(run, host-format weight bytes it reads): one pass of `tokens` tokens through gated FFNs of
-    these shapes, enough layers to exceed the caches (`target_bytes` of weights as loaded), as a
-    model does."""
-    per_layer = 3 * hidden * inter * torch.empty((), dtype=dtype).element_size()
-    layers = max(1, min(64, target_bytes // max(1, per_layer)))
-    weights = _ffn_weights(hidden, inter, dtype, quant, kernel, act, group, layers)
-    nbytes = sum(w.nbytes for ws in weights for w in ws)
+    these shapes, enough layers to exceed the caches (`target_bytes` of weights in the host's
+    format, at most 64 layers), as a model does. Counted in the host's format because that is
+    what is read: int4 layers of SmolLM2's shapes sized by their fp32 bytes would fit in a
+    desktop's L3 and time the cache, not the memory. One layer is built (quantizing is the slow
+    part) and copied into the others' own memory."""
+    first = _ffn_layer(hidden, inter, dtype, quant, kernel, act, group)
+    per_layer = sum(w.nbytes for w in first)
+    layers = max(1, min(64, -(-target_bytes // max(1, per_layer))))
+    weights = [first] + [[_copy(w) for w in first] for _ in range(layers - 1)]
+    nbytes = per_layer * layers
     ffns = [_ffn(ws, dtype) for ws in weights]
     x = torch.randn(tokens, hidden).to(dtype)
 
