@@ -56,11 +56,13 @@ class GatedFFN:
             native.matrix(_BITS[w.kernel], w.tensors, w.shape[0], w.shape[1], w.group)
             for w in (self.gate, self.up, self.down)
         )
+        self._call = native.bound_gated(*self._mats, self.act, round_bf16=self.dtype == torch.bfloat16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = native.gated(x.reshape(-1, x.shape[-1]), *self._mats, self.act, round_bf16=self.dtype == torch.bfloat16)
-        return y.to(self.dtype).view(*lead, self.down.shape[0])
+        y = self._call(x.reshape(-1, x.shape[-1]))
+        if self.dtype != torch.float32:
+            y = y.to(self.dtype)
+        return y.view(*x.shape[:-1], self.down.shape[0])
 
 
 class _Recorder(HostLinearMode):
