@@ -22,8 +22,9 @@ Where torus-sparse's time goes: per decode step, the host FFN seconds (engine st
 (one token through `lm_head`, timed alone), the attention projections (one token through each
 layer's q, k, v, o, timed alone) and the rest (norms, rotary embeddings, the KV cache, attention's
 own ops, embeddings, Python and generate()'s own work; also per decoder layer); and the ratio
-host-int4 would reach if its host FFNs took no time (what the rest of the step allows). This machine's speed drifts over minutes, so host-int4 runs between two
-llama.cpp runs and each ratio is to their mean. Target: host-int4 decode >= 0.5 x llama.cpp's.
+host-int4 would reach if its host FFNs took no time (what the rest of the step allows). This
+machine's speed drifts over minutes, so host-int4 runs between two llama.cpp runs and each ratio is
+to their mean. Target: host-int4 decode >= 0.5 x llama.cpp's.
 
 Run:  python benchmarks/llama_cpp_peer.py [--tokens 48] [--repeats 3] [--record | --out PATH]
 Writes benchmarks/results/scratch/llama_cpp_peer.json (--record: benchmarks/results/llama_cpp_peer.json).
@@ -258,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         f"host-int4 ÷ llama.cpp = {ratio if ratio is None else round(ratio, 3)} (target {TARGET}): {harness.pass_fail(verdict)}"
     )
     if peer_tps:
-        harness.log(f"llama.cpp {peer['tok_per_s_before']:.1f} tok/s before host-int4, {peer['tok_per_s_after']:.1f} after")
+        harness.log(
+            f"llama.cpp {peer['tok_per_s_before']:.1f} tok/s before host-int4, {peer['tok_per_s_after']:.1f} after"
+        )
     ceiling = None
     if "time_per_step_s" in h:
         harness.log(

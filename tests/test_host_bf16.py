@@ -105,7 +105,7 @@ def test_fused_bf16_ffn_rounds_between_ops_as_the_model_does(kernel: str, act: s
     hidden, inter = 96, 64
     g, u, d = bf16_weights(hidden, inter, kernel)
     fused = GatedFFN(g, u, d, act, torch.bfloat16)
-    x = (torch.randn(3, hidden, generator=torch.Generator().manual_seed(5)) * torch.tensor([1e-2, 1.0, 8.0])[:, None])
+    x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(5)) * torch.tensor([1e-2, 1.0, 8.0])[:, None]
     x = x.bfloat16()
     got = fused(x)
     # the twin path: each linear's output rounded to bf16, the activation and the product in bf16

@@ -36,6 +36,7 @@ from torus_plugins.host_compute.placement import tolerance
 from torus_plugins.planning.host_split import HostCosts, balanced_share, host_rows, max_host_tokens, predict
 from torus_plugins.quant import dequantize_into, int4_parts, quantize
 
+
 # ---------------------------------------------------------------------- dense layers
 def test_whole_layers_on_the_host_are_bit_equal_and_prefill_streams() -> None:
     model = wide_llama()

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..guards import ForwardOverride, check_traceable_call
 from .fused import GatedFFN, recognize
-from .kernels import HostComputeError, HostLinearMode, HostWeight, raw_weight, stored_weight
+from .kernels import HostComputeError, HostLinearMode, HostWeight, in_place_weight, stand_in, stored_weight
 from .split import Cut, find_cut
 from .twin import host_twin
 from .worker import HostWorker, timed
@@ -141,9 +141,9 @@ class HostLayers:
             if mode == "raw":
                 t = compute[k] if compute is not None else stored[ti]
                 t = t if dim is None else (t[start:] if dim == 0 else t[:, start:])
-                if self.kernel == "bf16native" and t.dtype == torch.bfloat16 and t.dim() == 2:
-                    hw = raw_weight(t, "bf16native")  # the stored bytes themselves, through our kernel
-                    f.data = torch.zeros((), dtype=f.dtype).expand(hw.shape)
+                hw = in_place_weight(t, self.kernel)  # the stored bytes themselves, through our kernel
+                if hw is not None:
+                    f.data = stand_in(hw, f.dtype)
                     weights[id(f)] = hw
                 else:
                     f.data = t
@@ -159,7 +159,7 @@ class HostLayers:
                 rows=span if dim == 0 else slice(None),
                 cols=span if dim == 1 else slice(None),
             )
-            f.data = torch.zeros((), dtype=f.dtype).expand(hw.shape)  # memory-free: the mode computes
+            f.data = stand_in(hw, f.dtype)  # memory-free: the mode computes
             weights[id(f)] = hw
         share: list[tuple[str, torch.Tensor]] = []
         if cut is not None:

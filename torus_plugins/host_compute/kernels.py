@@ -89,6 +89,20 @@ class HostWeight:
         return y if bias is None else y + bias
 
 
+def in_place_weight(t: torch.Tensor, kernel: str) -> HostWeight | None:
+    """`t`, a weight as loaded, through the native bf16 kernel reading it in place, when that is
+    the host kernel and `t` is a 2-D bf16 matrix it takes; None: PyTorch's linear on `t` as it is."""
+    if kernel != "bf16native" or t.dtype != torch.bfloat16 or t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+        return None
+    return raw_weight(t, "bf16native")
+
+
+def stand_in(hw: HostWeight, dtype: torch.dtype) -> torch.Tensor:
+    """A memory-free tensor of `hw`'s shape for a module to hold where its weight was: registered
+    with `HostLinearMode`, linear on it computes as `hw`."""
+    return torch.zeros((), dtype=dtype).expand(hw.shape)
+
+
 def raw_weight(w: torch.Tensor, kernel: str = "raw") -> HostWeight:
     """A host weight as loaded: PyTorch's linear ("raw"), or for a bf16 weight "bf16native" (the
     same tensor through `native.bf16_linear`)."""

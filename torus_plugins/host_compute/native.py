@@ -297,8 +297,15 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor, threads: int | None = None, vn
     y = torch.empty(tokens, w.shape[0], dtype=torch.float32)
     use_vnni = _vnni if vnni is None else (vnni and _vnni)
     rc = lib.torus_bf16_linear(
-        w.data_ptr(), w.stride(0), w.shape[0], w.shape[1], x.data_ptr(), tokens, y.data_ptr(),
-        threads or torch.get_num_threads(), int(use_vnni),
+        w.data_ptr(),
+        w.stride(0),
+        w.shape[0],
+        w.shape[1],
+        x.data_ptr(),
+        tokens,
+        y.data_ptr(),
+        threads or torch.get_num_threads(),
+        int(use_vnni),
     )
     if rc != 0:
         raise MemoryError(f"the native kernel could not allocate scratch for {tokens} tokens")
@@ -307,6 +314,34 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor, threads: int | None = None, vn
 
 #: The activations `gated` can apply, by the code host_linear.c's `activate` takes.
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+
+
+def bound_gated(
+    gate: Matrix, up: Matrix, down: Matrix, act: str, round_bf16: bool = False, vnni: bool | None = None
+) -> Callable[..., torch.Tensor]:
+    """`gated` with its matrices and settings bound once, as a host layer calls it on every token:
+    at one token the Python around a call (argument conversion, lookups, checks) took a fifth of a
+    small FFN's time (~10 µs of ~60 at SmolLM2's shapes), so per call only what depends on x is
+    done. The result is `call(x, threads=None)`; threads default to torch's, read on each call
+    (they may change between calls)."""
+    lib = _lib or library()
+    if lib is None:
+        raise OSError(_error)
+    fn = lib.torus_gated
+    refs = (ctypes.byref(gate), ctypes.byref(up), ctypes.byref(down))  # byref keeps the structures alive
+    use_vnni = _vnni if vnni is None else (vnni and _vnni)
+    code, rows, flags = ACTIVATIONS[act], down.rows, (int(use_vnni), int(round_bf16))
+
+    def call(x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        tokens = x.shape[0]
+        y = torch.empty(tokens, rows, dtype=torch.float32)
+        if fn(*refs, code, x.data_ptr(), tokens, y.data_ptr(), threads or torch.get_num_threads(), *flags) != 0:
+            raise MemoryError(f"the native kernel could not allocate scratch for {tokens} tokens")
+        return y
+
+    return call
 
 
 def gated(
@@ -322,49 +357,8 @@ def gated(
     """down(act(gate(x)) * up(x)) in one native call: x [tokens, hidden] -> float32 [tokens, down.rows].
     Each matrix rounds as its own `q4_linear` / `q8_linear` / `bf16_linear` would; `act` is one of
     `ACTIVATIONS`. `round_bf16`: round gate's and up's outputs, the activation and the product to
-    bf16, as a bf16 model's forward does between its ops."""
-    lib = _lib or library()
-    if lib is None:
-        raise OSError(_error)
-    x = x.to(torch.float32).contiguous()
-    tokens = x.shape[0]
-    y = torch.empty(tokens, down.rows, dtype=torch.float32)
-    use_vnni = _vnni if vnni is None else (vnni and _vnni)
-    rc = lib.torus_gated(
-        gate, up, down, ACTIVATIONS[act], x.data_ptr(), tokens, y.data_ptr(), threads or torch.get_num_threads(),
-        int(use_vnni),
-        int(round_bf16),
-    )
-    if rc != 0:
-        raise MemoryError(f"the native kernel could not allocate scratch for {tokens} tokens")
-    return y
-
-
-def bound_gated(
-    gate: Matrix, up: Matrix, down: Matrix, act: str, round_bf16: bool = False
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`gated` with its matrices and settings bound once, as a host layer calls it on every token:
-    at one token the Python around a call (argument conversion, lookups, checks) took a fifth of a
-    small FFN's time (~10 µs of ~60 at SmolLM2's shapes), so per call only what depends on x is
-    done (torch's thread count is read each call: it may change between them). x: float32 or any
-    float dtype [tokens, hidden] -> float32 [tokens, down.rows], the same bits as `gated`."""
-    lib = _lib or library()
-    if lib is None:
-        raise OSError(_error)
-    fn = lib.torus_gated
-    refs = (ctypes.byref(gate), ctypes.byref(up), ctypes.byref(down))  # byref keeps the structures alive
-    code, rows, vnni, rnd = ACTIVATIONS[act], down.rows, int(_vnni), int(round_bf16)
-
-    def call(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            x = x.to(torch.float32).contiguous()
-        tokens = x.shape[0]
-        y = torch.empty(tokens, rows, dtype=torch.float32)
-        if fn(*refs, code, x.data_ptr(), tokens, y.data_ptr(), torch.get_num_threads(), vnni, rnd) != 0:
-            raise MemoryError(f"the native kernel could not allocate scratch for {tokens} tokens")
-        return y
-
-    return call
+    bf16, as a bf16 model's forward does between its ops. `vnni=False` forces the portable path."""
+    return bound_gated(gate, up, down, act, round_bf16, vnni)(x, threads)
 
 
 __all__ = [

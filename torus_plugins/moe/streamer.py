@@ -21,7 +21,14 @@ from ..architecture import EXPERTS_RUNNER_ATTR, ExpertSite, MoEArchitecture
 from ..config import TorusConfig
 from ..errors import ConfigError, TransferError
 from ..guards import check_traceable_call
-from ..host_compute.kernels import HostComputeError, HostLinearMode, HostWeight, raw_weight, stored_weight
+from ..host_compute.kernels import (
+    HostComputeError,
+    HostLinearMode,
+    HostWeight,
+    in_place_weight,
+    stand_in,
+    stored_weight,
+)
 from ..host_compute.worker import HostWorker
 from ..host_store import HostStore, PackedLayer, plan_packed
 from ..slots import Slot
@@ -319,17 +326,16 @@ class ExpertStreamer:
         for unit, packed in enumerate(self.store.layers):
             views = packed.transfer.views(self.store.buffers[unit])  # type: ignore[arg-type]
             if not packed.quantized:
-                if kernel == "bf16native":
-                    views = [self._bf16_marker(v, weights) for v in views]
-                tensors.append(views)
+                tensors.append([self._in_place(v, kernel, weights) for v in views])
                 continue
             unit_tensors = []
             for (mode, ti, si), t in zip(packed.recipe, packed.compute.tensors):
                 if mode == "raw":
                     unit_tensors.append(views[ti])
                     continue
-                marker = torch.zeros((), dtype=t.dtype).expand(t.shape)
-                weights[id(marker)] = stored_weight(views[ti], views[si], mode, kernel, act, t.dtype)
+                hw = stored_weight(views[ti], views[si], mode, kernel, act, t.dtype)
+                marker = stand_in(hw, t.dtype)
+                weights[id(marker)] = hw
                 unit_tensors.append(marker)
             tensors.append(unit_tensors)
         self._host_mode = HostLinearMode(weights) if weights else None
@@ -337,13 +343,14 @@ class ExpertStreamer:
         self._host_shims = [self._make_host_shim(j) for j in range(len(self.sites))]
 
     @staticmethod
-    def _bf16_marker(t: torch.Tensor, weights: dict[int, HostWeight]) -> torch.Tensor:
-        """A 2-D bf16 expert weight as a memory-free marker that `HostLinearMode` computes with
-        the native bf16 kernel, reading `t` in place; anything else as it is."""
-        if t.dtype != torch.bfloat16 or t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+    def _in_place(t: torch.Tensor, kernel: str, weights: dict[int, HostWeight]) -> torch.Tensor:
+        """An expert weight as stored: a stand-in computed by the native bf16 kernel reading `t` in
+        place where `kernel` is that one and takes it (`in_place_weight`), else `t` itself."""
+        hw = in_place_weight(t, kernel)
+        if hw is None:
             return t
-        marker = torch.zeros((), dtype=t.dtype).expand(t.shape)
-        weights[id(marker)] = raw_weight(t, "bf16native")
+        marker = stand_in(hw, t.dtype)
+        weights[id(marker)] = hw
         return marker
 
     def _make_host_shim(self, j: int) -> _ModuleShim:
