@@ -91,3 +91,19 @@ def test_openai_client_gets_an_answer_from_streamed_ffns(server, smollm2_path):
         if chunk.choices
     )
     assert "Paris" in streamed
+
+
+def test_several_api_servers_are_refused_in_one_line(smollm2_path):
+    """Extra API servers are spawned apps without the stats route: refused before anything loads."""
+    out = subprocess.run(
+        [sys.executable, "-m", "torus_adapters.apps.cli", "transformers-serve", "--", smollm2_path]
+        + ["--api-server-count", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr == (
+        "torus-sparse: error: torus-sparse transformers-serve runs one API server (got --api-server-count 2): "
+        "drop the flag, or use `torus-sparse serve`, which batches requests itself\n"
+    )
