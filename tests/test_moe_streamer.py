@@ -195,6 +195,30 @@ def test_quantized_experts_stream_equal_to_cached_all() -> None:
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_quantized_expert_is_dequantized_once_per_landing(quant: str, monkeypatch) -> None:
+    """A cache hit binds the weights dequantized at the expert's landing; only a new landing
+    (a load, here none once every expert is cached) dequantizes again, and the logits agree."""
+    import torus_plugins.slots as slots
+
+    calls = []
+    real = slots.materialize
+    monkeypatch.setattr(slots, "materialize", lambda *a: (calls.append(1), real(*a)))
+    for cache in (32, 4):  # every expert cached; then a cache that keeps reloading
+        model = build_tiny("mixtral")
+        engine = tp.attach(model, transport="copy", moe_cache_experts=cache, weight_quant=quant)
+        calls.clear()
+        with torch.no_grad():
+            first = model(PROMPT).logits
+            assert len(calls) == engine.stats().experts.loads
+            again = model(PROMPT).logits
+        assert len(calls) == engine.stats().experts.loads  # one dequantization per landing, none per hit
+        if cache == 32:
+            assert engine.stats().experts.hits > 0 and len(calls) <= 32
+        assert torch.equal(first, again)
+        tp.detach(model)
+
+
 def test_budget_sizes_the_cache_and_stats_reach_engine_totals() -> None:
     model = build_tiny("mixtral")
     probe = tp.attach(model, transport="copy", kv_reserve_tokens=0)

@@ -48,6 +48,9 @@ class Slot:
     last_used: int = 0
     used_since_load: bool = False
     prefetched: bool = False  # loaded on a prediction (MoE experts): unused at eviction = wasted bytes
+    # The unit whose dequantized weights fill the compute area since its landing: a cache hit
+    # binds them as they are (dequantizing is most of a quantized unit's cost on a CPU).
+    materialized: int | None = None
     views: dict[int, SlotViews] = field(default_factory=dict)
 
 
@@ -114,10 +117,12 @@ class SlotRing:
                 raise
             raise TransferError(f"copying {what} to the device failed: {exc}") from exc
         views = self.views(slot, unit, source)
-        if views.dequantize:
+        if views.dequantize and slot.materialized != unit:
             # On the compute stream, after the wait above: reads the landed bytes, writes the
             # slot's compute area. The slot's free fence (set at release) covers this read too.
+            # Once per landing: `assign`/`forget` clear the mark when the slot takes other bytes.
             materialize(views.packed, views.transfer, views.bind)
+            slot.materialized = unit
         return views, waited
 
     def victim(self, keep: frozenset[int] | set[int] | tuple[int, ...], active: Slot | None) -> Slot | None:
@@ -137,13 +142,14 @@ class SlotRing:
         if slot.layer is not None:
             self._where.pop(slot.layer, None)
         slot.layer, slot.ready, slot.used_since_load = layer, ready, False
+        slot.materialized = None
         self._where[layer] = slot
 
     def forget(self, slot: Slot) -> None:
         """Mark a slot empty (its copy failed or was abandoned): it must be reloaded before use."""
         if slot.layer is not None:
             self._where.pop(slot.layer, None)
-        slot.layer, slot.ready = None, None
+        slot.layer, slot.ready, slot.materialized = None, None, None
 
     def touch(self, slot: Slot) -> None:
         self._clock += 1
