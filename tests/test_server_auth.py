@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 import requests
@@ -109,3 +111,56 @@ def test_docs_are_off_unless_asked_for(server, fuzz_server):  # noqa: F811
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert requests.get(f"{server}{path}", timeout=10).status_code == 404, path
         assert requests.get(f"{fuzz_server}{path}", timeout=10).status_code == 200, path  # started with docs=True
+
+
+# ---------------------------------------------------------------------- cross-site bodies
+GENERATION_ROUTES = ["/v1/chat/completions", "/v1/completions", "/", "/generate", "/generate_stream"]
+SIMPLE_TYPES = ["text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data; boundary=b", None]
+
+
+def test_generation_routes_take_only_json_bodies_so_a_web_page_cannot_post_to_them(fuzz_server):  # noqa: F811
+    # What a page on another site can make a browser send without a CORS preflight: a "simple"
+    # POST (text/plain, form or multipart, or no type). Here it carries a valid request: the
+    # tools body that crashed the server through the grammar library (106 KB: the server with the
+    # default 1 MiB body limit), from a foreign Origin.
+    chain = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(3000)}
+    params = {"$ref": "#/$defs/d0", "$defs": {**chain, "d3000": {"type": "string"}}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": params}}
+    bodies = {
+        "/v1/chat/completions": {
+            "messages": [{"role": "user", "content": "Hi"}],
+            "tools": [tool],
+            "tool_choice": "required",
+        },
+        "/v1/completions": {"prompt": "Hi", "max_tokens": 1},
+    }
+    for path in GENERATION_ROUTES:
+        body = json.dumps(bodies.get(path, {"inputs": "Hi", "parameters": {"max_new_tokens": 1}}))
+        for kind in SIMPLE_TYPES:
+            headers = {"Origin": "https://evil.example"} | ({"Content-Type": kind} if kind else {})
+            r = requests.post(f"{fuzz_server}{path}", data=body.encode(), headers=headers, timeout=60)
+            assert r.status_code == 415, (path, kind, r.status_code)
+            if path.startswith("/v1/"):
+                assert r.json()["error"]["code"] == "unsupported_media_type"
+            else:
+                assert r.json()["error_type"] == "validation"
+            assert "application/json" in r.text
+    ok = requests.post(
+        f"{fuzz_server}/v1/completions",
+        data=json.dumps(bodies["/v1/completions"]).encode(),
+        headers={"Content-Type": "Application/JSON; charset=utf-8"},
+        timeout=60,
+    )
+    assert ok.status_code == 200
+
+
+def test_the_key_is_checked_before_the_body_type(keyed_server):  # noqa: F811
+    r = requests.post(f"{keyed_server}/generate", data=b"{}", headers={"Content-Type": "text/plain"}, timeout=10)
+    assert r.status_code == 401
+    r = requests.post(
+        f"{keyed_server}/generate",
+        data=b"{}",
+        headers={"Content-Type": "text/plain", "Authorization": f"Bearer {API_KEY}"},
+        timeout=10,
+    )
+    assert r.status_code == 415

@@ -76,7 +76,9 @@ def test_a_request_stuck_in_tokenizing_does_not_stop_other_clients(server_model)
 
 def test_a_megabyte_of_wrong_items_is_one_clear_error(limits_server):  # noqa: F811
     body = b'{"messages": [' + b",".join([b"1"] * 300_000) + b"]}"
-    r = requests.post(f"{limits_server}/v1/chat/completions", data=body, timeout=60)
+    r = requests.post(
+        f"{limits_server}/v1/chat/completions", data=body, headers={"content-type": "application/json"}, timeout=60
+    )
     assert r.status_code == 400
     assert r.json()["error"]["message"] == "messages[0]: Input should be an object"
 

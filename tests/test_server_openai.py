@@ -156,7 +156,13 @@ BAD_CHAT = {
     "empty messages": dict(messages=[]),
     "unknown role": dict(messages=[{"role": "wizard", "content": "hi"}]),
     "non-string content": dict(messages=[{"role": "user", "content": 5}]),
-    "content parts": dict(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}]),
+    "an image part": dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+    "an unknown part type": dict(messages=[{"role": "user", "content": [{"type": "video", "video": "x"}]}]),
+    "max_tokens as a string": dict(extra_body={"max_tokens": "5"}),
+    "max_tokens with a fraction": dict(extra_body={"max_tokens": 3.5}),
+    "stream as a number": dict(extra_body={"stream": 0}),
+    "max_tokens and max_completion_tokens disagree": dict(max_completion_tokens=2),
+    "too many stop strings": dict(stop=[str(i) for i in range(1000)]),
     "max_tokens 0": dict(max_tokens=0),
     "max_tokens negative": dict(max_tokens=-3),
     "max_tokens over the limit": dict(max_tokens=100_000),
@@ -183,6 +189,93 @@ def test_bad_chat_input_is_a_400_in_openai_format(client, case):
     _still_serves(client)
 
 
+def test_bad_input_messages_say_what_is_wrong(client):
+    cases = {
+        "an image part": ("messages[0].content[0]", "text only"),
+        "too many stop strings": ("stop", "at most 4 stop strings are allowed, got 1000"),
+        "max_tokens and max_completion_tokens disagree": ("max_completion_tokens", "disagree"),
+        "stream as a number": ("stream", "valid boolean"),
+    }
+    for case, (param, words) in cases.items():
+        kw = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **BAD_CHAT[case]}
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(**kw)
+        assert info.value.param == param and words in info.value.message, (case, info.value.message)
+        assert "(and" not in info.value.message  # one problem, said plainly
+
+
+def test_content_parts_for_every_role_read_as_their_text(client):
+    call = {"id": "call_1", "type": "function", "function": {"name": "clock", "arguments": "{}"}}
+    history = [
+        {"role": "system", "content": "You are terse.\nAnswer in one word."},
+        {"role": "user", "content": "What time is it?\nBe exact."},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00\nUTC"},
+        {"role": "assistant", "content": "Noon.\nUTC."},
+        {"role": "developer", "content": "Be polite.\nAlways."},
+        {"role": "user", "content": "Another\none?"},
+    ]
+    as_parts = [
+        {**m, "content": [{"type": "text", "text": t} for t in m["content"].split("\n")]} if m["content"] else m
+        for m in history
+    ]
+    kw = dict(model="x", max_completion_tokens=5, temperature=0)
+    plain = client.chat.completions.create(messages=history, **kw)
+    parts = client.chat.completions.create(messages=as_parts, **kw)
+    assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    assert parts.usage.completion_tokens <= 5
+
+
+def test_replies_leave_out_absent_fields_and_honour_max_completion_tokens(server):  # noqa: F811
+    body = {**chat_body("Name a colour.", 4), "max_completion_tokens": 3}
+    del body["max_tokens"]
+    reply = requests.post(f"{server}/v1/chat/completions", json=body, timeout=60).json()
+    choice = reply["choices"][0]
+    assert "tool_calls" not in choice["message"] and choice["message"]["role"] == "assistant"
+    assert reply["usage"]["completion_tokens"] <= 3 and choice["finish_reason"] in ("stop", "length")
+    completion = requests.post(
+        f"{server}/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0}, timeout=60
+    ).json()
+    assert completion["usage"]["completion_tokens"] <= 2 and "logprobs" in completion["choices"][0]
+
+
+OPENCLAW_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": f"The {name} tool.",
+            "parameters": {"type": "object", "properties": {"arg": {"type": "string"}}, "required": ["arg"]},
+        },
+    }
+    for name in (
+        "read", "write", "edit", "exec", "process", "browser", "canvas", "nodes", "cron", "message", "gateway",
+        "sessions_list",
+    )  # fmt: skip
+]
+
+
+def test_an_openclaw_shaped_turn_is_answered(client):
+    """What OpenClaw's agent sends: content as parts (system and user), 12 tools with tool_choice
+    auto, max_completion_tokens, a stream with usage. A system prompt over the context is a clear 400."""
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "You are a personal assistant inside OpenClaw."}]},
+        {"role": "user", "content": "Hello"},
+        {"role": "user", "content": [{"type": "text", "text": "What time is it?"}]},
+    ]
+    kw = dict(model="x", tools=OPENCLAW_TOOLS, tool_choice="auto", max_completion_tokens=8, temperature=0)
+    chunks = list(
+        client.chat.completions.create(messages=messages, stream=True, stream_options={"include_usage": True}, **kw)
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 8
+    assert [c for c in chunks if c.choices][-1].choices[0].finish_reason in ("stop", "length", "tool_calls")
+    huge = [{"role": "system", "content": [{"type": "text", "text": LONG}]}, *messages[1:]]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(messages=huge, **kw)
+    assert info.value.code == "context_length_exceeded"
+
+
 def test_bad_completion_input(client):
     for prompt in ("", ["a", "b"]):
         with pytest.raises(openai.BadRequestError):
@@ -191,7 +284,10 @@ def test_bad_completion_input(client):
 
 
 def test_malformed_json_and_oversized_body(client, server):  # noqa: F811
-    for data, headers in ((b'{"messages": [', {"content-type": "application/json"}), (b"not json", {})):
+    for data, headers in (
+        (b'{"messages": [', {"content-type": "application/json"}),
+        (b"not json", {"content-type": "application/json; charset=utf-8"}),
+    ):
         r = requests.post(f"{server}/v1/chat/completions", data=data, headers=headers, timeout=30)
         assert r.status_code == 400
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}

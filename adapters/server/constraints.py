@@ -3,7 +3,14 @@
 `Grammars` turns what a request asks for (a JSON schema, "any JSON object", a regular expression, a
 Lark grammar) into a grammar llguidance has checked against this tokenizer. It runs in the prepare
 worker thread, so a schema the library cannot compile is a 400 that names the field before any
-decoding starts. `Constraint` is one request's matcher, used by the scheduler thread: before each
+decoding starts. Nothing reaches the library unchecked: schemas and regular expressions are first
+bounded in Python (`grammar_limits`: size, depth, `$ref` chains and loops, repetition counts), the
+library works under its own fuel limits (`LLParserLimits`: what bounds compile and mask time) with
+terse errors (no parser state), every exception it raises is a 400 with one sentence, and a new
+request's matcher computes its first mask before the request is accepted, so a grammar that cannot
+even start is refused, not failed mid-batch.
+
+`Constraint` is one request's matcher, used by the scheduler thread: before each
 choice it masks that row's logits to the tokens the grammar allows; after it, it consumes the
 token; once the grammar is complete (`done`), the request ends. Free requests carry no constraint
 and pay nothing.
@@ -27,7 +34,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import bad_request
+from .errors import ApiError, bad_request
+from .grammar_limits import check_regex, check_schema
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +49,20 @@ class Grammar:
 
     source: str
     kind: str  # "json_schema", "json_object", "regex", "lark": for logs and metrics
+    param: str = "response_format"  # the request field it came from (named in errors)
+
+
+def _limits() -> Any:
+    """llguidance's resource limits for request grammars: its defaults, terse errors."""
+    from llguidance import LLParserLimits
+
+    return LLParserLimits(verbose_errors=False)
+
+
+def _refused(param: str, what: str, exc: BaseException | str) -> ApiError:
+    """The 400 for a grammar the library refused: one sentence, the library's first line at most."""
+    reason = _first_lines(str(exc), 1)[:200].rstrip(".")
+    return bad_request(f"{param} {what}{f' ({reason})' if reason else ''}", param)
 
 
 #: llguidance tokenizers already built, per Hugging Face tokenizer (servers sharing a model share one).
@@ -87,10 +109,11 @@ class Grammars:
 
         if not isinstance(schema, dict):
             raise bad_request(f"{param} must be a JSON Schema object", param)
+        check_schema(schema, param)
         try:
             source = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
-        except (ValueError, TypeError) as exc:
-            raise bad_request(f"{param} is not a schema this server can compile: {exc}", param) from None
+        except Exception as exc:  # the library's words for a schema it cannot read
+            raise _refused(param, "is not a JSON Schema this server can enforce", exc) from None
         return self._checked(source, "json_schema", param)
 
     def json_object(self, param: str = "response_format") -> Grammar:
@@ -99,24 +122,44 @@ class Grammars:
     def regex(self, pattern: str, param: str) -> Grammar:
         from llguidance import LLMatcher
 
-        return self._checked(LLMatcher.grammar_from_regex(pattern), "regex", param)
+        check_regex(pattern, param)
+        try:
+            source = LLMatcher.grammar_from_regex(pattern)
+        except Exception as exc:
+            raise _refused(param, "is not a regular expression this server can enforce", exc) from None
+        return self._checked(source, "regex", param)
 
     def lark(self, grammar: str, param: str) -> Grammar:
         from llguidance import LLMatcher
 
-        return self._checked(LLMatcher.grammar_from_lark(grammar), "lark", param)
+        try:
+            source = LLMatcher.grammar_from_lark(grammar)
+        except Exception as exc:
+            raise _refused(param, "cannot be compiled into a grammar", exc) from None
+        return self._checked(source, "lark", param)
 
     def _checked(self, source: str, kind: str, param: str) -> Grammar:
         from llguidance import LLMatcher
 
-        error = LLMatcher.validate_grammar(source, self.tokenizer)
+        try:
+            error = LLMatcher.validate_grammar(source, self.tokenizer, limits=_limits())
+        except Exception as exc:
+            error = str(exc) or type(exc).__name__
         if error:
-            raise bad_request(f"{param} cannot be compiled into a grammar: {_first_lines(error)}", param)
-        return Grammar(source, kind)
+            raise _refused(param, "cannot be compiled into a grammar", error)
+        return Grammar(source, kind, param)
 
     def start(self, grammar: Grammar) -> "Constraint":
-        """A fresh matcher for one request (called by the scheduler when the request is admitted)."""
-        return Constraint(self.tokenizer, grammar, self.vocab_size)
+        """A fresh matcher for one request (built in the prepare thread). Its first mask is computed
+        here: a grammar that cannot start is a 400 naming its field, before the request is queued."""
+        try:
+            constraint = Constraint(self.tokenizer, grammar, self.vocab_size)
+            error = constraint.first_mask()
+        except Exception as exc:
+            error = str(exc) or type(exc).__name__
+        if error:
+            raise _refused(grammar.param, "cannot be used as a grammar", error)
+        return constraint
 
 
 class ConstraintViolated(RuntimeError):
@@ -131,15 +174,29 @@ class Constraint:
         import llguidance
 
         self.grammar = grammar
-        self.matcher = llguidance.LLMatcher(ll_tokenizer, grammar.source, log_level=0)
+        self.matcher = llguidance.LLMatcher(ll_tokenizer, grammar.source, log_level=0, limits=_limits())
         if self.matcher.is_error():
             raise ConstraintViolated(self.matcher.get_error())
         self.vocab_size = vocab_size
+        self._first: torch.Tensor | None = None  # the first mask, computed by `first_mask`
+
+    def first_mask(self) -> str | None:
+        """Compute the first mask now (kept for the first `fill`); the matcher's error, if any."""
+        words = torch.empty((self.vocab_size + 31) // 32, dtype=torch.int32)
+        self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
+        if self.matcher.is_error():
+            return self.matcher.get_error() or "the grammar cannot start"
+        self._first = words
+        return None
 
     def fill(self, bitmask: torch.Tensor, row: int) -> str | None:
         """Write the tokens the grammar allows next into `bitmask[row]` (int32, CPU, contiguous);
         return the matcher's error when it cannot go on (the row is then left all-allowed)."""
         words = bitmask[row]
+        if self._first is not None:
+            words.copy_(self._first)
+            self._first = None
+            return None
         self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
         if self.matcher.is_error():
             words.fill_(-1)

@@ -126,7 +126,9 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
             return "a JSON request body is required", None
         return "the request body must be a JSON object", None
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    msg = _PLAIN.get(e.get("type", ""), e.get("msg"))
+    msg = _PLAIN.get(e.get("type", ""), e.get("msg") or "")
+    if e.get("type") == "value_error":  # a validator's own sentence, without pydantic's prefix
+        msg = msg.removeprefix("Value error, ")
     return f"{where}: {msg}{more}", where
 
 
@@ -198,6 +200,7 @@ def error_docs(openai: bool) -> dict[int | str, dict[str, Any]]:
         405: "Method not allowed",
         408: "The request body did not arrive in time",
         413: "Request body too large",
+        415: "The body is not declared application/json",
         422: "Invalid request",
         424: "Generation failed",
         429: "Too many requests in flight",

@@ -18,9 +18,10 @@ from .sampling import SamplingParams
 #: Why a generation ended. The first three are normal ends; TGI spells them this way.
 EOS, LENGTH, STOP = "eos_token", "length", "stop_sequence"
 CANCELLED, ERROR = "cancelled", "error"
-#: What made a generation end in ERROR (`Step.cause`): the model raised, or the server is shutting
-#: down. Routes answer the first with 500 (TGI 424 "generation"), the second with 503 ("overloaded").
-MODEL_FAILED, SHUTTING_DOWN = "model_failed", "shutting_down"
+#: What made a generation end in ERROR (`Step.cause`): the model raised, the server is shutting
+#: down, or the request's grammar could not go on. Routes answer the first with 500 (TGI 424
+#: "generation"), the second with 503 ("overloaded"), the third with 400 (TGI 422 "validation").
+MODEL_FAILED, SHUTTING_DOWN, GRAMMAR_FAILED = "model_failed", "shutting_down", "grammar_failed"
 
 
 @dataclass(frozen=True)

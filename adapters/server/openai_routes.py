@@ -15,6 +15,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request
 
@@ -38,6 +39,7 @@ from .openai_schemas import (
     ModelCard,
     ModelList,
     _Request,
+    content_text,
 )
 from .openai_schemas import Completion as CompletionBody
 from .reply_plan import plan_tools
@@ -117,6 +119,27 @@ def _generations(
     ]
 
 
+def _message(message: Any) -> dict[str, Any]:
+    """A parsed message as a dict, its content a string (text parts joined)."""
+    out = message.model_dump(exclude_none=True, by_alias=True)
+    if "content" in out:
+        out["content"] = content_text(message.content)
+    return out
+
+
+def _reply_limit(body: ChatCompletionRequest) -> tuple[int | None, str]:
+    """The reply's token limit and the field it came from: `max_completion_tokens` (OpenAI's
+    name now), else the older `max_tokens`; both given, they must agree."""
+    new, old = body.max_completion_tokens, body.max_tokens
+    if new is not None and old is not None and new != old:
+        raise bad_request(
+            f"max_completion_tokens ({new}) and max_tokens ({old}) disagree; send one of them "
+            "(max_tokens is the older name of max_completion_tokens)",
+            "max_completion_tokens",
+        )
+    return (new, "max_completion_tokens") if new is not None else (old, "max_tokens")
+
+
 def build_router(service: ModelService) -> APIRouter:
     router = APIRouter(tags=["OpenAI"])
     errors_doc = error_docs(openai=True)
@@ -125,14 +148,10 @@ def build_router(service: ModelService) -> APIRouter:
         body = parse(ChatCompletionRequest, raw)
         if body.top_logprobs and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-        messages = [m.model_dump(exclude_none=True, by_alias=True) for m in body.messages]
+        messages = [_message(m) for m in body.messages]
         plan = plan_tools(service, body)
         prompt = service.encode_chat(messages, plan.rendered, plan.fmt)
-        wanted, param = (
-            (body.max_completion_tokens, "max_completion_tokens")
-            if body.max_completion_tokens
-            else (body.max_tokens, "max_tokens")
-        )
+        wanted, param = _reply_limit(body)
         limit = service.max_new_tokens(len(prompt), wanted, param, prompt_param="messages")
         top = (body.top_logprobs or 0) if body.logprobs else 0
         return _Prepared(body, _generations(service, body, prompt, limit, plan.grammar, top), tools=plan.reading)
@@ -155,6 +174,7 @@ def build_router(service: ModelService) -> APIRouter:
     @router.post(
         "/v1/chat/completions",
         response_model=ChatCompletion,
+        response_model_exclude_unset=True,  # a field the reply does not have is left out, as OpenAI does
         responses={
             **stream_docs(
                 ChatCompletionChunk,
@@ -192,6 +212,7 @@ def build_router(service: ModelService) -> APIRouter:
     @router.post(
         "/v1/completions",
         response_model=CompletionBody,
+        response_model_exclude_unset=True,
         responses={
             **stream_docs(
                 CompletionBody, "The completion; with `stream`, text_completion events then `data: [DONE]`", done=True

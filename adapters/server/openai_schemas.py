@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag
+from pydantic import BaseModel, Discriminator, Field, Tag, WithJsonSchema, field_validator, model_validator
 
-from .request_model import StrictRequestModel
+from .request_model import RequestModel, StrictRequestModel
 
-StopString = Annotated[str, Field(max_length=256)]
+#: The most stop strings one request may give, and the longest one (characters).
+MAX_STOP, MAX_STOP_LENGTH = 4, 256
+StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
 FinishReason = Literal["stop", "length", "tool_calls"]
 #: The most tools one request may define, and the most alternatives `top_logprobs` may ask for (OpenAI's limits).
 MAX_TOOLS, MAX_TOP_LOGPROBS = 128, 20
@@ -25,7 +27,8 @@ Unsupported = Annotated[None, Field(description="Not supported: leave it out (or
 
 
 class StreamOptions(StrictRequestModel):
-    include_usage: bool | None = False
+    include_usage: bool | None = Field(False, description="End the stream with a chunk that holds usage.")
+    include_obfuscation: bool | None = Field(None, description="Accepted; no padding is added either way.")
 
 
 class ResponseFormatText(StrictRequestModel):
@@ -125,8 +128,8 @@ class _Request(StrictRequestModel):
     )
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: StopString | Annotated[list[StopString], Field(max_length=4, fail_fast=True)] | None = Field(
-        None, description="Up to 4 strings; the reply ends before the first."
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP, fail_fast=True)] | None = Field(
+        None, description="Up to 4 strings of at most 256 characters; the reply ends before the first."
     )
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -145,21 +148,88 @@ class _Request(StrictRequestModel):
     )
     user: str | None = Field(None, description="Accepted; not used.")
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_limits(cls, value: Any) -> Any:
+        """Say which limit a stop list breaks (the union's own errors name neither)."""
+        items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        if len(items) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings are allowed, got {len(items)}")
+        for i, item in enumerate(items):
+            if isinstance(item, str) and len(item) > MAX_STOP_LENGTH:
+                where = "the stop string" if isinstance(value, str) else f"stop string {i}"
+                raise ValueError(f"{where} has {len(item)} characters; at most {MAX_STOP_LENGTH} are allowed")
+        return value
+
 
 _NoName = Annotated[None, Field(description="Not supported (chat templates have no participant names).")]
+
+
+class TextPart(StrictRequestModel):
+    type: Literal["text"]
+    text: str
+
+
+class RefusalPart(StrictRequestModel):
+    """An earlier assistant refusal, replayed: read as its text."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
+class MediaPart(RequestModel):
+    """An image, audio or file part: parsed only to be refused (this model reads text only). The
+    published schema has no such part, so a schema-valid body never holds one."""
+
+    type: Literal["image_url", "input_audio", "file"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        kind = value.get("type") if isinstance(value, dict) else None
+        raise ValueError(f"this is an {kind} part, but this model reads text only; send text parts or a string")
+
+
+#: The most parts one message's content may hold.
+MAX_PARTS = 256
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("Text")]
+    | Annotated[RefusalPart, Tag("Refusal")]
+    | Annotated[MediaPart, Tag("Media"), WithJsonSchema({"not": {}})],
+    _by_type({"text": "Text", "refusal": "Refusal", "image_url": "Media", "input_audio": "Media", "file": "Media"}),
+]
+#: A message's content: a string, or an array of parts (text parts are joined in order, one line apart).
+Content = Annotated[
+    Annotated[str, Tag("String")]
+    | Annotated[list[ContentPart], Field(max_length=MAX_PARTS, fail_fast=True), Tag("Parts")],
+    Discriminator(
+        lambda v: "String" if isinstance(v, str) else "Parts" if isinstance(v, list) else None,
+        custom_error_type="invalid_type",
+        custom_error_message="must be a string or an array of text parts",
+    ),
+    Field(description="A string, or text parts (joined in order, one line apart); text only."),
+]
+PART_SEPARATOR = "\n"
+
+
+def content_text(content: str | list[TextPart | RefusalPart] | None) -> str | None:
+    """A message's content as the chat template takes it: the string, or its text parts joined."""
+    if content is None or isinstance(content, str):
+        return content
+    return PART_SEPARATOR.join(p.text if isinstance(p, TextPart) else p.refusal for p in content)
 
 
 class SystemMessage(StrictRequestModel):
     """A system turn; `developer` is the same turn under OpenAI's newer name."""
 
     role: Literal["system", "developer"]
-    content: str
+    content: Content
     name: _NoName = None
 
 
 class UserMessage(StrictRequestModel):
     role: Literal["user"]
-    content: str
+    content: Content
     name: _NoName = None
 
 
@@ -167,7 +237,7 @@ class AssistantText(StrictRequestModel):
     """An assistant turn with text (and possibly the calls it made)."""
 
     role: Literal["assistant"]
-    content: str
+    content: Content
     tool_calls: Annotated[list[ToolCallIn], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
     name: _NoName = None
     refusal: None = Field(None, description="Accepted as null (the server never refuses).")
@@ -189,7 +259,7 @@ class ToolMessage(StrictRequestModel):
     """A tool's result, answering the call `tool_call_id`."""
 
     role: Literal["tool"]
-    content: str
+    content: Content
     tool_call_id: Annotated[str, Field(max_length=256)] | None = None
 
 
@@ -218,8 +288,10 @@ ChatMessage = Annotated[
 
 class ChatCompletionRequest(_Request):
     messages: Annotated[list[ChatMessage], Field(min_length=1, fail_fast=True)]
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI: max_completion_tokens.")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="The most tokens the reply may have (with max_tokens too, both must agree)."
+    )
     logprobs: bool | None = Field(None, description="Log-probabilities of the reply's tokens.")
     top_logprobs: int | None = Field(
         None, ge=0, le=MAX_TOP_LOGPROBS, description="Most likely alternatives per token (needs logprobs)."

@@ -98,6 +98,8 @@ def plan_tools(service: ModelService, body: ChatCompletionRequest) -> ReplyPlan:
         if tool["function"].get("parameters") is not None:
             index = tools.index(tool) if must is not None else i
             service.grammars.json_schema(tool["function"]["parameters"], f"tools[{index}].function.parameters")
+    if answer is not None:  # bounded and compiled alone first, so its errors name its field
+        service.grammars.json_schema(*answer)
     source = call_grammar(must or tools, fmt, None if must is not None else (answer[0] if answer else "text"))
     grammar = service.grammars.lark(source, answer[1] if answer else "tools")
     return ReplyPlan(tools, fmt, grammar, reading)

@@ -1,7 +1,9 @@
 """Base classes of request bodies, and parsing a body from its bytes (off the event loop).
 
-Pydantic's lax mode reads `true` as 1 for a number field; the JSON schema we publish says a
-number, and clients that send `"temperature": true` have a bug worth a 4xx, not a silent 1.0.
+Bodies are validated in pydantic's strict mode: the JSON schema we publish is what is accepted, so
+`"max_tokens": "5"`, `"max_tokens": 3.5` and `"stream": 0` are 400s, not silent conversions. As in
+JSON Schema (which OpenAPI 3.1 uses), an integer is a valid number and a number with no fraction
+(`3.0`) a valid integer. `true` for a number field is refused with its own words.
 `RequestModel` ignores unknown keys (the TGI routes: TGI's clients send fields of newer
 versions); `StrictRequestModel` refuses them with a 400 that names the key (the OpenAI routes:
 a field this server does not implement must not be dropped without a word).
@@ -46,19 +48,27 @@ def _number_refusing_bool(annotation: Any) -> bool:
     return number and not any(c is bool or c is Any or isinstance(c, bool) for c in choices)
 
 
+def _integer_only(annotation: Any) -> bool:
+    choices = list(_choices(annotation))
+    return any(c is int for c in choices) and not any(c is float or c is Any for c in choices)
+
+
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, bool) and _number_refusing_bool(cls.model_fields[info.field_name].annotation):
+    def _json_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and _number_refusing_bool(annotation):
             raise ValueError("expected a number, got a boolean")
+        if isinstance(value, float) and value.is_integer() and _integer_only(annotation):
+            return int(value)  # JSON Schema's integer: 3.0 is one
         return value
 
 
 class StrictRequestModel(RequestModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def parse(model: type[T], body: bytes) -> T:

@@ -43,6 +43,7 @@ from .generation import (
     CANCELLED,
     EOS,
     ERROR,
+    GRAMMAR_FAILED,
     LENGTH,
     MODEL_FAILED,
     SHUTTING_DOWN,
@@ -218,7 +219,9 @@ class Scheduler:
         """Report one token; return True when it ends the request."""
         if seq.sampler.failure is not None:  # its grammar could not go on: this request ends, the batch goes on
             log.warning("a constrained generation stopped: %s", seq.sampler.failure)
-            self._finish_quietly(seq.handle, ERROR, f"the grammar could not continue: {seq.sampler.failure[:300]}")
+            reason = (seq.sampler.failure.strip().splitlines() or [""])[0][:200].rstrip(".")
+            message = "the reply's grammar could not go on" + (f" ({reason})" if reason else "")
+            self._finish_quietly(seq.handle, ERROR, message, GRAMMAR_FAILED)
             return True
         token_id = choice.id
         seq.generated += 1

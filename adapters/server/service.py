@@ -26,7 +26,15 @@ from torus_plugins import __version__
 
 from .constraints import Grammars
 from .errors import ApiError, bad_request, log_reference, shutting_down
-from .generation import SHUTTING_DOWN, Completion, GenerationFailed, GenerationRequest, Handle, Step
+from .generation import (
+    GRAMMAR_FAILED,
+    SHUTTING_DOWN,
+    Completion,
+    GenerationFailed,
+    GenerationRequest,
+    Handle,
+    Step,
+)
 from .scheduler import Overloaded, Scheduler
 from .settings import ServerSettings
 from .tools import FALLBACK, render_messages, template_format
@@ -54,6 +62,22 @@ def check_text(value: str, param: str) -> str:
     return value
 
 
+def require_json(request: Request) -> None:
+    """Generation routes take JSON only. A web page can make a browser POST `text/plain`, form or
+    multipart bodies to any address without asking first (a CORS "simple" request), loopback
+    included; a body declared `application/json` it cannot send without the server's consent. So
+    any other Content-Type, or none, is a 415, whatever the key setting."""
+    declared = request.headers.get("content-type", "")
+    media = declared.split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        got = f"Content-Type {declared[:60]!r}" if declared else "no Content-Type"
+        raise ApiError(
+            415,
+            f"the request body must be JSON sent as Content-Type: application/json (got {got})",
+            code="unsupported_media_type",
+        )
+
+
 def stop_strings(stop: str | Sequence[str] | None, param: str = "stop") -> tuple[str, ...]:
     if stop is None:
         return ()
@@ -66,6 +90,8 @@ def failure(exc: GenerationFailed | Step) -> ApiError:
     message = (exc.message if isinstance(exc, GenerationFailed) else exc.error) or "generation failed"
     if exc.cause == SHUTTING_DOWN:
         return shutting_down(message)
+    if exc.cause == GRAMMAR_FAILED:
+        return bad_request(message, "response_format")
     return ApiError(500, message, tgi_status=424, tgi_type="generation")
 
 
@@ -105,7 +131,9 @@ class ModelService:
     # ------------------------------------------------------------------ requests
     async def prepare(self, request: Request, build: Callable[[bytes], T]) -> T:
         """Read the body (on the loop: it only moves bytes), then run `build(body)` in a worker
-        thread: parsing, validation, chat template, tokenizing and limit checks."""
+        thread: parsing, validation, chat template, tokenizing and limit checks. A body that is
+        not declared `application/json` is refused first (415)."""
+        require_json(request)
         body = await request.body()
         return await asyncio.get_running_loop().run_in_executor(self._workers, build, body)
 
