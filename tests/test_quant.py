@@ -8,7 +8,7 @@ import transformers as T
 from conftest import build_tiny
 
 import torus_plugins as tp
-from torus_plugins import quant
+from torus_plugins import quant, quant_native
 
 PROMPT = torch.tensor([[7, 1, 44, 90, 12, 33, 5, 61]])
 
@@ -194,6 +194,61 @@ def test_quantizing_in_row_blocks_on_a_device_gives_the_same_bytes(mode):
     qb, metab = quant.quantize(w, mode, 32, device="cpu", row_block=7 * 96)  # 7-row blocks, 15 of them
     assert torch.equal(q, qb) and torch.equal(meta, metab)
     assert qb.device == w.device
+
+
+def _awkward_weights(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """Random weights plus the rows that reach the quantizers' corners: all zeros, all -0.0, a
+    positive constant (minimum clamped to zero), a negative constant, one large outlier, subnormal
+    magnitudes, values on a coarse grid (exact ties between candidate codes)."""
+    torch.manual_seed(rows * 7 + cols)
+    w = torch.randn(rows, cols) * 0.02
+    w[0] = 0.0
+    w[1] = -0.0
+    w[2] = 0.5
+    w[3] = -0.25
+    w[4, 3] = 40.0
+    w[5] = torch.randn(cols) * 1e-38
+    w[6] = torch.randint(-8, 8, (cols,)) / 16.0
+    return w.to(dtype)
+
+
+@pytest.mark.skipif(quant_native.unavailable() is not None, reason="no C compiler: the PyTorch path is the only one")
+@pytest.mark.parametrize(
+    "shape,group,dtype",
+    [
+        ((40, 128), 32, torch.float32),
+        ((37, 96), 32, torch.bfloat16),  # 3 groups a row: an odd last group in the metadata
+        ((19, 48), 32, torch.float16),  # 48 columns: group 24
+        ((23, 224), 32, torch.bfloat16),  # 7 groups: a partly filled 16-group block
+        ((16, 640), 128, torch.float32),  # 5 groups of 128
+        ((9, 30), 32, torch.float32),  # 30 columns: group 30
+    ],
+)
+@pytest.mark.parametrize("mode,refine", [("int8", True), ("int4", True), ("int4", False)])
+def test_native_quantizer_gives_the_pytorch_bytes(shape, group, dtype, mode, refine):
+    """The C quantizers are a faster layout of the same arithmetic: the same codes and metadata,
+    byte for byte, as the PyTorch path (which the GPU runs), at 1 and 2 threads."""
+    w = _awkward_weights(*shape, dtype)
+    ref = quant.quantize(w, mode, group, refine=refine, native=False)
+    for threads in (1, 2):
+        got = quant_native.quantize_int8(w, threads) if mode == "int8" else _int4(w, group, refine, threads)
+        for r, g in zip(ref, got):
+            assert r.dtype == g.dtype and r.shape == g.shape
+            assert torch.equal(r.view(torch.uint8), g.view(torch.uint8)), (mode, threads)
+    assert all(torch.equal(a, b) for a, b in zip(ref, quant.quantize(w, mode, group, refine=refine)))  # auto: native
+
+
+def _int4(w, group, refine, threads):
+    g = quant.group_size_for(w.shape[1], group)
+    return quant_native.quantize_int4(w, g, quant.packed_specs(tuple(w.shape), "int4", group)[1][0][1], refine, threads)
+
+
+def test_quantizers_take_a_transposed_weight_as_its_values():
+    """A non-contiguous weight (a transposed view) quantizes as its values, on either path."""
+    w = _awkward_weights(64, 96, torch.float32).t()
+    for mode in ("int8", "int4"):
+        want = quant.quantize(w.contiguous(), mode, 32, native=False)
+        assert all(torch.equal(a, b) for a, b in zip(want, quant.quantize(w, mode, 32)))
 
 
 def test_group_size_falls_back_to_a_divisor():

@@ -73,11 +73,20 @@ def _super_scale(x: torch.Tensor) -> torch.Tensor:
     return torch.where(short, up, h).to(torch.float32)
 
 
+def _ordered_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension strictly left to right (`Tensor.sum`'s order depends on the
+    CPU's vector width): the native quantizer sums in this order, so both pick the same codes."""
+    acc = x[..., 0].clone()
+    for k in range(1, x.shape[-1]):
+        acc.add_(x[..., k])
+    return acc
+
+
 def _fit(wg: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest codes in [0, 15] for w = q * step - offset (per group), and each group's squared error."""
     y = wg + offset[..., None]
     q = torch.round(y / step.clamp_min(_TINY)[..., None]).clamp_(0, 15)
-    err = (q * step[..., None]).sub_(y).square_().sum(dim=2)
+    err = _ordered_sum((q * step[..., None]).sub_(y).square_())
     return q, err
 
 
@@ -106,8 +115,9 @@ def _quantize_int4(w: torch.Tensor, group_size: int, refine: bool) -> tuple[torc
     wg = w.view(rows, groups, g)
     low = wg.amin(dim=2).clamp(max=0.0)  # Q4_K: the minimum is never above zero
     scale = (wg.amax(dim=2) - low) / 15.0
-    d = _super_scale(scale.amax(dim=1))
-    dmin = _super_scale((-low).amax(dim=1))
+    # + 0.0: a row whose largest is a zero stores +0 (amax may return -0.0), as the native path does.
+    d = _super_scale(scale.amax(dim=1) + 0.0)
+    dmin = _super_scale((-low).amax(dim=1) + 0.0)
     sc = torch.round(scale / d.clamp_min(_TINY)[:, None]).clamp_(0, 63)
     mn = torch.round(-low / dmin.clamp_min(_TINY)[:, None]).clamp_(0, 63)
     if refine:
@@ -137,6 +147,7 @@ def quantize(
     refine: bool = True,
     device: torch.device | str | None = None,
     row_block: int = 1 << 22,
+    native: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (packed integers, metadata) for a 2-D weight: int8 -> (int8 [rows, cols], fp32
     scale per row); int4 -> (uint8 [rows, cols / 2], uint8 [rows, meta bytes], see the module
@@ -145,7 +156,22 @@ def quantize(
     `device`: do the arithmetic there (a GPU quantizes a 7B model's FFN in seconds where a few CPU
     cores take minutes) and return the results on `t`'s device. Rows are independent in both
     formats, so the weight goes over in blocks of about `row_block` elements: the device holds
-    one block's temporaries, never the whole matrix (the results equal the unblocked ones)."""
+    one block's temporaries, never the whole matrix (the results equal the unblocked ones).
+
+    `native`: use the C quantizers (`quant_native`, same codes, tens of times faster) for a CPU
+    tensor; None picks them wherever they build, False forces the PyTorch path."""
+    if device is None and t.device.type == "cpu" and native is not False:
+        from . import quant_native
+
+        if quant_native.library() is not None:
+            threads = torch.get_num_threads()
+            if mode == "int8":
+                return quant_native.quantize_int8(t, threads)
+            g = group_size_for(t.shape[1], group_size)
+            if g <= 4096:  # the C file's largest group (a whole 8k-wide row still fits)
+                return quant_native.quantize_int4(t, g, _meta_bytes(t.shape[1] // g), refine, threads)
+        elif native:
+            raise RuntimeError(quant_native.unavailable())
     if device is not None:
         rows = max(1, row_block // max(1, t.shape[1]))
         parts = [quantize(t[r : r + rows].to(device), mode, group_size, refine) for r in range(0, t.shape[0], rows)]

@@ -70,12 +70,12 @@ def _openmp_runtimes() -> set[str]:
         return set()
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, source: Path = SOURCE) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256(
-        "\0".join((SOURCE.read_text(), version, " ".join(FLAGS + LIBS), platform.machine())).encode()
+        "\0".join((source.read_text(), version, " ".join(FLAGS + LIBS), platform.machine())).encode()
     ).hexdigest()[:16]
-    out = cache_dir() / f"host_linear-{key}.so"
+    out = cache_dir() / f"{source.stem}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        res = subprocess.run([cc, *FLAGS, str(SOURCE), *LIBS, "-o", tmp], capture_output=True, text=True, check=False)
+        res = subprocess.run([cc, *FLAGS, str(source), *LIBS, "-o", tmp], capture_output=True, text=True, check=False)
         if res.returncode != 0:
             raise OSError(f"{cc} failed: {(res.stderr or res.stdout).strip()[:500]}")
         os.replace(tmp, out)
@@ -91,6 +91,25 @@ def _build(cc: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def build_and_load(source: Path) -> ctypes.CDLL:
+    """Compile `source` (once; cached by source, compiler and flags) and load it. Raises OSError
+    saying why when there is no compiler, it does not compile, or it would bring a second OpenMP
+    runtime beside torch's."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found ($CC, cc or gcc): install gcc to build it")
+    torch.ones(2).sum()  # torch's OpenMP runtime is loaded before ours resolves libgomp.so.1
+    before = _openmp_runtimes()
+    lib = ctypes.CDLL(str(_build(cc, source)))
+    after = _openmp_runtimes()
+    if before and len(after) > len(before):
+        raise OSError(
+            f"it would bring a second OpenMP runtime ({sorted(after - before)}) beside torch's "
+            f"({sorted(before)}); two thread pools on the same cores spin against each other"
+        )
+    return lib
 
 
 class Matrix(ctypes.Structure):
@@ -122,18 +141,7 @@ def matrix(bits: int, tensors: tuple[torch.Tensor, ...], rows: int, cols: int, g
 
 
 def _load() -> ctypes.CDLL:
-    cc = _compiler()
-    if cc is None:
-        raise OSError("no C compiler found ($CC, cc or gcc): install gcc to build it")
-    torch.ones(2).sum()  # torch's OpenMP runtime is loaded before ours resolves libgomp.so.1
-    before = _openmp_runtimes()
-    lib = ctypes.CDLL(str(_build(cc)))
-    after = _openmp_runtimes()
-    if before and len(after) > len(before):
-        raise OSError(
-            f"it would bring a second OpenMP runtime ({sorted(after - before)}) beside torch's "
-            f"({sorted(before)}); two thread pools on the same cores spin against each other"
-        )
+    lib = build_and_load(SOURCE)
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.torus_q4_linear.argtypes = [p, p, p, i, i, i, p, i, p, i, i]
     lib.torus_q8_linear.argtypes = [p, p, i, i, i, p, i, p, i, i]
