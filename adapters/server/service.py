@@ -121,6 +121,10 @@ class ModelService:
         self.grammars = Grammars(tm.tokenizer, self.vocab_size)
         #: The model's tool-call format (`tools.py`); None: its template renders tools in a format not known here.
         self.tool_format = template_format(getattr(tm.tokenizer, "chat_template", None))
+        #: The text of every special token: in user, system or tool content it is tokenized as text.
+        self.special_texts = tuple(
+            t.content for t in getattr(tm.tokenizer, "added_tokens_decoder", {}).values() if t.special
+        ) or tuple(getattr(tm.tokenizer, "all_special_tokens", ()))
         self.model_name = settings.model_name
         self.created = int(time.time())
         self.fingerprint = f"torus-sparse-{__version__}"
@@ -145,7 +149,8 @@ class ModelService:
         self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = (), fmt: str = FALLBACK
     ) -> list[int]:
         """Token ids of OpenAI chat `messages` through the chat template, with `tools` rendered in
-        the model's tool format `fmt` (`tools.render_messages`)."""
+        the model's tool format `fmt` (`tools.render_messages`). Text in user, system and tool
+        content that spells a special token (`<|im_end|>`) stays text (`_encode_as_text`)."""
         from jinja2.exceptions import TemplateError
 
         from torus_adapters.transformers_adapter import PromptError
@@ -154,13 +159,22 @@ class ModelService:
             check_text(m.get("content") or "", f"messages[{i}].content")
         rendered = render_messages(messages, tools, fmt)
         native = fmt != FALLBACK and (tools or any(len(m) > 2 for m in rendered))
+        guarded = [
+            i
+            for i, m in enumerate(rendered)
+            if m["role"] != "assistant" and any(s in (m.get("content") or "") for s in self.special_texts)
+        ]
         try:
+            if guarded:
+                return self._encode_as_text(rendered, tools, guarded)
             if not native:
                 return self.tm.encode(rendered, chat=True)["input_ids"][0].tolist()
             enc = self.tm.tokenizer.apply_chat_template(
                 rendered, tools=list(tools) or None, add_generation_prompt=True, return_dict=True
             )
             return list(enc["input_ids"])
+        except ApiError:
+            raise
         except PromptError as exc:
             raise bad_request(str(exc), "messages") from None
         except TemplateError as exc:  # the template's own words, e.g. "roles must alternate"
@@ -170,6 +184,47 @@ class ModelService:
             raise bad_request(
                 f"the model's chat template could not format these messages (reference {ref})", "messages"
             ) from None
+
+    def _encode_as_text(
+        self, rendered: list[dict[str, Any]], tools: Sequence[dict[str, Any]], guarded: list[int]
+    ) -> list[int]:
+        """Tokenize the templated prompt with the contents of `rendered[guarded]` as plain text: a
+        user who writes `<|im_end|>` gets its characters, not the token that ends their turn.
+
+        The template is rendered again with each guarded content replaced by a marker; the text
+        between markers is the template's own (its special tokens stay special), the contents go in
+        between, tokenized with `split_special_tokens`. If the template changed a content (trimmed
+        it, say), the pieces do not add up to the real prompt and the request is refused: no guess."""
+        tok = self.tm.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise bad_request("this model has no chat template; use /v1/completions with a plain prompt", "messages")
+        options = dict(tools=list(tools) or None, add_generation_prompt=True, tokenize=False)
+        prompt = tok.apply_chat_template(rendered, **options)
+        markers = {i: f"\ue000{i}\ue001" for i in guarded}
+        skeleton = tok.apply_chat_template(
+            [{**m, "content": markers[i]} if i in markers else m for i, m in enumerate(rendered)], **options
+        )
+        pieces: list[tuple[str, bool]] = []  # (text, is a guarded content)
+        at = 0
+        for i in guarded:
+            found = skeleton.find(markers[i], at)
+            if found < 0 or skeleton.count(markers[i]) != 1:
+                pieces = []
+                break
+            pieces += [(skeleton[at:found], False), (rendered[i]["content"], True)]
+            at = found + len(markers[i])
+        pieces.append((skeleton[at:], False))
+        if "".join(text for text, _ in pieces) != prompt:
+            raise bad_request(
+                "a message holds the text of one of the model's special tokens, and this model's chat template "
+                "changes message text, so it cannot be kept apart from the template's own tokens; remove it",
+                "messages",
+            )
+        ids: list[int] = []
+        for text, content in pieces:
+            if text:
+                ids += tok(text, add_special_tokens=False, split_special_tokens=content)["input_ids"]
+        return ids
 
     def encode_text(self, text: str, param: str = "prompt") -> list[int]:
         ids = self.tm.encode(check_text(text, param), chat=False)["input_ids"][0].tolist()
