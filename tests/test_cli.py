@@ -4,6 +4,7 @@ path, without paying a Python + torch start per case)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -132,3 +133,43 @@ def test_a_seed_makes_a_sampled_reply_reproducible(streamed_smollm2):
         torch.manual_seed(7)
         replies.append(streamed_smollm2.generate("Name a colour.", max_new_tokens=8, **kw))
     assert replies[0] == replies[1] and replies[0]
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+# train-predictor's --seed is defined in adapters/tools/routing_traces.py: strict, so the mark
+# fails (and is removed) as soon as it gets its help text.
+_NO_HELP_YET = {"train-predictor": pytest.mark.xfail(strict=True, reason="--seed has no help yet")}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=_NO_HELP_YET.get(name, ())) for name in sorted(_subcommands())]
+)
+def test_every_option_of_every_subcommand_has_help(name):
+    missing = [
+        "/".join(a.option_strings) or a.dest
+        for a in _subcommands()[name]._actions
+        if a.help is not argparse.SUPPRESS and not (a.help or "").strip()
+    ]
+    assert not missing, f"{name}: {missing}"
+
+
+def test_vram_budget_is_the_flag_everywhere_and_vram_a_hidden_alias():
+    subs = _subcommands()
+    for name in ("generate", "chat", "serve", "transformers-serve", "plan", "bench"):
+        assert "--vram-budget" in subs[name].format_help(), name
+        assert "--vram " not in subs[name].format_help(), name
+    parse = build_parser().parse_args
+    assert parse(["plan", "--vram-budget", "6GB"]).vram_budget == parse(["plan", "--vram", "6GB"]).vram_budget == "6GB"
+    assert parse(["bench", "--vram-budget", "6GB"]).vram == parse(["bench", "--vram", "6GB"]).vram == "6GB"
+
+
+@pytest.mark.parametrize("port", ["-1", "65536", "http"])
+def test_a_port_out_of_range_is_refused_by_the_parser(port, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", "--port", port])
+    assert exit_.value.code == 2 and "must be a port number from 0 to 65535" in capsys.readouterr().err

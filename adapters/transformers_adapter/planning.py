@@ -19,7 +19,7 @@ from torus_plugins.planning.host_split import HostCosts, HostForecast, forecast
 from torus_plugins.planning.sizes import measure
 from torus_plugins.plugins import resolve
 
-from .torus_model import resolve_model_source
+from .model_source import check_model, model_name, resolve_model_source
 
 
 def meta_model(path_or_id: str | os.PathLike[str] | None, dtype: Any = None) -> tuple[torch.nn.Module, str]:
@@ -27,10 +27,10 @@ def meta_model(path_or_id: str | os.PathLike[str] | None, dtype: Any = None) -> 
 
     Returns the model and the name shown in reports. `dtype`: override the checkpoint's dtype.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     source, extra = resolve_model_source(path_or_id)
-    cfg = AutoConfig.from_pretrained(source, **extra)
+    cfg = check_model(source, extra, model_name(path_or_id), weights=False)  # planning reads no weights
     dtype = dtype or getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

@@ -11,7 +11,6 @@ import os
 import queue
 import threading
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -21,8 +20,8 @@ from torus_plugins.engine import Engine
 from torus_plugins.lifecycle import attach, detach, get_engine
 from torus_plugins.stats import EngineStats
 
-from .default_model import default_model_path
 from .enable import _BYPASS
+from .model_source import check_model, first_line, load_tokenizer, model_name, resolve_model_source
 
 log = logging.getLogger(__name__)
 
@@ -30,86 +29,12 @@ Messages = Sequence[dict[str, Any]]
 Prompt = str | Messages
 
 _ROLES = ("system", "user", "assistant", "tool")
-#: Seconds the one Hub metadata request may take before the model counts as unreachable.
-HUB_PROBE_TIMEOUT_S = 10.0
+#: `from_pretrained` keywords that also decide which config is read (the rest are the model's).
+_CONFIG_KWARGS = ("cache_dir", "local_files_only", "revision", "token", "trust_remote_code")
 
 
 class PromptError(TorusError, ValueError):
     """A prompt or chat message list is malformed."""
-
-
-def _looks_local(path: str) -> bool:
-    return (
-        path.startswith(("/", ".", "~"))
-        or path.count("/") > 1
-        or path.endswith((".gguf", ".safetensors", ".bin"))
-        or os.sep != "/"
-        and os.sep in path
-    )
-
-
-def resolve_model_source(path_or_id: str | os.PathLike[str] | None) -> tuple[str, dict[str, Any]]:
-    """Turn the user's model argument into (`from_pretrained` first argument, extra kwargs).
-
-    None → the embedded default (converted once to safetensors); a `.gguf` file → its directory
-    plus `gguf_file`; an existing directory → itself; anything else that looks like a path →
-    `ModelNotFoundError` naming it; otherwise a Hub id, passed through.
-    """
-    if path_or_id is None:
-        return str(default_model_path()), {}
-    text = os.fspath(path_or_id)
-    p = Path(text).expanduser()
-    if p.is_file() and p.suffix == ".gguf":
-        return str(p.parent), {"gguf_file": p.name}
-    if p.is_dir():
-        if not (p / "config.json").is_file() and not any(p.glob("*.gguf")):
-            raise ModelNotFoundError(
-                f"model directory {str(p)!r} has no config.json (is it a transformers model directory?)"
-            )
-        return str(p), {}
-    if p.exists() or _looks_local(text):
-        raise ModelNotFoundError(f"model path {text!r} does not exist")
-    check_hub_id(text)
-    return text, {}
-
-
-def check_hub_id(repo_id: str) -> None:
-    """Refuse a Hub id that is neither in the local cache nor reachable, in one line and at once.
-
-    Left to `from_pretrained`, an unreachable Hub costs a storm of retries (about 30 s) and a
-    70-line traceback. One metadata request with a short timeout answers the same question.
-    """
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
-
-    try:
-        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
-            return  # cached: transformers loads it without the network
-    except HFValidationError:
-        raise ModelNotFoundError(
-            f"{repo_id!r} is neither an existing path nor a valid Hugging Face Hub id (owner/name)"
-        ) from None
-    local = "pass a local model directory or a .gguf file instead (e.g. --model ./my-model or --model model.gguf)"
-    if constants.HF_HUB_OFFLINE:
-        raise ModelNotFoundError(
-            f"model {repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {local}, or "
-            f"download it once with network access (hf download {repo_id})"
-        )
-    try:
-        HfApi().model_info(repo_id, timeout=HUB_PROBE_TIMEOUT_S)
-    except GatedRepoError:
-        raise ModelNotFoundError(
-            f"model {repo_id!r} is gated on the Hub: accept its terms on huggingface.co and log in (hf auth login), or {local}"
-        ) from None
-    except RepositoryNotFoundError:
-        raise ModelNotFoundError(
-            f"model {repo_id!r} is not on the Hugging Face Hub (or is private: log in with hf auth login); {local}"
-        ) from None
-    except Exception as exc:  # no network, DNS, proxy, timeout, 5xx: all mean "cannot reach it now"
-        raise ModelNotFoundError(
-            f"model {repo_id!r} is neither in the Hugging Face cache nor reachable ({type(exc).__name__}: {exc}); "
-            f"{local}, or download it once with network access (hf download {repo_id})"
-        ) from None
 
 
 def _load_model(source: str, extra: dict[str, Any], dtype: Any, hf_kwargs: dict[str, Any]):
@@ -121,9 +46,9 @@ def _load_model(source: str, extra: dict[str, Any], dtype: Any, hf_kwargs: dict[
         log.warning("torus-sparse places weights itself; ignoring device_map")
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **hf_kwargs)
-    except OSError as exc:
+    except OSError as exc:  # e.g. a truncated or mismatched weight file
         raise ModelNotFoundError(
-            f"could not load model {source!r}: {exc}. Local paths and models already in the Hugging Face "
+            f"could not load model {source!r}: {first_line(exc)}. Local paths and models already in the Hugging Face "
             f"cache work offline; other Hub ids need network access."
         ) from exc
 
@@ -195,6 +120,7 @@ class TorusModel:
         *,
         dtype: Any = "auto",
         show_progress: bool | None = None,
+        tokenizer: Any = None,
         **hf_kwargs: Any,
     ) -> "TorusModel":
         """Load a model (default: the embedded SmolLM2-135M-Instruct) and attach an engine.
@@ -202,14 +128,19 @@ class TorusModel:
         config: the engine's `TorusConfig` (default: automatic placement and transport).
         dtype: passed to `from_pretrained` ("auto" keeps the checkpoint's dtype).
         show_progress: draw a progress bar while FFN layers are packed; default: on a terminal.
+        tokenizer: use this tokenizer instead of loading the model's own.
         hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (`device_map` is ignored).
-        """
-        from transformers import AutoTokenizer
 
+        Before any weight is read, a directory without weights or tokenizer and a model that is
+        not a causal LM are refused (`ModelNotFoundError`, `NotACausalLMError`), in one sentence.
+        """
         source, extra = resolve_model_source(path_or_id)
+        name = model_name(path_or_id)
+        check_model(source, extra, name, **{k: hf_kwargs[k] for k in _CONFIG_KWARGS if k in hf_kwargs})
         token = _BYPASS.set(True)  # inside enabled(): attach once, with this config
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+            if tokenizer is None:
+                tokenizer = load_tokenizer(source, extra, name)
             model = _load_model(source, extra, dtype, dict(hf_kwargs))
         finally:
             _BYPASS.reset(token)
@@ -267,6 +198,8 @@ class TorusModel:
             messages = validate_messages(prompt)
             if not getattr(tok, "chat_template", None):
                 raise PromptError("this tokenizer has no chat template; pass the prompt as a plain string")
+        if messages is not None and not getattr(tok, "chat_template", None):  # a string with chat=True
+            raise PromptError("this tokenizer has no chat template; pass chat=False to send the prompt as plain text")
         if messages is not None:
             enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         else:

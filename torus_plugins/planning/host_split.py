@@ -14,9 +14,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..config import format_bytes
+
 #: Longest pass (in tokens) ever computed on the host: beyond it the device wins on any machine
 #: (llama.cpp moves weights to the GPU from 32 tokens up).
 MAX_HOST_TOKENS = 64
+#: The least share of its probed FFN rate the host is credited with beside the link: the two
+#: contend for memory, but the probes cannot say how it divides (a guess, kept pessimistic).
+HOST_FLOOR = 0.1
+
+
+def _gbs(bps: float) -> str:
+    return f"{bps / 1e9:.2f} GB/s" if bps < 1e9 else f"{bps / 1e9:.1f} GB/s"
 
 
 @dataclass(frozen=True)
@@ -34,7 +43,21 @@ class HostCosts:
     def effective_host_bps(self) -> float:
         """Host throughput beside the link: streaming reads the host store at link speed too."""
         left = self.memory_bps - self.link_bps
-        return max(min(self.host_bps, left), 0.1 * self.host_bps)
+        return max(min(self.host_bps, left), HOST_FLOOR * self.host_bps)
+
+    def why_effective(self) -> str:
+        """Why `effective_host_bps` is what it is, in words (`torus-sparse plan` prints it: the probe's
+        FFN rate alone and the host-only milliseconds otherwise do not reconcile for a reader)."""
+        left = self.memory_bps - self.link_bps
+        link = f"the link's {_gbs(self.link_bps)} of reads from host memory"
+        if self.host_bps <= left:
+            return f"the probed rate: the {_gbs(left)} of memory bandwidth left beside {link} does not limit it"
+        if left >= HOST_FLOOR * self.host_bps:
+            return f"memory {_gbs(self.memory_bps)} minus {link}"
+        return (
+            f"{link} leave {_gbs(max(left, 0.0))} of its {_gbs(self.memory_bps)} read bandwidth, less than the "
+            f"floor: counted at {HOST_FLOOR:.0%} of the probed {_gbs(self.host_bps)}"
+        )
 
 
 def balanced_share(costs: HostCosts, link_bytes: int, host_bytes: int) -> float:
@@ -113,6 +136,7 @@ class HostForecast:
             "host_memory_bps": self.costs.memory_bps,
             "host_ffn_bps": self.costs.host_bps,
             "host_ffn_bps_at_probe_tokens": self.costs.host_bps_at,
+            "host_ffn_bps_beside_link": self.costs.effective_host_bps,
             "probe_tokens": self.costs.probe_tokens,
             "kernel": self.kernel,
             "act_dtype": self.act_dtype,
@@ -134,15 +158,21 @@ class HostForecast:
         }
 
     def render(self) -> list[str]:
+        """Every rate a millisecond figure is computed from is printed beside it: the probe times
+        the host's FFNs alone, but every host figure below runs beside the link's reads of memory."""
         c, s = self.costs, self.seconds
         act = f", {self.act_dtype} activations" if self.act_dtype else ""
+        per_token = format_bytes(s.streaming * c.link_bps)  # the streamed layers' bytes, as the link moves them
+        host = _gbs(c.effective_host_bps)
         return [
-            f"host             memory {c.memory_bps / 1e9:.1f} GB/s; FFN {c.host_bps / 1e9:.1f} GB/s at 1 token, "
-            f"{c.host_bps_at / 1e9:.1f} GB/s at {c.probe_tokens} ({self.kernel} kernel{act})",
-            f"FFN per token    streaming-only {s.streaming * 1e3:.1f} ms, host-only {s.host * 1e3:.1f} ms, "
-            f"hybrid {s.hybrid * 1e3:.1f} ms ({self.layers} non-resident layers, batch 1)",
+            f"host probe       memory read {_gbs(c.memory_bps)}; FFN {_gbs(c.host_bps)} at 1 token, "
+            f"{_gbs(c.host_bps_at)} at {c.probe_tokens} (measured alone; {self.kernel} kernel{act})",
+            f"host FFN rate    {host} beside the link ({c.why_effective()})",
+            f"FFN per token    {per_token} in {self.layers} non-resident layers, batch 1: "
+            f"streaming-only {s.streaming * 1e3:.1f} ms (link {_gbs(c.link_bps)}), "
+            f"host-only {s.host * 1e3:.1f} ms (host {host}), hybrid {s.hybrid * 1e3:.1f} ms (both at once)",
             f"hybrid split     {self.share:.0%} of each layer's neurons on the host ({self.rows} of {self.intermediate}), "
-            f"passes of <= {self.max_tokens} tokens; longer ones stream",
+            f"passes of <= {self.max_tokens} token{'' if self.max_tokens == 1 else 's'}; longer ones stream",
         ]
 
 
