@@ -3,6 +3,7 @@ stream per step serves the whole batch)."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -124,3 +125,66 @@ def test_a_growing_batch_cache_decodes_as_the_plain_cache_and_appends_in_place(t
     assert len(growing) == len(plain) == 8
     for a, b in zip(growing, plain):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------- chunked prefill
+LONG_PROMPT = "Summarise this: " + "The sea is calm tonight, the tide is full, the moon lies fair. " * 50  # ~700 tokens
+NO_EOS = {"0": -100, "2": -100}  # SmolLM2's end tokens: a stream that cannot end early
+
+
+@pytest.fixture(scope="module")
+def chunked(server_model):  # noqa: F811
+    """A server of the shared model whose scheduler prefills in chunks of 32 tokens."""
+    srv = ServerThread(create_app(server_model, ServerSettings(model_name="chunked", prefill_chunk=32)))
+    yield srv
+    srv.stop()
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_decode_steps_of_a_stream(chunked, server_model):  # noqa: F811
+    """While a ~700-token prompt prefills (22 chunks), a stream already running keeps getting
+    tokens; the long request's greedy reply is the one-pass reply (`generate()`)."""
+    url = chunked.url
+    chunks_before = metric(url, "torus_prefill_chunks_total")
+    stream_body = {"prompt": "Once upon a time", "max_tokens": 400, "stream": True, "logit_bias": NO_EOS}
+    with requests.post(f"{url}/v1/completions", json=stream_body, stream=True, timeout=120) as stream:
+        events = (line for line in stream.iter_lines() if line.startswith(b"data:"))
+        next(events)
+        with ThreadPoolExecutor(1) as pool:
+            began = time.monotonic()
+            long = pool.submit(
+                requests.post,
+                f"{url}/v1/completions",
+                json={"prompt": LONG_PROMPT, "max_tokens": 3, "temperature": 0},
+                timeout=300,
+            )
+            stamps = []
+            while not long.done():
+                next(events)
+                stamps.append(time.monotonic())
+            ended = time.monotonic()
+        reply = long.result()
+    assert reply.status_code == 200, reply.text
+    prompt_tokens = reply.json()["usage"]["prompt_tokens"]
+    assert prompt_tokens > 600
+    assert metric(url, "torus_prefill_chunks_total") - chunks_before >= prompt_tokens // 32
+    gaps = [b - a for a, b in zip([began, *stamps], stamps)]
+    assert len(stamps) >= 5 and max(gaps) < (ended - began) / 3, (len(stamps), max(gaps), ended - began)
+    alone = server_model.generate(LONG_PROMPT, max_new_tokens=3, chat=False)
+    assert reply.json()["choices"][0]["text"] == alone
+
+
+def test_a_client_that_leaves_during_prefill_stops_it_at_the_next_chunk(chunked):
+    url = chunked.url
+    chunks_before = metric(url, "torus_prefill_chunks_total")
+    cancelled = metric(url, "torus_requests_finished_total", reason="cancelled")
+    with pytest.raises(requests.Timeout):
+        requests.post(
+            f"{url}/v1/completions", json={"prompt": LONG_PROMPT * 3, "max_tokens": 1}, timeout=(5, 0.5)
+        )  # ~2,100 tokens: 66 chunks
+    deadline = time.monotonic() + 60
+    while metric(url, "torus_requests_finished_total", reason="cancelled") <= cancelled:
+        assert time.monotonic() < deadline, "the prefill was not cancelled"
+        time.sleep(0.1)
+    assert metric(url, "torus_prefill_chunks_total") - chunks_before < 60
+    r = requests.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
+    assert r.status_code == 200

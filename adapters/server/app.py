@@ -44,7 +44,13 @@ def create_app(tm: Any, settings: ServerSettings | None = None, *, scheduler: Sc
     settings = settings or ServerSettings()
     owned = scheduler is None
     if scheduler is None:
-        scheduler = Scheduler.for_model(tm, max_batch_size=settings.max_batch_size, max_pending=settings.max_pending)
+        scheduler = Scheduler.for_model(
+            tm,
+            max_batch_size=settings.max_batch_size,
+            max_pending=settings.max_pending,
+            prefill_chunk=settings.prefill_chunk,
+            prefill_slice=settings.prefill_slice,
+        )
     service = ModelService(tm, scheduler, settings)
 
     @contextlib.asynccontextmanager

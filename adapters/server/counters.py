@@ -13,6 +13,7 @@ class SchedulerCounters:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefills: int = 0
+    prefill_chunks: int = 0
     decode_steps: int = 0
     running: int = 0
     waiting: int = 0

@@ -1,11 +1,12 @@
 """The KV cache of the sequences decoding together, kept as one left-padded batch.
 
-Each sequence is prefilled alone, then joins: its cache and the batch's are left-padded to the
-same length and stacked. The 2-D attention mask marks the padding, so a row attends only to its
-own tokens, and each row's position ids count only its own tokens; the maths a row sees is the
-one it would see alone. Finished rows are removed and columns that have become padding in every
-row are trimmed. Caches with anything but plain `DynamicLayer`s (sliding windows, linear
-attention) cannot be padded this way; the scheduler then runs one sequence at a time.
+Each sequence is prefilled alone (a long one in chunks, into `prefill_cache`), then joins: its
+cache and the batch's are left-padded to the same length and stacked. The 2-D attention mask marks
+the padding, so a row attends only to its own tokens, and each row's position ids count only its
+own tokens; the maths a row sees is the one it would see alone. Finished rows are removed and
+columns that have become padding in every row are trimmed. Caches with anything but plain
+`DynamicLayer`s (sliding windows, linear attention) cannot be padded this way; the scheduler then
+runs one sequence at a time.
 
 The batch's layers are `GrowingLayer`s: a `DynamicLayer` appends with `torch.cat`, copying the
 whole cache at every decode step (work and a fresh allocation that grow with the context: at
@@ -42,10 +43,13 @@ class GrowingLayer(DynamicLayer):
     the cache. Anything that replaces `keys` / `values` (crop, batch selection) is taken as the new
     contents at the next update."""
 
-    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None, reserve: int = 0
+    ) -> None:
         super().__init__()
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
+        self.reserve = reserve  # tokens the first buffer has room for (a prompt prefilled in chunks)
         if keys is not None and values is not None:
             self.update(keys, values)
 
@@ -59,8 +63,9 @@ class GrowingLayer(DynamicLayer):
         n = self.keys.shape[-2] if self.keys.dim() == 4 else 0
         end = n + key_states.shape[-2]
         if not self._owned() or end > self._k.shape[-2]:  # type: ignore[union-attr]
+            room = max(end + HEADROOM, self.reserve)
             self._k, self._v = (
-                self._grown(old, new, end) for old, new in ((self.keys, key_states), (self.values, value_states))
+                self._grown(old, new, end, room) for old, new in ((self.keys, key_states), (self.values, value_states))
             )
         assert self._k is not None and self._v is not None
         self._k[:, :, n:end] = key_states
@@ -69,8 +74,8 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     @staticmethod
-    def _grown(old: torch.Tensor, new: torch.Tensor, end: int) -> torch.Tensor:
-        buf = new.new_empty((*new.shape[:2], end + HEADROOM, new.shape[-1]))
+    def _grown(old: torch.Tensor, new: torch.Tensor, end: int, room: int) -> torch.Tensor:
+        buf = new.new_empty((*new.shape[:2], room, new.shape[-1]))
         if old.dim() == 4 and old.shape[-2]:
             buf[:, :, : old.shape[-2]] = old
         return buf
@@ -81,6 +86,16 @@ def growing_cache(layers: Any) -> DynamicCache:
     iterating a `DynamicCache` gives them)."""
     cache = DynamicCache()
     cache.layers, cache.layer_class_to_replicate = [GrowingLayer(k, v) for k, v, *_ in layers], None
+    return cache
+
+
+def prefill_cache(model_config: Any, reserve: int) -> DynamicCache:
+    """An empty cache for one sequence prefilled in chunks: growing layers with room for `reserve`
+    tokens, so each chunk writes its columns in place (a `DynamicLayer` would copy the whole cache
+    at every chunk). Only for `batchable` models; others get the model's own cache."""
+    cache = DynamicCache(config=model_config)
+    cache.layers = [GrowingLayer(reserve=reserve) for _ in cache.layers]
+    cache.layer_class_to_replicate = None
     return cache
 
 

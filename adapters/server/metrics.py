@@ -51,7 +51,10 @@ class _ModelCollector:
             "Tokens generated per second over the last 10 s",
             value=c.tokens_per_second(),
         )
-        yield CounterMetricFamily("torus_prefills", "Prefill forward passes", value=c.prefills)
+        yield CounterMetricFamily("torus_prefills", "Prompts prefilled", value=c.prefills)
+        yield CounterMetricFamily(
+            "torus_prefill_chunks", "Prefill forward passes (a long prompt takes several)", value=c.prefill_chunks
+        )
         yield CounterMetricFamily("torus_decode_steps", "Batched decode forward passes", value=c.decode_steps)
         yield from self._engine()
 

@@ -2,8 +2,17 @@
 
 Design (the simplest that batches and stays exact):
 
-- A request is prefilled alone (batch 1, no padding: the same forward pass `generate()` makes),
-  which gives its first token, then joins the decode batch (`kvbatch.BatchCache`).
+- A request is prefilled alone (batch 1, no padding), which gives its first token, then joins the
+  decode batch (`kvbatch.BatchCache`). A prompt of up to `ONE_PASS` tokens (or `prefill_chunk`,
+  when set) is prefilled in one forward pass, the one `generate()` makes.
+- A longer prompt is prefilled in chunks, interleaved with the decode steps of the requests in
+  flight: each turn of the loop runs one decode step and then prefill chunks for about
+  `prefill_slice` seconds (four times that when nothing is decoding), so a long prompt never
+  freezes the other streams (a turn is about a decode step plus one slice). Chunks are sized from
+  the time the last chunk of that prompt took per token, or are `prefill_chunk` tokens when set
+  (then boundaries, and so the floating-point rounding of a long prompt, do not depend on load).
+  Prefills go shortest-remaining first, so a short request is not queued behind a long prompt. A
+  request cancelled while it is prefilled (its client left) stops at its next chunk.
 - Each decode step runs the model once on one new token per row. The engine's FFN hooks fire once
   per forward pass, so one weight stream serves every request in the batch.
 - Padding is masked and positions count only a row's own tokens, so each row computes what it
@@ -31,7 +40,8 @@ import collections
 import logging
 import secrets
 import threading
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -53,7 +63,7 @@ from .generation import (
     Step,
     Token,
 )
-from .kvbatch import BatchCache, batchable
+from .kvbatch import BatchCache, batchable, prefill_cache
 from .sampling import Choice, RowSampler, choose_tokens
 
 log = logging.getLogger(__name__)
@@ -73,6 +83,30 @@ class _Seq:
     next_token: int = -1  # chosen but not yet in the cache
 
 
+#: Prompts up to this many tokens are prefilled in one pass (as `generate()` does), whatever else runs.
+ONE_PASS = 256
+#: Seconds of prefill work per turn of the loop while other requests are decoding.
+PREFILL_SLICE_S = 0.25
+#: The smallest chunk of a prompt prefilled in several (smaller ones cost more in per-pass overhead).
+MIN_CHUNK = 32
+
+
+@dataclass
+class _Prefill:
+    """A request being prefilled: its sequence state, its prompt, how far it has got."""
+
+    seq: _Seq
+    ids: torch.Tensor  # [1, prompt length]
+    done: int = 0
+    cache: Any = None
+    rate: float | None = None  # seconds per token of its last chunk
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def left(self) -> int:
+        return self.ids.shape[1] - self.done
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     ids: set[int] = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -88,9 +122,21 @@ class Scheduler:
     """Runs generation requests for one model in a background thread, batching decode steps."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, device: torch.device, *, max_batch_size: int = 8, max_pending: int = 64
+        self,
+        model: Any,
+        tokenizer: Any,
+        device: torch.device,
+        *,
+        max_batch_size: int = 8,
+        max_pending: int = 64,
+        prefill_chunk: int | None = None,
+        prefill_slice: float = PREFILL_SLICE_S,
     ):
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.model = model
+        self.prefill_chunk = prefill_chunk
+        self.prefill_slice = prefill_slice
         self.tokenizer = tokenizer
         self.device = device
         self.batchable = batchable(model.config)
@@ -102,6 +148,8 @@ class Scheduler:
         self.special_ids = self._special
         self._waiting: collections.deque[Handle] = collections.deque()
         self._active: list[_Seq] = []
+        self._prefilling: list[_Prefill] = []
+        self._rate: float | None = None  # seconds per token of the last first chunk of a prompt
         self._batch = BatchCache()
         self._in_flight = 0  # accepted and not ended: waiting, being prefilled, or decoding
         self._cv = threading.Condition()
@@ -147,12 +195,13 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and not self._waiting and not self._active:
+                while not self._closed and not self._waiting and not self._active and not self._prefilling:
                     self._cv.wait()
                 if self._closed:
                     break
                 admit = []
-                while self._waiting and len(self._active) + len(admit) < self.max_batch_size:
+                room = self.max_batch_size - len(self._active) - len(self._prefilling)
+                while self._waiting and len(admit) < room:
                     admit.append(self._waiting.popleft())
                 self.counters.waiting = len(self._waiting)
             self._drop_cancelled()
@@ -161,6 +210,7 @@ class Scheduler:
                     self._admit(handle)
                 except Exception:
                     self._finish_quietly(handle, ERROR, _logged_failure("admitting a request failed"))
+            self._prefill_slice()
             try:
                 if self._active:
                     self._decode_step()
@@ -169,30 +219,80 @@ class Scheduler:
         self._fail_all("the server is shutting down", waiting=True, cause=SHUTTING_DOWN)
 
     def _admit(self, handle: Handle) -> None:
-        """Prefill one request alone; it then joins the decode batch unless its first token ends it."""
+        """Set up a request's sampling state and queue it for prefill."""
         if handle.cancelled:
             self._finish_quietly(handle, CANCELLED)
             return
         req = handle.request
-        try:
-            seq = _Seq(
-                handle=handle,
-                sampler=RowSampler(req.sampling, req.prompt_ids, self.device, req.constraint, req.top_logprobs),
-                decoder=IncrementalDecoder(self.tokenizer),
-                stops=StopMatcher(req.stop),
+        seq = _Seq(
+            handle=handle,
+            sampler=RowSampler(req.sampling, req.prompt_ids, self.device, req.constraint, req.top_logprobs),
+            decoder=IncrementalDecoder(self.tokenizer),
+            stops=StopMatcher(req.stop),
+        )
+        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
+        self._prefilling.append(_Prefill(seq, ids))
+
+    def _prefill_slice(self) -> None:
+        """Prefill for about `prefill_slice` seconds (always at least one chunk): shortest remaining
+        prompt first, each chunk sized to the time left."""
+        start = time.perf_counter()
+        budget = self.prefill_slice * (1 if self._active else 4)
+        while self._prefilling:
+            item = min(self._prefilling, key=lambda p: p.left)
+            if item.seq.handle.cancelled:  # its client left: stop at this chunk
+                self._prefilling.remove(item)
+                self._finish_quietly(item.seq.handle, CANCELLED)
+                continue
+            try:
+                self._prefill_chunk(item, self._chunk_size(item, budget - (time.perf_counter() - start)))
+            except Exception:  # this request fails; the batch in flight is untouched
+                self._prefilling.remove(item)
+                self._finish_quietly(item.seq.handle, ERROR, _logged_failure("prefill failed"))
+            if time.perf_counter() - start >= budget:
+                return
+
+    def _chunk_size(self, item: _Prefill, time_left: float) -> int:
+        """Tokens of `item`'s prompt to prefill now."""
+        if self.prefill_chunk is not None:
+            return min(item.left, self.prefill_chunk)
+        if item.done == 0 and item.left <= ONE_PASS:
+            return item.left
+        rate = item.rate or self._rate
+        n = ONE_PASS if rate is None else int(max(time_left, self.prefill_slice / 2) / rate)
+        n = max(MIN_CHUNK, n)
+        return item.left if item.left - n < MIN_CHUNK else n
+
+    def _prefill_chunk(self, item: _Prefill, n: int) -> None:
+        """Run the next `n` prompt tokens of `item`; at the prompt's end, choose its first token and
+        move it to the decode batch (unless that token ends it)."""
+        seq, req = item.seq, item.seq.handle.request
+        ids = item.ids[:, item.done : item.done + n]
+        if item.cache is None and n < item.left and self.batchable:
+            item.cache = prefill_cache(self.model.config, item.ids.shape[1])
+        began = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=torch.ones(1, item.done + n, dtype=torch.long, device=self.device),
+                cache=item.cache,
+                use_cache=True,
+                logits_to_keep=1,
             )
-            ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
-            with torch.inference_mode():
-                out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
-            (choice,) = choose_tokens(out.logits[:, -1, :], [seq.sampler])
-        except Exception:  # this request fails; the batch in flight is untouched
-            self._finish_quietly(handle, ERROR, _logged_failure("prefill failed"))
+        rate = (time.perf_counter() - began) / n
+        if item.done == 0 and n >= MIN_CHUNK:
+            self._rate = rate
+        item.rate, item.cache, item.done = rate, out.cache, item.done + n
+        self.counters.prefill_chunks += 1
+        if item.left:
             return
+        self._prefilling.remove(item)
+        (choice,) = choose_tokens(out.logits[:, -1, :], [seq.sampler])
         self.counters.prefills += 1
         self.counters.prompt_tokens += len(req.prompt_ids)
         if self._emit(seq, choice):
             return
-        self._batch.add(out.cache, len(req.prompt_ids))
+        self._batch.add(item.cache, len(req.prompt_ids))
         self._active.append(seq)
         self.counters.running = len(self._active)
 
@@ -254,6 +354,9 @@ class Scheduler:
         return False
 
     def _drop_cancelled(self) -> None:
+        for item in [p for p in self._prefilling if p.seq.handle.cancelled]:
+            self._prefilling.remove(item)
+            self._finish_quietly(item.seq.handle, CANCELLED)
         gone = [i for i, s in enumerate(self._active) if s.handle.cancelled]
         for i in gone:
             self._finish_quietly(self._active[i].handle, CANCELLED)
@@ -280,9 +383,9 @@ class Scheduler:
             pass
 
     def _fail_all(self, message: str, waiting: bool = False, cause: str = MODEL_FAILED) -> None:
-        for seq in self._active:
+        for seq in self._active + [p.seq for p in self._prefilling]:
             self._finish_quietly(seq.handle, ERROR, message, cause)
-        self._active = []
+        self._active, self._prefilling = [], []
         self._batch.clear()
         self.counters.running = 0
         if waiting:

@@ -18,6 +18,10 @@ class ServerSettings:
         defence; any other: any Host); `create_app` alone then answers any Host.
     docs: serve `/docs`, `/redoc` and `/openapi.json` (their pages load Swagger UI / ReDoc from a CDN).
     max_batch_size: requests decoded together in one batch; more wait their turn.
+    prefill_chunk: prefill prompts in chunks of this many tokens (deterministic boundaries); None:
+        prompts up to 256 tokens in one pass, longer ones in chunks sized to take about
+        `prefill_slice` seconds each (see `scheduler`).
+    prefill_slice: seconds of prefill work between two decode steps while other requests decode.
     max_pending: requests accepted at once (waiting, prefilling or decoding); beyond that, 429.
     max_body_bytes: larger request bodies get 413.
     context_length: the model's window; default: the model's `max_position_embeddings`.
@@ -38,6 +42,8 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] | None = None
     docs: bool = False
     max_batch_size: int = 8
+    prefill_chunk: int | None = None
+    prefill_slice: float = 0.25
     max_pending: int = 64
     max_body_bytes: int = 1 << 20
     context_length: int | None = None
@@ -55,11 +61,12 @@ class ServerSettings:
         for name in ("max_batch_size", "max_pending", "max_body_bytes", "default_max_tokens", "timeout_keep_alive"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("context_length", "max_total_tokens", "max_input_tokens", "max_tokens_limit", "limit_concurrency"):
+        names = ("context_length", "max_total_tokens", "max_input_tokens", "max_tokens_limit", "limit_concurrency")
+        for name in (*names, "prefill_chunk"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        for name in ("header_timeout", "body_timeout"):
+        for name in ("header_timeout", "body_timeout", "prefill_slice"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.shutdown_timeout >= 0:
