@@ -17,8 +17,10 @@ from .architecture import Architecture, FFNSite
 from .config import TorusConfig
 from .errors import ConfigError
 from .guards import PassLock, freeze_grads, lock_points, restore_grads
+from .heap import release_free_heap
 from .host_compute.placement import HostPlacement, plan_host
 from .host_store import HostStore, materialize
+from .ineffective import ineffective_settings
 from .layer_streamer import LayerStreamer, bind
 from .moe.streamer import ExpertStreamer, check_moe_transport, expert_param_ids, plan_experts, predict_context
 from .planning.residency import ResidencyPlan, plan_residency
@@ -150,6 +152,10 @@ class Engine:
             self._prefetch_k = ctx.prefetch_k
         #: the host placement's plan (None with host_compute="off")
         self.host_plan: HostPlacement | None = plan_host(self)
+        #: settings that take no effect here, each with why (`EngineStats.ineffective`)
+        self.ineffective: list[str] = ineffective_settings(self)
+        for why in self.ineffective:
+            log.warning("torus-sparse: %s", why)
 
     def build(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Pack FFN weights into the host store, place everything, install hooks, warm the ring.
@@ -183,6 +189,9 @@ class Engine:
         except BaseException:
             self.teardown()
             raise
+        # The model's FFN tensors (and quantizing's temporaries) were just freed: hand glibc's
+        # freed heap back to the OS, or a 3B model's process keeps ~4 GiB it no longer uses.
+        release_free_heap()
         # If the model is garbage-collected while attached, let queued copies finish before the
         # host buffers they read are freed (and unregistered). Holds no reference to the model.
         self._finalizer = weakref.finalize(
@@ -379,6 +388,7 @@ class Engine:
             host_s=sum(c.host_s for c in host_counters.values())
             + (sum(x.host_s for x in experts.layers) if experts else 0.0),
             host_max_tokens=self.host_plan.max_tokens if self.host_plan is not None else 0,
+            ineffective=tuple(self.ineffective),
         )
 
     def reset_stats(self) -> None:

@@ -190,6 +190,9 @@ class EngineStats:
     host_compute: the host placement's mode; host_layers: FFN layers computed wholly or in part
         on the host in passes of at most `host_max_tokens` tokens; host_calls / host_s: layer (or
         layer share) computations done on the host, and their seconds.
+    ineffective: settings of the config that take no effect on this model and machine, each with
+        why (also logged once at attach as a warning), e.g. a weight_quant on layers that all stay
+        resident, or a host placement the cost model turned off.
     peak_device_bytes: on CUDA, the peak allocated device memory since attach or the last
         `reset_stats()` (process-wide, as `torch.cuda.max_memory_allocated` reports it); on the
         CPU, the bytes the engine placed on the compute device (non-FFN + resident + ring).
@@ -218,6 +221,7 @@ class EngineStats:
     host_calls: int = 0
     host_s: float = 0.0
     host_max_tokens: int = 0
+    ineffective: tuple[str, ...] = ()
 
     @property
     def hit_rate(self) -> float:
