@@ -13,7 +13,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PROMPT ?= What is the capital of France?
 # What `make run` demonstrates: streaming. On a CPU the library default (zero-copy) moves no
-# bytes, so the demo streams every FFN layer through the copy transport (README: "Quick start").
+# bytes, so the demo streams every FFN layer through the copy transport (docs/cli.md).
 # Greedy: the shown answer is the answer (sampling a 135M model sometimes says "Londre").
 RUN_FLAGS ?= --transport copy --resident-layers 0 --temperature 0
 CONSTRAINTS := constraints.txt

@@ -4,7 +4,7 @@ For each `AutoModelForCausalLM` class (`torus_adapters.tools.families`): build i
 64, 2-4 layers, vocab 128, random init), attach with the copy transport, every FFN layer
 streamed, lookahead 2, MoE with half the experts cached; compare logits and greedy tokens with
 the plain model bit for bit; detach and check the model is restored. Prints a table and writes
-JSON with the transformers version; `--markdown` also prints the README's table.
+JSON with the transformers version; `--markdown` also prints the table of docs/plugins.md.
 
 Run:  python benchmarks/family_matrix.py [--only llama,mixtral] [--markdown] [--record | --out PATH]
 Writes benchmarks/results/family_matrix.json with --record (scratch otherwise).
@@ -24,7 +24,7 @@ NAME = "family_matrix.json"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help="comma-separated family names (default: every family)")
-    ap.add_argument("--markdown", action="store_true", help="also print the README's per-family table")
+    ap.add_argument("--markdown", action="store_true", help="also print the per-family table of docs/plugins.md")
     ap.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: tiny models only lose to a thread pool)"
     )
@@ -62,7 +62,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The README table: one line per status with the families in it, then every refusal."""
+    """The docs/plugins.md table: one line per status with the families in it, then every refusal."""
     by = collections.defaultdict(list)
     for r in rows:
         by[r["status"]].append(r["family"])

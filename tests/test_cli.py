@@ -141,14 +141,7 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
     return dict(sub.choices)
 
 
-# train-predictor's --seed is defined in adapters/tools/routing_traces.py: strict, so the mark
-# fails (and is removed) as soon as it gets its help text.
-_NO_HELP_YET = {"train-predictor": pytest.mark.xfail(strict=True, reason="--seed has no help yet")}
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(name, marks=_NO_HELP_YET.get(name, ())) for name in sorted(_subcommands())]
-)
+@pytest.mark.parametrize("name", sorted(_subcommands()))
 def test_every_option_of_every_subcommand_has_help(name):
     missing = [
         "/".join(a.option_strings) or a.dest

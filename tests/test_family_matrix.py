@@ -6,7 +6,7 @@ with an error that says what discovery found; none may give different output. Fa
 generic shrinker cannot build small are skipped with the recorded reason.
 
 `benchmarks/family_matrix.py --record` writes the same outcomes to
-`benchmarks/results/family_matrix.json` (the README's table).
+`benchmarks/results/family_matrix.json` (the table of docs/plugins.md).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def attach(
             f"no torus-sparse architecture plugin knows {type(model).__name__}"
             + (f" (model_type {kind!r})" if kind else "")
             + f". Supported: {names}. Add one by implementing the torus_register_architectures hook "
-            f"(see torus_plugins.hookspecs and the README's 'Adding an architecture')."
+            f"(see torus_plugins.hookspecs and docs/plugins.md, 'Adding an architecture')."
         )
     engine = Engine(model, arch, config, registry)
     engine.build(progress)

@@ -186,7 +186,7 @@ def plan_for(s: BenchSettings, env: Env, config: TorusConfig, **changes: Any):
 
 def resolve_budget(s: BenchSettings, env: Env, specs: list[VariantSpec]) -> tuple[int, str]:
     if s.vram is not None:
-        return parse_bytes(s.vram, "--vram"), "given (--vram)"
+        return parse_bytes(s.vram, "--vram-budget"), "given (--vram-budget)"
     if env.device.type == "cuda":
         return int(torch.cuda.mem_get_info(env.device)[0] * 0.9), "90% of free device memory"
     # The largest lookahead has the largest ring, so one plan per quantization is enough.

@@ -3,7 +3,7 @@
 One table row per model family: the fast path, and the override for a layout structural
 discovery (`discovery`, asked after every row) would get wrong. A family not listed here is
 found by discovery; a row of your own is one `DecoderFFN` (or any object following
-`torus_plugins.architecture.Architecture`) registered from your plugin; see the README's
+`torus_plugins.architecture.Architecture`) registered from your plugin; see docs/plugins.md,
 "Adding an architecture".
 """
 

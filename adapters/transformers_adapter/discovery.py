@@ -265,7 +265,7 @@ class StructuralDiscovery:
         except DiscoveryError as exc:
             raise DiscoveryError(
                 f"{exc} (a table row registered through the torus_register_architectures hook overrides discovery; "
-                f"see the README's 'Adding an architecture')"
+                f"see docs/plugins.md, 'Adding an architecture')"
             ) from None
         self._layouts[model] = (key, layout)
         return layout
