@@ -237,7 +237,10 @@ class TorusModel:
         """Yield the reply's text piece by piece as tokens are generated.
 
         Stopping early (break, `close()`, KeyboardInterrupt) cancels the generation at the next
-        token and leaves the model ready for the next call.
+        token and leaves the model ready for the next call. Generations of one model run one at a
+        time: iterators read side by side (`zip(a, b)`, in one thread or several) take turns, each
+        generating to its end before the next starts, and an iterator left open unread holds the
+        model only until its own generation has ended.
         """
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
@@ -250,30 +253,37 @@ class TorusModel:
 
         def run() -> None:
             try:
-                with torch.inference_mode():
+                with self._lock, torch.inference_mode():
+                    if cancel.is_set():  # the consumer left while this generation waited its turn
+                        streamer.end()
+                        return
                     self.model.generate(**inputs, **kw, streamer=streamer, stopping_criteria=criteria)
             except BaseException as exc:  # surfaced in the consumer's thread below
                 errors.append(exc)
                 streamer.end()
 
-        with self._lock:
-            worker = threading.Thread(target=run, name="torus-generate", daemon=True)
-            worker.start()
-            try:
-                while True:
-                    try:
-                        piece = next(streamer)
-                    except StopIteration:
+        # The model's lock is held by the generating thread, not by this generator's frame: the
+        # generation runs to its end (or to a cancel) whether or not anyone reads it, then lets go.
+        # So two iterators read in one thread (`zip(a, b)`) take turns instead of deadlocking, and
+        # an iterator left open holds the model only until its generation ends (max_new_tokens at
+        # most); one dropped unread is closed by the garbage collector, which cancels it.
+        worker = threading.Thread(target=run, name="torus-generate", daemon=True)
+        worker.start()
+        try:
+            while True:
+                try:
+                    piece = next(streamer)
+                except StopIteration:
+                    break
+                except queue.Empty:
+                    if not worker.is_alive() and streamer.text_queue.empty():
                         break
-                    except queue.Empty:
-                        if not worker.is_alive() and streamer.text_queue.empty():
-                            break
-                        continue
-                    if piece:
-                        yield piece
-            finally:
-                cancel.set()
-                worker.join()
+                    continue
+                if piece:
+                    yield piece
+        finally:
+            cancel.set()
+            worker.join()
         if errors:
             raise errors[0]
         self.engine.publish("generation_finished")
