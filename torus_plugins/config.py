@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -138,6 +140,12 @@ class TorusConfig:
             `None` (default): weights as loaded.
         quant_group_size: columns sharing one int4 scale and minimum code (default 32). A size
             that does not divide a row falls back to the largest even divisor below it.
+        store_cache: where a quantized host store is kept as a file, so that it is quantized
+            once: "auto" (default: `$TORUS_SPARSE_CACHE/stores`, else
+            `~/.cache/torus-sparse/stores`), a directory, or `None` (quantize at every attach,
+            write nothing). Keyed by the weights' full contents and the settings, so a file
+            never stands in for other weights; checked when opened (size and checksums) and
+            rebuilt when it does not match. Used only with `weight_quant`.
         moe_cache_experts: MoE models only: routed experts the device cache holds (all layers
             together with the "shared" scope). `None`: as many as the budget leaves room for
             (every expert when there is no budget). Must hold at least one layer's top-k.
@@ -190,6 +198,7 @@ class TorusConfig:
     transfer_timeout_s: float = 30.0
     weight_quant: str | None = None
     quant_group_size: int = DEFAULT_QUANT_GROUP_SIZE
+    store_cache: str | None = "auto"
     moe_cache_experts: int | None = None
     moe_cache_scope: str = "shared"
     moe_eviction: str = "next-use"
@@ -221,6 +230,10 @@ class TorusConfig:
             raise ConfigError(f"weight_quant must be None, {_choices(WEIGHT_QUANTS)}, got {self.weight_quant!r}")
         if not _is_int(self.quant_group_size) or self.quant_group_size < 2 or self.quant_group_size % 2:
             raise ConfigError(f"quant_group_size must be an even integer >= 2, got {self.quant_group_size!r}")
+        if self.store_cache is not None and (not isinstance(self.store_cache, (str, os.PathLike)) or not str(self.store_cache)):
+            raise ConfigError(f"store_cache must be 'auto', a directory or None, got {self.store_cache!r}")
+        if self.store_cache is not None:
+            object.__setattr__(self, "store_cache", os.fspath(self.store_cache))
         if self.moe_cache_experts is not None and (not _is_int(self.moe_cache_experts) or self.moe_cache_experts < 1):
             raise ConfigError(f"moe_cache_experts must be an integer >= 1 or None, got {self.moe_cache_experts!r}")
         if self.moe_cache_scope not in MOE_CACHE_SCOPES:

@@ -29,6 +29,7 @@ from .plugins import Registry
 from .prefetch import PrefetchContext
 from .slots import SlotRing
 from .stats import EngineStats, LayerStats, StatsEvent
+from .store_file import store_directory
 from .transfer import Transport, TransportOptions
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,12 @@ class Engine:
         self._placeholders: list[list[torch.Tensor]] = []
         resident = set(self.plan.resident)
         total = len(self.sites)
+        if self.store.quant is not None and self.config.store_cache is not None:
+            self.store.use_file(
+                store_directory(self.config.store_cache),
+                "FFN",
+                ([(n, p.data) for (n, _, _), p in zip(self.sites[i].params, ps)] for i, ps in enumerate(self._params)),
+            )
         for i, ps in enumerate(self._params):
             names = [name for name, _, _ in self.sites[i].params]
             origin = ps[0].device
@@ -228,6 +235,7 @@ class Engine:
                 self._bind(i, self._placeholders[i])
             if progress is not None:
                 progress(i + 1, total)
+        self.store.finish()
         self._move_non_ffn(dev)
         if self.host is not None:
             self._host_units = self.host.add_share_units(self.store)

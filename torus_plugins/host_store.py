@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 
 from . import quant as quantization
 from .config import DEFAULT_QUANT_GROUP_SIZE
+from .store_file import StoreFile, store_key
 
 #: Tensors start on this byte boundary inside a buffer, so kernels see the same alignment
 #: (and therefore take the same code paths) as they would for freshly allocated weights.
@@ -184,6 +187,34 @@ class HostStore:
         self.buffers: list[torch.Tensor | None] = []
         self._registered: set[int] = set()  # data_ptrs we page-locked and must unlock
         self._warned_fallback = False  # page-locking failed once: said so (once per store)
+        #: the store's file (`use_file`): read from when it matched, else written as units are packed
+        self.file: StoreFile | None = None
+        self._file_hit = False
+
+    def use_file(self, directory: Path, kind: str, units: Iterable[list[tuple[str, torch.Tensor]]]) -> bool:
+        """Back this quantized store by a file in `directory` before any unit is added (`units`:
+        every unit's tensors, in the order `add_layer` will get them; read once, for the key):
+        map it when one holds exactly these units, else write one as they are packed (`finish`
+        publishes it). Whether it matched."""
+        assert not self.layers and self.quant is not None
+        nbytes: list[int] = []
+
+        def sized() -> Iterator[list[tuple[str, torch.Tensor]]]:
+            for unit in units:
+                nbytes.append(plan_packed(unit, self.quant, self.group_size).transfer.nbytes)
+                yield unit
+
+        key = store_key(kind, self.quant, self.group_size, sized())
+        self.file = StoreFile(directory, key, f"the {self.quant} {kind} store")
+        self._file_hit = self.file.open(nbytes)
+        return self._file_hit
+
+    def finish(self) -> None:
+        """The units `use_file` named are all added: publish the store's file if this attach wrote
+        it. Units added later (the host placement's split shares) are packed as usual, unfiled."""
+        if self.file is not None and not self._file_hit:
+            self.file.commit()
+        self.file, self._file_hit = None, False
 
     @property
     def layouts(self) -> list[LayerLayout]:
@@ -222,6 +253,8 @@ class HostStore:
     def add_layer(self, tensors: list[tuple[str, torch.Tensor]]) -> tuple[PackedLayer, torch.Tensor]:
         """Pack (and maybe quantize) one layer's tensors into a new buffer; the caller then drops
         the originals. Only this one layer's worth of extra host memory exists meanwhile."""
+        if self._file_hit:
+            return self._add_from_file(tensors)
         if self.quant is None:
             packed = plan_packed(tensors, None, self.group_size)
             items = tensors
@@ -233,6 +266,22 @@ class HostStore:
         buffer = self._allocate(packed.transfer.nbytes)
         for view, (_, t) in zip(packed.transfer.views(buffer), items):
             view.copy_(t)
+        if self.file is not None:
+            self.file.append(buffer)
+        self.layers.append(packed)
+        self.buffers.append(buffer)
+        return packed, buffer
+
+    def _add_from_file(self, tensors: list[tuple[str, torch.Tensor]]) -> tuple[PackedLayer, torch.Tensor]:
+        """The next unit as the store's file holds it: mapped (file-backed pages, read on first
+        use), or copied into page-locked memory when the store is pinned."""
+        assert self.file is not None
+        packed = plan_packed(tensors, self.quant, self.group_size)
+        mapped = self.file.unit(len(self.layers))
+        buffer = mapped
+        if self.pin_memory:
+            buffer = self._allocate(mapped.numel())
+            buffer.copy_(mapped)
         self.layers.append(packed)
         self.buffers.append(buffer)
         return packed, buffer

@@ -36,6 +36,13 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULTS.quant_group_size,
         help="columns per int4 scale/minimum code (default %(default)s)",
     )
+    g.add_argument(
+        "--store-cache",
+        default=DEFAULTS.store_cache,
+        metavar="DIR|auto|off",
+        help="where a quantized store is kept so it is quantized once (default %(default)s: "
+        "$TORUS_SPARSE_CACHE/stores or ~/.cache/torus-sparse/stores; off: quantize at every load)",
+    )
     h = p.add_argument_group("host placement (FFN layers and missed experts computed on CPU threads)")
     h.add_argument(
         "--host-compute",
@@ -78,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> TorusConfig:
         transport=args.transport,
         device=args.device,
         kv_reserve_tokens=args.kv_reserve_tokens,
+        store_cache=None if args.store_cache == "off" else args.store_cache,
         weight_quant=args.weight_quant,
         quant_group_size=args.quant_group_size,
         moe_cache_experts=args.moe_cache_experts,

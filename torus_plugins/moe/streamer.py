@@ -34,6 +34,7 @@ from ..host_store import HostStore, PackedLayer, plan_packed
 from ..slots import Slot
 from ..stalls import StallLedger
 from ..stats import ExpertCounters, ExpertLayerStats, ExpertStats
+from ..store_file import store_directory
 from ..transfer import Transport
 from .cache import ExpertCache, ExpertCachePlan, plan_expert_cache
 from .predict import ExpertPredictContext, ExpertPredictor
@@ -188,6 +189,18 @@ class ExpertStreamer:
         """Pack every expert into its own host buffer, allocate the cache, route the experts
         modules' forwards here. The caller tears down on failure."""
         dev = self.device
+        if self.store.quant is not None and self.config.store_cache is not None:
+            # One pass over every expert for the file's key, before the loop below frees each
+            # layer's fused originals (a list of the units would keep them all alive).
+            self.store.use_file(
+                store_directory(self.config.store_cache),
+                "expert",
+                (
+                    [(f"{name}[{e}]", getattr(site.module, attr).data[e]) for name, attr in site.params]
+                    for site in self.sites
+                    for e in range(site.num_experts)
+                ),
+            )
         for j, site in enumerate(self.sites):
             self.base.append(len(self._unit_layer))
             params = [getattr(site.module, attr) for _, attr in site.params]
@@ -199,6 +212,7 @@ class ExpertStreamer:
                 p.data = torch.zeros((), dtype=p.dtype, device=dev).expand(p.shape)
             if progress is not None:
                 progress(j + 1, len(self.sites))
+        self.store.finish()
         buffers = [self.transport.alloc(self.plan.slot_bytes) for _ in range(self.plan.slots)]
         self.cache = ExpertCache(self.plan, buffers, self.store.layers, self.config.moe_eviction, self._unit_layer)
         self._shims = [self._make_shim(j) for j in range(len(self.sites))]
