@@ -261,6 +261,62 @@ def test_streamed_vs_default_grouped_mm_within_stated_bound() -> None:
         assert torch.equal(tokens, ref_tokens), name
 
 
+def _grouped_model(name: str) -> torch.nn.Module:
+    """The tiny model as transformers builds it by default: grouped_mm experts."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(TINY_MOE_CONFIGS[name]()).eval()
+    if name == "deepseek_v3":
+        for layer in model.model.layers:
+            bias = getattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias", None)
+            if bias is not None:
+                bias.copy_(torch.rand(bias.shape) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("predictor", ["none", "speculative"])
+@pytest.mark.parametrize("cache", CACHES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_grouped_path_equals_plain_grouped_mm(arch: str, cache: str, predictor: str, monkeypatch) -> None:
+    """A grouped_mm model keeps grouped_mm over the cache's stacked slots: a pass whose routed
+    experts all fit the cache equals the unwrapped model bit for bit (the same groups, numbered by
+    slot); a pass routing more experts than the cache holds (the 12-token prompt with the tiny
+    cache) falls back to the eager loop, within the stated bound |Δ| <= 1e-5 x max|logit|;
+    greedy tokens are identical either way."""
+    from torus_plugins.moe import streamer as streamer_mod
+
+    model = _grouped_model(arch)
+    with torch.no_grad():
+        ref = model(PROMPT).logits
+        ref_tokens = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
+    paths = {"grouped": 0}
+    real = streamer_mod.ExpertStreamer._run_grouped
+
+    def counted(self, *a, **k):
+        paths["grouped"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(streamer_mod.ExpertStreamer, "_run_grouped", counted)
+    engine = tp.attach(model, transport="copy", moe_cache_experts=cache_size(model, cache), moe_predictor=predictor)
+    try:
+        assert engine.experts._stack is not None
+        with torch.no_grad():
+            got = model(PROMPT).logits
+            tokens = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert torch.equal(tokens, ref_tokens)
+        if cache == "tiny":
+            assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+        else:
+            assert torch.equal(got, ref)
+        assert paths["grouped"] >= NEW_TOKENS - 1  # every decode step of every MoE layer at least
+        assert_consistent(engine)
+    finally:
+        tp.detach(model)
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, ref)
+
+
 # ---------------------------------------------------------------------- bad input
 def test_predictor_file_for_another_model_is_a_clear_error(predictor_dir) -> None:
     path = predictor_file("mixtral", predictor_dir)

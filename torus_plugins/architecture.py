@@ -68,6 +68,12 @@ class ExpertSite:
         when it has one. Speculative routing divides an earlier layer's input by that layer's
         scale and multiplies by this one: the normalised residual stream, as this layer's norm
         would weight it.
+    grouped: the experts' own batched implementation, when the model runs one (transformers'
+        "grouped_mm" / "batched_mm"): `grouped(module, hidden, top_k_index, top_k_weights)` over
+        fused `[experts, ...]` parameters, every routed (token, expert) pair in a few ops and no
+        host sync. The engine calls it with a stand-in whose fused parameters are the device
+        cache's slots stacked (`num_experts` = slots) and `top_k_index` mapped to slots, so its
+        arithmetic is the unwrapped model's. None: the eager per-expert loop (`ExpertsRunner`).
     """
 
     layer: int
@@ -77,6 +83,7 @@ class ExpertSite:
     top_k: int
     router: nn.Module
     input_scale: torch.Tensor | None = None
+    grouped: Callable[..., torch.Tensor] | None = None
 
 
 #: What an architecture's experts implementation calls: runner(module, hidden, top_k_index,

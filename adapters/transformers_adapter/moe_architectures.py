@@ -5,7 +5,9 @@ transformers 5 stores each MoE layer's experts fused (`experts.gate_up_proj [E, 
 pick its experts implementation by name (`ExpertsInterface`). This plugin registers one more,
 "torus_streamed", which hands each call to the attached engine: it computes only the routed
 experts, pulled through the device expert cache, using the model's own eager per-expert loop,
-so results match `experts_implementation="eager"` bit for bit.
+so results match `experts_implementation="eager"` bit for bit; a model that runs a batched
+implementation ("grouped_mm", transformers' default, or "batched_mm") keeps it: the engine calls
+that function over its device cache's slots (`ExpertSite.grouped`), with the same arithmetic.
 
 Routers, shared experts and dense layers (DeepSeek-V3's first layers) stay on the device.
 A new MoE family is one more `MoEDecoder` row registered from a plugin.
@@ -43,6 +45,20 @@ def streamed_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_
     return runner(self, hidden_states, top_k_index, top_k_weights, eager)
 
 
+#: transformers' experts implementations that compute every routed pair at once from fused weights
+BATCHED_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
+
+
+def batched_experts_function(model: nn.Module) -> Callable[..., torch.Tensor] | None:
+    """The model's experts implementation when it is a batched one (see `ExpertSite.grouped`)."""
+    name = getattr(getattr(model, "config", None), "_experts_implementation", None)
+    if name not in BATCHED_IMPLEMENTATIONS:
+        return None
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return ALL_EXPERTS_FUNCTIONS.get(name)
+
+
 def register_experts_implementation() -> None:
     from transformers.integrations.moe import ExpertsInterface
 
@@ -69,6 +85,7 @@ class MoEDecoder(DecoderFFN):
 
     def expert_sites(self, model: nn.Module) -> list[ExpertSite]:
         sites = []
+        grouped = batched_experts_function(model)
         for i, layer in enumerate(self._layers(model)):
             block = getattr(layer, self.moe, None)
             experts = getattr(block, self.experts, None)
@@ -85,7 +102,14 @@ class MoEDecoder(DecoderFFN):
             scale = norm if isinstance(norm, torch.Tensor) and norm.dim() == 1 else None
             sites.append(
                 ExpertSite(
-                    layer=i, module=experts, params=params, num_experts=n, top_k=top_k, router=router, input_scale=scale
+                    layer=i,
+                    module=experts,
+                    params=params,
+                    num_experts=n,
+                    top_k=top_k,
+                    router=router,
+                    input_scale=scale,
+                    grouped=grouped,
                 )
             )
         return sites
@@ -98,9 +122,17 @@ class MoEDecoder(DecoderFFN):
 
 
 def router_scores(site: ExpertSite, hidden: torch.Tensor) -> torch.Tensor:
-    """`[tokens, num_experts]` scores of the site's router on `hidden` (higher: more likely routed)."""
-    out = site.router(hidden)
-    logits = out[0] if isinstance(out, tuple) else out
+    """`[tokens, num_experts]` scores of the site's router on `hidden` (higher: more likely routed).
+
+    A router that is one linear map (every family here) is applied as that map alone: its logits
+    rank experts as its softmax does, in a few ops instead of its whole top-k routing."""
+    weight = getattr(site.router, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape == (site.num_experts, hidden.shape[-1]):
+        bias = getattr(site.router, "bias", None)
+        logits = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight, bias)
+    else:
+        out = site.router(hidden)
+        logits = out[0] if isinstance(out, tuple) else out
     bias = getattr(site.router, "e_score_correction_bias", None)
     if bias is not None:  # DeepSeek-V3 ranks sigmoid scores plus a learned correction
         return logits.sigmoid() + bias

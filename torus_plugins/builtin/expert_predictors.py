@@ -16,9 +16,9 @@ import torch
 
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
-from ..moe.predict import ExpertPredictContext, top_experts
+from ..moe.predict import ExpertPredictContext, top_experts_tensor
 
-Prediction = Sequence[tuple[int, Sequence[int]]]
+Prediction = Sequence[tuple[int, "Sequence[int] | torch.Tensor"]]
 
 
 def _ahead(ctx: ExpertPredictContext, j: int, wrap: bool = False) -> list[int]:
@@ -42,7 +42,7 @@ class SpeculativeRouting:
     def predict(self, j: int, hidden: torch.Tensor, routed: torch.Tensor) -> Prediction:
         k, scores = self.ctx.prefetch_k, self.ctx.router_scores
         source = j if self.rescale else None
-        return [(nxt, top_experts(scores(nxt, hidden, source), k)) for nxt in _ahead(self.ctx, j, self.wrap)]
+        return [(nxt, top_experts_tensor(scores(nxt, hidden, source), k)) for nxt in _ahead(self.ctx, j, self.wrap)]
 
 
 class FrequencyPrior:
@@ -95,7 +95,7 @@ class LearnedPredictor:
             step = nxt - j - 1
             if step >= min(self.horizon, scores.shape[0]):
                 break
-            out.append((nxt, torch.topk(scores[step], min(k, scores.shape[-1])).indices.tolist()))
+            out.append((nxt, torch.topk(scores[step], min(k, scores.shape[-1])).indices))
         return out
 
 

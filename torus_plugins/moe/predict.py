@@ -46,7 +46,9 @@ class ExpertPredictor(Protocol):
     predict(j, hidden, routed): `hidden` is MoE layer j's input `[tokens, hidden_size]`,
     `routed` its `[tokens, top_k]` routed expert ids. Returns `(layer, experts)` pairs for
     layers after j, nearest first (past the last layer: the next token's first layers), each with at
-    most `prefetch_k` expert ids, most likely first.
+    most `prefetch_k` expert ids, most likely first. The ids may be a sequence of ints or a 1-D
+    integer tensor on any device: the engine reads every tensor of one call together with the
+    routed ids in a single device-to-host transfer (a list costs the predictor its own host sync).
     """
 
     def predict(self, j: int, hidden: torch.Tensor, routed: torch.Tensor) -> Sequence[tuple[int, Sequence[int]]]: ...
@@ -59,9 +61,14 @@ ExpertPredictorFactory = Callable[[ExpertPredictContext], "ExpertPredictor | Non
 def top_experts(scores: torch.Tensor, k: int) -> list[int]:
     """The k best experts for a batch of tokens: for one token its top-k scores; for several,
     the experts most likely for any token (per-token softmax, then the maximum over tokens)."""
+    return top_experts_tensor(scores, k).tolist()
+
+
+def top_experts_tensor(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """`top_experts` left on the scores' device (no host sync: the engine reads it with the routed ids)."""
     if scores.shape[0] == 1:
         row = scores[0]
     else:
         row = scores.float().softmax(dim=-1).amax(dim=0)
     k = min(k, row.shape[-1])
-    return torch.topk(row, k).indices.tolist()
+    return torch.topk(row, k).indices

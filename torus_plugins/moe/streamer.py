@@ -4,10 +4,16 @@ Hot path, once per MoE layer and forward pass (`ExpertStreamer.run`):
 1. the routed experts of this call are known (the router ran); those already in the device
    cache are hits, the others start loading now and count as misses;
 2. the predictor names experts for the next layers and their copies are queued behind;
-3. the model's own per-expert loop runs with a stand-in `self` whose fused parameters, when
-   indexed by an expert, wait for that expert's slot and return its tensors. Only routed
-   experts are ever touched, and the arithmetic is the eager implementation's own, so outputs
-   equal the eager model's bit for bit.
+3. when the model runs a batched experts implementation (`ExpertSite.grouped`, transformers'
+   grouped_mm by default) and every routed expert sits in the cache, that function runs once over
+   the cache's slots stacked as fused parameters (`grouped.SlotStack`), `top_k_index` mapped to
+   slots by one gather: outputs equal the unwrapped model's bit for bit;
+4. otherwise (the eager loop, more routed experts than slots, an aliasing transport) the model's
+   own per-expert loop runs with a stand-in `self` whose fused parameters, when indexed by an
+   expert, wait for that expert's slot and return its tensors: the eager model's arithmetic.
+
+Host syncs per layer and decode token: one, the read of the routed ids (with the predicted ids of
+the built-in predictors in the same transfer); the eager loop adds its own per expert.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from ..stats import ExpertCounters, ExpertLayerStats, ExpertStats
 from ..store_file import store_directory
 from ..transfer import Transport
 from .cache import ExpertCache, ExpertCachePlan, plan_expert_cache
+from .grouped import SlotStack
 from .predict import ExpertPredictContext, ExpertPredictor
 
 
@@ -110,7 +117,9 @@ def _speculative_scores(arch: MoEArchitecture, sites: list[ExpertSite]) -> Calla
         if source is not None:
             r = ratio(source, j)
             if r is not None:
-                hidden = hidden * r.to(hidden.device, hidden.dtype)
+                if r.device != hidden.device or r.dtype != hidden.dtype:  # once: kept converted
+                    r = ratios[(source, j)] = r.to(hidden.device, hidden.dtype)
+                hidden = hidden * r
         return arch.router_scores(sites[j], hidden)
 
     return scores
@@ -183,6 +192,10 @@ class ExpertStreamer:
         self._host_mode: HostLinearMode | None = None
         self._host_tensors: list[list[torch.Tensor]] = []
         self._force_host = False  # `verify_host`: every routed expert on the host
+        #: the grouped path: all slots in one allocation, their stacks and the unit -> slot table
+        self._stack: SlotStack | None = None
+        self._grouped_shims: list[_ModuleShim | None] = []
+        self._tables: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ set-up
     def build(self, progress: Callable[[int, int], None] | None = None) -> None:
@@ -213,13 +226,37 @@ class ExpertStreamer:
             if progress is not None:
                 progress(j + 1, len(self.sites))
         self.store.finish()
-        buffers = [self.transport.alloc(self.plan.slot_bytes) for _ in range(self.plan.slots)]
+        buffers = self._slot_buffers()
         self.cache = ExpertCache(self.plan, buffers, self.store.layers, self.config.moe_eviction, self._unit_layer)
         self._shims = [self._make_shim(j) for j in range(len(self.sites))]
+        self._make_grouped()
         for j, site in enumerate(self.sites):
             site.module.__dict__[EXPERTS_RUNNER_ATTR] = self._make_runner(j)
             self._installed.append(site.module)
         self._restore = self.arch.install_experts(self.model)
+
+    def _slot_buffers(self) -> list[torch.Tensor]:
+        """The cache's slot buffers: one allocation for all (`SlotStack`) when the grouped path
+        can run, else one each."""
+        grouped = all(s.grouped is not None for s in self.sites) and not self._aliases
+        if not grouped:
+            return [self.transport.alloc(self.plan.slot_bytes) for _ in range(self.plan.slots)]
+        self._stack = SlotStack(
+            self.transport, self.plan.slots, self.plan.slot_bytes, len(self._unit_layer), self.device
+        )
+        return self._stack.buffers
+
+    def _make_grouped(self) -> None:
+        stack = self._stack
+        if stack is None:
+            return
+        for j, site in enumerate(self.sites):
+            stacked = stack.stacked(self.store.layers[self.base[j]])
+            views = {attr: t for (_, attr), t in zip(site.params, stacked)}
+            shim = _ModuleShim(site.module, views)
+            shim.__dict__.update(num_experts=stack.slots, _is_expert_parallel=False)
+            self._grouped_shims.append(shim)
+            self._tables.append(stack.table[self.base[j] : self.base[j] + site.num_experts])
 
     def _make_shim(self, j: int) -> _ModuleShim:
         site = self.sites[j]
@@ -250,7 +287,9 @@ class ExpertStreamer:
         assert cache is not None
         site = self.sites[j]
         base = self.base[j]
-        needed = [e for e in torch.unique(top_k_index).tolist() if 0 <= e < site.num_experts]
+        predictions = self.predictor.predict(j, hidden, top_k_index) if self.predictor is not None else ()
+        routed, predictions = _read_ids(top_k_index, predictions)  # this layer's one host sync
+        needed = sorted({e for e in routed if 0 <= e < site.num_experts})
         units = [base + e for e in needed]
         c = self.counters[j]
         c.calls += 1
@@ -277,8 +316,8 @@ class ExpertStreamer:
                 self._load(ring, u, protect, prefetched=False)  # a full cache defers it to compute
             else:
                 c.hits += 1
-        if self.predictor is not None:
-            for nxt, experts in self.predictor.predict(j, hidden, top_k_index):
+        if predictions:
+            for nxt, experts in predictions:
                 nbase, n_e = self.base[nxt], self.sites[nxt].num_experts
                 experts = [e for e in experts if 0 <= e < n_e]
                 self._predicted[nxt] = set(experts)
@@ -292,12 +331,36 @@ class ExpertStreamer:
         try:
             if on_host:
                 return self._run_split(j, c, on_host, hidden, top_k_index, top_k_weights, eager)
+            if self._stack is not None and all(ring.find(u) is not None for u in units):
+                return self._run_grouped(j, ring, units, hidden, top_k_index, top_k_weights)
             return eager(self._shims[j], hidden, top_k_index, top_k_weights)
         finally:
             self._release_active()
             self._pending = set()
             if j == len(self.sites) - 1:
                 self.forward_passes += 1
+
+    def _run_grouped(self, j: int, ring, units: list[int], hidden, top_k_index, top_k_weights) -> torch.Tensor:
+        """Every routed expert is in the cache: wait for their copies (on the device), then run the
+        model's batched function once over the stacked slots, `top_k_index` gathered to slots."""
+        site = self.sites[j]
+        used = []
+        for u in units:
+            slot = ring.find(u)
+            self._pending.discard(u)
+            what = f"expert {u - self.base[j]} of MoE layer {site.layer}"
+            if self.store.layers[u].quantized:
+                _, waited = ring.land(slot, u, self.transport, None, what)  # dequantized once per landing
+            else:
+                waited = _wait_landed(ring, slot, self.transport, what)
+            self._stalls.record(j, waited)
+            ring.touch(slot)
+            used.append(slot)
+        out = site.grouped(self._grouped_shims[j], hidden, self._tables[j][top_k_index], top_k_weights)
+        fence = self.transport.compute_fence()
+        for slot in used:
+            slot.free = fence
+        return out
 
     def _run_split(self, j: int, c: ExpertCounters, on_host: list[int], hidden, top_k_index, top_k_weights, eager):
         """Cached experts on the device, `on_host` ones on the host worker at the same time; summed.
@@ -432,6 +495,8 @@ class ExpertStreamer:
             self.counters[self._unit_layer[old]].wasted_bytes += self.store.buffers[old].numel()
         moved = ring.fill(slot, unit, self.store.buffers[unit], self.transport)
         slot.prefetched = prefetched
+        if self._stack is not None:
+            self._stack.assign(unit, slot.buffer)
         c = self.counters[self._unit_layer[unit]]
         c.loads += 1
         c.bytes_moved += moved
@@ -542,6 +607,35 @@ class ExpertStreamer:
         if self.cache is not None:
             self.cache.clear()
         self.cache = None
+
+
+def _read_ids(top_k_index: torch.Tensor, predictions) -> tuple[list[int], list[tuple[int, list[int]]]]:  # noqa: ANN001
+    """The routed expert ids on the host, and the predictions with tensor ids read there too: one
+    device-to-host transfer for all of them (a predictor may answer with tensors on the device,
+    see `ExpertPredictor`), so a layer syncs once however many layers it predicts for."""
+    flat = top_k_index.reshape(-1)
+    tensors = [(i, e) for i, (_, e) in enumerate(predictions) if isinstance(e, torch.Tensor)]
+    if not tensors:
+        return flat.tolist(), [(nxt, list(e)) for nxt, e in predictions]
+    parts = [flat] + [e.reshape(-1).to(flat.dtype) for _, e in tensors]
+    values = torch.cat(parts).tolist()
+    routed, at = values[: flat.numel()], flat.numel()
+    read: dict[int, list[int]] = {}
+    for (i, _), part in zip(tensors, parts[1:]):
+        read[i] = values[at : at + part.numel()]
+        at += part.numel()
+    return routed, [(nxt, read[i] if i in read else list(e)) for i, (nxt, e) in enumerate(predictions)]
+
+
+def _wait_landed(ring, slot: Slot, transport: Transport, what: str):  # noqa: ANN001, ANN202
+    """`SlotRing.land`'s wait alone (no views: the grouped path reads the slot through the stacks)."""
+    try:
+        return transport.wait(slot.ready)
+    except BaseException as exc:
+        ring.forget(slot)
+        if isinstance(exc, TransferError) or not isinstance(exc, Exception):
+            raise
+        raise TransferError(f"copying {what} to the device failed: {exc}") from exc
 
 
 def check_moe_transport(transport: Transport) -> None:
