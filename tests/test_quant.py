@@ -383,3 +383,24 @@ def test_smollm2_streamed_int4_is_the_host_quantized_model_and_close_to_the_orig
     kl = (ref_logp.exp() * (ref_logp - streamed_logp)).sum(-1).mean()
     top1 = (streamed_logp.argmax(-1) == ref_logp.argmax(-1)).float().mean()
     assert kl <= 0.03 and top1 >= 0.93
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_dequantize_into_same_bits_as_the_decoded_formula(mode: str) -> None:
+    """The lean landing (int8: one multiply into dst; int4: a nibble table and the metadata decoded
+    in a few ops) writes exactly what the decoded formula does, rounded once into dst's dtype,
+    for odd group counts, row counts, dtypes and transposed destinations."""
+    gen = torch.Generator().manual_seed(1)
+    for shape, group in (((64, 96), 32), ((33, 64), 16), ((8, 200), 32), ((5, 160), 32)):
+        w = torch.randn(shape, generator=gen) * 3
+        q, meta = quant.quantize(w, mode, group)
+        if mode == "int8":
+            ref32 = q.to(torch.float32) * meta[:, None]
+        else:
+            codes, step, offset = quant.int4_codes(q, meta)
+            nib = codes.view(shape[0], step.shape[1], -1).to(torch.float32)
+            ref32 = (nib * step[..., None] - offset[..., None]).view(shape)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for dst in (torch.empty(shape, dtype=dtype), torch.empty(shape[::-1], dtype=dtype).t()):
+                quant.dequantize_into(dst, q, meta, mode)
+                assert torch.equal(dst, ref32.to(dtype)), (shape, dtype, dst.is_contiguous())

@@ -215,15 +215,60 @@ def int4_codes(q: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def dequantize_into(dst: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mode: str) -> None:
-    """Write the dequantized weight into `dst` (original dtype, shape and strides)."""
+    """Write the dequantized weight into `dst` (original dtype, shape and strides).
+
+    The arithmetic is fp32 (int8: q * scale; int4: codes * step - offset, step and offset exact),
+    rounded once into `dst`'s dtype. int8 is two dispatched ops (a view of the scales, one
+    multiply written straight into `dst`); int4's per-weight work is four (codes widened, both
+    nibbles of every byte looked up in a 256-entry table, multiply, subtract into `dst`) after a
+    few ops on the per-group metadata, with one fp32 temporary the size of the matrix."""
     if mode == "int8":
-        w = q.to(torch.float32) * scale[:, None]
+        torch.mul(q, scale.unsqueeze(1), out=dst)  # int8 x fp32 computes in fp32, rounds into dst
+        return
+    rows, half = q.shape
+    step, offset = _int4_steps(scale, rows)
+    groups = step.shape[1]
+    nib = torch.index_select(_nibbles(q.device), 0, q.reshape(-1).to(torch.int32))  # [rows * half, 2], exact
+    w = nib.view(rows, groups, -1).mul_(step.unsqueeze(2))
+    if dst.is_contiguous():
+        torch.sub(w, offset.unsqueeze(2), out=dst.view(rows, groups, -1))
     else:
-        codes, step, offset = int4_codes(q, scale)
-        rows, cols = codes.shape
-        nib = codes.view(rows, step.shape[1], -1).to(torch.float32)
-        w = (nib * step[..., None] - offset[..., None]).view(rows, cols)
-    dst.copy_(w)
+        dst.copy_(w.sub_(offset.unsqueeze(2)).view(rows, half * 2))
+
+
+_NIBBLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _nibbles(device: torch.device) -> torch.Tensor:
+    """[256, 2] float32: the low and high nibble of every byte (the low one is the even column)."""
+    t = _NIBBLES.get(device)
+    if t is None:
+        b = torch.arange(256, dtype=torch.int32)
+        with torch.inference_mode(False):
+            t = _NIBBLES[device] = torch.stack((b & 0xF, b >> 4), dim=-1).to(torch.float32).to(device)
+    return t
+
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _int4_steps(meta: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(step, offset) float32 [rows, groups] from int4 metadata: d * sc and dmin * mn, each exact
+    (`int4_parts` decodes the same fields one by one)."""
+    groups = 2 * (meta.shape[1] - 4) // 3
+    dd = meta[:, :4].contiguous().view(torch.float16).to(torch.float32)  # [rows, (d, dmin)]
+    b = meta[:, 4:].to(torch.int32)
+    if groups % 2:
+        b = torch.nn.functional.pad(b, (0, 1))
+    b = b.view(rows, -1, 3)
+    v = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)  # sc0 | mn0 << 6 | sc1 << 12 | mn1 << 18
+    shifts = _SHIFTS.get(meta.device)
+    if shifts is None:
+        with torch.inference_mode(False):
+            shifts = _SHIFTS[meta.device] = torch.tensor([0, 6, 12, 18], dtype=torch.int32, device=meta.device)
+    codes = ((v.unsqueeze(-1) >> shifts) & 63).to(torch.float32)  # [rows, pairs, (sc0, mn0, sc1, mn1)]
+    both = codes.view(rows, -1, 2, 2) * dd.view(rows, 1, 1, 2)  # (d * sc, dmin * mn) per group
+    return both[..., 0].reshape(rows, -1)[:, :groups], both[..., 1].reshape(rows, -1)[:, :groups]
 
 
 def packed_specs(

@@ -53,6 +53,11 @@ SYNC_OPS = frozenset(
         "repeat_interleave",  # with a tensor of repeats: the output size is read on the host
     }
 )
+#: ops that make a view (metadata only: no kernel runs on a device)
+VIEW_OPS = frozenset(
+    {"view", "_unsafe_view", "slice", "select", "unsqueeze", "squeeze", "alias", "detach", "expand", "as_strided",
+     "t", "transpose", "permute", "reshape", "split", "chunk", "unbind"}
+)
 #: Python-level host reads that never dispatch on a CPU tensor
 _READS = ("tolist", "numpy", "__array__")
 #: what marks the engine's own code (frames, profile entries)
@@ -380,4 +385,5 @@ def landing_ops(mode: str, shape: tuple[int, int] = (256, 512), group_size: int 
     quant.dequantize_into(dst, q, meta, mode)  # warm (caches, lazily built tables)
     with counting(crossings=False) as census:
         quant.dequantize_into(dst, q, meta, mode)
-    return {"mode": mode, "shape": list(shape), "ops": census.total, "ops_by_name": dict(census.ops)}
+    kernels = sum(n for name, n in census.ops.items() if name not in VIEW_OPS)
+    return {"mode": mode, "shape": list(shape), "ops": census.total, "kernels": kernels, "ops_by_name": dict(census.ops)}

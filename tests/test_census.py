@@ -1,0 +1,75 @@
+"""The decode hot path by count (benchmarks/census.py): host syncs and dispatched ops per layer per
+decode token are pinned here, so a change that adds a sync or a launch to the hot path fails CI.
+
+Counts are exact on the CPU (the census counts dispatched ops and host reads, not time)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def census():
+    sys.path.insert(0, str(BENCHMARKS))
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from harness import census
+
+        yield census
+    finally:
+        torch.set_num_threads(threads)
+        sys.path.remove(str(BENCHMARKS))
+
+
+MOE = ("mixtral", "olmoe", "qwen3_moe", "deepseek_v3", "gpt_oss")
+#: MoE layers per model (DeepSeek-V3's first layer is dense)
+MOE_LAYERS = {"deepseek_v3": 3}
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_moe_decode_syncs_once_per_layer_and_matches_plain(census, arch: str) -> None:
+    """Streamed MoE at batch-1 decode: one host sync per MoE layer (the routed ids, with the
+    predicted ones in the same read), ops within 1.3x the unwrapped grouped_mm model (1.15x without
+    a predictor), logits equal to it bit for bit."""
+    plain = census.measure(arch, "plain", repeats=1)
+    assert plain.syncs == 0
+    moe_layers = MOE_LAYERS.get(arch, 4)
+    for mode, ratio in (("streamed", 1.15), ("streamed+pred", 1.3)):
+        c = census.measure(arch, mode, repeats=1)
+        assert c.syncs == moe_layers, (mode, c.sync_kinds)
+        assert c.sync_kinds == {"Tensor.tolist": moe_layers}, mode
+        assert c.ops <= ratio * plain.ops, (mode, c.ops, plain.ops)
+        assert c.logits_equal_plain, (mode, c.max_abs_diff_plain)
+        assert c.expert_misses > 0  # half the experts cached: the step loaded some
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_dense_streamed_decode_has_no_sync(census, arch: str) -> None:
+    plain = census.measure(arch, "plain", repeats=1)
+    c = census.measure(arch, "streamed", repeats=1)
+    assert c.syncs == 0 and plain.syncs == 0
+    assert c.ops <= 1.2 * plain.ops
+    assert c.logits_equal_plain
+
+
+def test_quantized_landing_ops(census) -> None:
+    """int8 lands in two ops (a view and one multiply into the compute buffer); int4 in 15 kernels
+    (4 per weight, the rest on its per-group metadata) plus views: pinned so neither creeps."""
+    int8, int4 = census.landing_ops("int8"), census.landing_ops("int4")
+    assert int8["ops"] == 2
+    assert int4["kernels"] <= 15 and int4["ops"] <= 37
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_moe_decode_syncs_once_per_layer(census, quant: str) -> None:
+    c = census.measure("olmoe", quant, repeats=1)
+    assert c.syncs == 4, c.sync_kinds
