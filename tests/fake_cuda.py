@@ -38,7 +38,8 @@ Knobs: `query_completes` (True: a query finds the work done, running it if neede
 copy engine kept up; False: a query reports queued work as still in flight, so the engine takes
 its device-side stall path), `register_error` (a cudaError code `cudaHostRegister` returns, also
 left as the runtime's last error, which the next kernel launch reports unless someone calls
-`cudaGetLastError`), `pinned_alloc_fails` (PyTorch's pinned allocator raises), `capturing`.
+`cudaGetLastError`, which the project reaches through libcudart (`transfer.cuda_runtime`, here
+`_Runtime`): `torch.cuda.cudart()` has no binding for it, in the fake as on a GPU), `pinned_alloc_fails` (PyTorch's pinned allocator raises), `capturing`.
 """
 
 from __future__ import annotations
@@ -268,6 +269,20 @@ class _Cudart:
             return CUDA_SUCCESS
 
     def cudaGetLastError(self) -> int:
+        # NOT in the real `torch.cuda.cudart()` (a GPU raises AttributeError here). Kept only while
+        # host_store's pinned-allocator fallback (outside `_page_lock`) still calls it; that line
+        # should call `transfer.clear_cuda_error()` as `_page_lock` does, and this method go.
+        return _Runtime(self._fake).cudaGetLastError()
+
+
+class _Runtime:
+    """libcudart as `transfer.cuda_runtime()` opens it (ctypes): the calls `torch.cuda.cudart()`
+    does not bind. `patched()` puts it where the project looks for the runtime."""
+
+    def __init__(self, fake: "FakeCuda") -> None:
+        self._fake = fake
+
+    def cudaGetLastError(self) -> int:
         fake = self._fake
         err, fake.last_error = fake.last_error, CUDA_SUCCESS
         return err
@@ -486,7 +501,10 @@ class FakeCuda:
                 importlib.import_module(info.name)
             except ImportError:  # an optional module whose extras are missing: nothing imports it either
                 continue
+        from torus_plugins import transfer
+
         proxy = _TorchProxy(self)
+        runtime, transfer._RUNTIME = transfer._RUNTIME, _Runtime(self)
         swapped = []
         for name, mod in list(sys.modules.items()):
             if name.split(".")[0] in ("torus_plugins", "torus_adapters") and getattr(mod, "torch", None) is torch:
@@ -498,6 +516,7 @@ class FakeCuda:
         finally:
             for mod in swapped:
                 mod.torch = torch  # type: ignore[attr-defined]
+            transfer._RUNTIME = runtime
 
     def is_pinned(self, t: torch.Tensor) -> bool:
         """Whether `t`'s memory is page-locked (registered or from the pinned allocator)."""

@@ -26,6 +26,7 @@ import torus_plugins as tp
 from torus_plugins.builtin.transports import CudaCopyStream, _CudaStall
 from torus_plugins.host_store import HostStore
 from torus_plugins.plugins import build_plugin_manager
+from torus_plugins import transfer
 from torus_plugins.transfer import TransportOptions
 
 PROMPT = torch.tensor([[5, 17, 3, 88, 41, 9, 60, 22, 71, 14, 33, 2]])
@@ -237,8 +238,38 @@ def test_a_failed_registration_is_sticky_until_cleared(fake: FakeCuda) -> None:
         torch.zeros(4, device="cuda")
     torch.zeros(4, device="cuda")  # the launch that reported it also cleared it
     fake.cudart().cudaHostRegister(buf.data_ptr(), 64, 0)
-    assert fake.cudart().cudaGetLastError() == CUDA_ERROR_MEMORY_ALLOCATION
+    assert transfer.clear_cuda_error() == CUDA_ERROR_MEMORY_ALLOCATION
     torch.zeros(4, device="cuda")
+
+
+def test_last_error_is_cleared_through_the_runtime_library(fake: FakeCuda) -> None:
+    """`_page_lock` clears a failed registration's error through libcudart (ctypes), since
+    `torch.cuda.cudart()` binds no cudaGetLastError; the emulation's runtime stands in for it."""
+    from torus_plugins.host_store import _page_lock
+
+    fake.register_error = CUDA_ERROR_MEMORY_ALLOCATION
+    buf = torch.empty(64, dtype=torch.uint8)
+    assert _page_lock(buf) == CUDA_ERROR_MEMORY_ALLOCATION
+    assert fake.last_error == 0
+    torch.zeros(4, device="cuda")  # no stale error reported by the next launch
+
+
+def test_clear_cuda_error_calls_the_real_runtime_or_nothing() -> None:
+    """With no emulation, `clear_cuda_error` calls libcudart's cudaGetLastError through ctypes
+    when the process can open one (on a machine without a GPU it reports a driver error code, an
+    int, never an AttributeError), and is a no-op returning 0 when there is no runtime at all."""
+    saved = transfer._RUNTIME
+    try:
+        transfer._RUNTIME = None  # look it up afresh
+        lib = transfer.cuda_runtime()
+        code = transfer.clear_cuda_error()
+        assert isinstance(code, int)
+        if lib is None:
+            assert code == 0
+        transfer._RUNTIME = False  # none found
+        assert transfer.cuda_runtime() is None and transfer.clear_cuda_error() == 0
+    finally:
+        transfer._RUNTIME = saved
 
 
 # ---------------------------------------------------------------------- dropping each wait

@@ -84,13 +84,15 @@ def _page_lock(buffer: torch.Tensor) -> int:
     up to a power of two, so a 270 MB layer of a 7B model would lock 512 MiB and the store would
     pin almost twice the weights. Registering exact-size ordinary memory locks only what is used.
     """
-    cudart = torch.cuda.cudart()
-    rc = int(cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0))
+    rc = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0))
     if rc != 0:
         # A failed runtime call also leaves its error as the runtime's "last error", which the next
         # kernel launch's check (cudaGetLastError) reports as its own failure: some unrelated op
-        # later in attach would raise. Clear it; the caller falls back.
-        cudart.cudaGetLastError()
+        # later in attach would raise. Clear it (through libcudart: torch.cuda.cudart() has no
+        # binding for it); the caller falls back.
+        from .transfer import clear_cuda_error
+
+        clear_cuda_error()
     return rc
 
 

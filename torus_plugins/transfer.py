@@ -7,6 +7,8 @@ are opaque to the engine: a CUDA event, a future, or `None` for "already done".
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
@@ -66,3 +68,52 @@ class TransportOptions:
         self.device = device
         self.timeout_s = timeout_s
         self.options = options
+
+
+# --------------------------------------------------------------------------- the CUDA runtime
+#: The CUDA runtime library PyTorch loaded (a `ctypes.CDLL`), once found; `False`: not found.
+_RUNTIME: Any = None
+
+
+def cuda_runtime() -> Any:
+    """The CUDA runtime (libcudart) of this process, through ctypes, or None without one.
+
+    `torch.cuda.cudart()` binds only a few runtime calls (cudaHostRegister/Unregister, the
+    profiler); `cudaGetLastError` is not among them. PyTorch has already loaded libcudart (its CUDA
+    build links it), so the library is found among the process' mappings (or by name) and opened
+    again: the same runtime, the same last-error state."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        _RUNTIME = _open_cudart() or False
+    return _RUNTIME or None
+
+
+def _open_cudart() -> Any:
+    candidates: list[str] = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rsplit(None, 1)[-1] if "libcudart" in line else ""
+                if path.startswith("/") and path not in candidates:
+                    candidates.append(path)
+    except OSError:
+        pass
+    found = ctypes.util.find_library("cudart")
+    if found:
+        candidates.append(found)
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path)
+            lib.cudaGetLastError.restype = ctypes.c_int
+            return lib
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def clear_cuda_error() -> int:
+    """Read and reset the CUDA runtime's last error (`cudaGetLastError`); 0 when there is none or
+    no runtime. A failed runtime call (say `cudaHostRegister`) leaves its error there, and the next
+    kernel launch's check would report it as its own failure: call this after such a call."""
+    lib = cuda_runtime()
+    return int(lib.cudaGetLastError()) if lib is not None else 0
