@@ -88,3 +88,41 @@ def test_cli_plan_json_and_too_small(llama7b_dir):
     assert "fits             NO" in small.stdout and "minimum is" in small.stdout
     bad = run_cli("plan", "--model", llama7b_dir, "--vram", "2GB", "--bandwidth", "fast", "--device", "cpu")
     assert bad.returncode == 2 and "25GB/s" in bad.stderr
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("cfg", [dict(), dict(weight_quant="int8"), dict(moe_cache_experts=6)])
+def test_moe_plans_place_the_experts_as_attach_does(tmp_path, arch, cfg):
+    """A MoE model plans (its FFNs are routed experts, not FFN layers): the expert store, the
+    cache the engine builds under the same config, and the bytes a token moves when all miss."""
+    from conftest import TINY_MOE_CONFIGS, build_tiny
+
+    TINY_MOE_CONFIGS[arch]().save_pretrained(tmp_path)  # planning reads the config alone
+    config = tp.TorusConfig(transport="copy", **cfg)
+    plan = plan_model(str(tmp_path), config, bandwidth="10GB/s", device="cpu", host=False)
+    assert plan.fits and plan.experts is not None
+    model = build_tiny(arch)
+    engine = tp.attach(model, config)
+    stats = engine.stats().experts
+    assert plan.experts.cache_slots == engine.expert_plan.slots == stats.cache_experts
+    assert plan.experts.cache_bytes == stats.cache_bytes
+    assert plan.experts.unit_bytes == stats.expert_bytes
+    assert plan.experts.experts == sum(s.num_experts for s in engine.expert_sites)
+    tp.detach(model)
+    text = plan.render()
+    assert "routed experts" in text and "expert misses    at most" in text
+    assert plan.as_dict()["experts"]["miss_bytes_per_token"] == plan.experts.miss_bytes_per_token > 0
+
+
+def test_the_recommended_config_is_one_the_engine_accepts(tmp_path):
+    """On a CPU "auto" is zero-copy, which refuses weight_quant: a quantized plan names the copy
+    transport, and its `use` line builds a config that attaches."""
+    from conftest import TINY_CONFIGS, build_tiny
+
+    TINY_CONFIGS["llama"]().save_pretrained(tmp_path)
+    plan = plan_model(str(tmp_path), tp.TorusConfig(weight_quant="int4"), bandwidth="10GB/s", device="cpu", host=False)
+    snippet = plan.config_snippet()
+    assert 'transport="copy"' in snippet
+    model = build_tiny("llama")
+    tp.attach(model, eval(snippet, {"TorusConfig": tp.TorusConfig}))
+    tp.detach(model)

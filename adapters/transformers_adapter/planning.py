@@ -14,7 +14,8 @@ from torus_plugins.config import parse_bandwidth
 from torus_plugins.engine import resolve_device
 from torus_plugins.host_compute.placement import choose_kernel, split_align
 from torus_plugins.host_compute.probe import probe_host
-from torus_plugins.planning.deployment import DeploymentPlan, make_plan
+from torus_plugins.moe.streamer import expert_param_ids
+from torus_plugins.planning.deployment import DeploymentPlan, make_plan, with_experts
 from torus_plugins.planning.host_split import HostCosts, HostForecast, forecast
 from torus_plugins.planning.sizes import measure
 from torus_plugins.plugins import resolve
@@ -62,9 +63,13 @@ def plan_model(
     if budget is None and dev.type == "cuda":
         budget = int(torch.cuda.mem_get_info(dev)[0] * 0.9)
         config = config.replace(vram_budget=budget)
-    sizes = measure(model, arch, config.weight_quant, config.quant_group_size)
+    # MoE: routed experts stream through their own cache, as at attach (not as FFN layers).
+    expert_sites = list(arch.expert_sites(model)) if hasattr(arch, "expert_sites") else []
+    sizes = measure(model, arch, config.weight_quant, config.quant_group_size, expert_param_ids(expert_sites))
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     plan = make_plan(sizes, config, bps, model=name, device=str(dev), model_bytes=total)
+    if expert_sites:
+        plan = with_experts(plan, expert_sites)
     plan.extra.update(
         architecture=arch.name, dtype=str(next(model.parameters()).dtype), bandwidth_probed=bandwidth is None
     )

@@ -6,7 +6,7 @@ Uses the same `measure` + `plan_residency` the engine runs at attach, so the pla
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config import TorusConfig, format_bytes
@@ -14,6 +14,42 @@ from ..errors import BudgetTooSmallError
 from .host_split import HostForecast
 from .residency import ResidencyPlan, plan_residency
 from .sizes import ModelSizes
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """A MoE model's routed experts as the engine would place them (`moe.plan_experts`).
+
+    unit_bytes: one expert's bytes over the link (quantized when weight_quant is set);
+    cache_slots / cache_bytes: the device expert cache; store_bytes: every expert in the host
+    store; miss_bytes_per_token: what one decoded token moves when every routed expert misses the
+    cache (top-k per MoE layer): the link-bound floor of the decode speed. A cache that holds
+    every expert moves nothing once warm; real hit rates lie between (`benchmarks/moe_cache.py`).
+    """
+
+    layers: int
+    experts: int
+    top_k: int
+    unit_bytes: int
+    cache_slots: int
+    cache_bytes: int
+    store_bytes: int
+    miss_bytes_per_token: int
+
+    def render(self, bandwidth_bps: float) -> list[str]:
+        every = self.cache_slots >= self.experts
+        floor = bandwidth_bps / self.miss_bytes_per_token if self.miss_bytes_per_token else float("inf")
+        return [
+            f"routed experts   {self.layers} MoE layers × {self.experts // max(self.layers, 1)} experts, top-{self.top_k}, "
+            f"{format_bytes(self.unit_bytes)} each = {format_bytes(self.store_bytes)} in the host store",
+            f"expert cache     {self.cache_slots} of {self.experts} experts = {format_bytes(self.cache_bytes)} on the device"
+            + (" (every expert: nothing moves once warm)" if every else ""),
+            f"expert misses    at most {format_bytes(self.miss_bytes_per_token)} per token (every routed expert missing): "
+            f"{floor:.1f} tok/s link-bound floor; hits raise it",
+        ]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +84,8 @@ class DeploymentPlan:
     extra: dict[str, Any] = field(default_factory=dict)
     #: the host placement's forecast (measured on this machine), when the planner probed the host
     host: HostForecast | None = None
+    #: MoE models: the routed experts' store and device cache
+    experts: ExpertPlan | None = None
 
     @property
     def predicted_tok_s(self) -> float:
@@ -59,6 +97,11 @@ class DeploymentPlan:
         c = self.config
         parts = [f"vram_budget={_size_literal(c.budget_bytes)}"] if c.budget_bytes else []
         parts.append(f"lookahead={c.lookahead}")
+        if c.transport != "auto":
+            parts.append(f'transport="{c.transport}"')
+        elif c.weight_quant and not self.device.startswith("cuda") and self.experts is None:
+            # "auto" is zero-copy on a CPU, which refuses weight_quant (nothing moves to shrink)
+            parts.append('transport="copy"')
         if c.weight_quant:
             parts.append(f'weight_quant="{c.weight_quant}"')
         if c.resident_layers is not None:
@@ -91,6 +134,7 @@ class DeploymentPlan:
             "predicted_tok_s": self.predicted_tok_s,
             "config": self.config_snippet(),
             "host": self.host.as_dict() if self.host is not None else None,
+            "experts": self.experts.as_dict() if self.experts is not None else None,
         }
 
     def render(self) -> str:
@@ -100,10 +144,16 @@ class DeploymentPlan:
             f"model            {self.model}",
             f"device           {self.device}   budget {format_bytes(self.config.budget_bytes) if self.config.budget_bytes else 'unlimited'}",
             f"link bandwidth   {self.bandwidth_bps / 1e9:.1f} GB/s",
-            f"FFN layers       {self.n_layers} × {format_bytes(self.ffn_bytes / max(self.n_layers, 1))}"
-            + (f" (streamed as {self.config.weight_quant})" if self.config.weight_quant else ""),
+            (
+                "FFN layers       none dense: every FFN is routed experts"
+                if self.experts is not None and not self.n_layers
+                else f"FFN layers       {self.n_layers} × {format_bytes(self.ffn_bytes / max(self.n_layers, 1))}"
+                + (f" (streamed as {self.config.weight_quant})" if self.config.weight_quant else "")
+            ),
             f"always resident  {format_bytes(self.non_ffn_bytes)} non-FFN weights + {format_bytes(self.kv_reserve_bytes)} KV reserve",
         ]
+        if self.experts is not None:
+            lines += self.experts.render(self.bandwidth_bps)
         if r is None:
             lines.append(f"fits             NO: {self.reason}")
             return "\n".join(lines)
@@ -115,9 +165,11 @@ class DeploymentPlan:
             f"host memory      {format_bytes(self.host_bytes)} while generating, {format_bytes(self.host_load_peak_bytes)} peak while loading",
             "decode ceiling   "
             + (
-                "no streaming: compute-bound"
+                "set by the expert cache's hit rate (see expert misses above)"
+                if self.experts is not None and not r.streamed
+                else "no streaming: compute-bound"
                 if not r.streamed
-                else f"{self.predicted_tok_s:.1f} tok/s (link-bound, batch 1)"
+                else f"{self.predicted_tok_s:.1f} tok/s (link-bound, batch 1, dense FFN layers)"
             ),
             "fits             yes",
             f"use              {self.config_snippet()}",
@@ -208,4 +260,39 @@ def make_plan(
         streamed_bytes_per_token=streamed,
         device_bytes=r.device_bytes(sizes.layer_bytes),
         host_bytes=streamed,
+    )
+
+
+def with_experts(plan: DeploymentPlan, sites: list[Any]) -> DeploymentPlan:
+    """`plan` with a MoE model's routed experts (`sites`, `ExpertSite`s) placed as the engine would:
+    the cache gets what the budget leaves after the dense placement and the KV reserve."""
+    from ..moe.streamer import plan_experts
+
+    if plan.residency is None:
+        return plan
+    config = plan.config
+    budget = config.budget_bytes
+    left = None if budget is None else budget - plan.device_bytes - plan.kv_reserve_bytes
+    try:
+        cache, packed = plan_experts(sites, config, left)
+    except BudgetTooSmallError as exc:
+        return replace(plan, fits=False, residency=None, reason=str(exc), minimum_budget_bytes=None)
+    total = sum(s.num_experts for s in sites)
+    top_k = max(s.top_k for s in sites)
+    unit = packed.transfer.nbytes
+    experts = ExpertPlan(
+        layers=len(sites),
+        experts=total,
+        top_k=top_k,
+        unit_bytes=unit,
+        cache_slots=cache.slots,
+        cache_bytes=cache.nbytes,
+        store_bytes=unit * total,
+        miss_bytes_per_token=sum(s.top_k for s in sites) * unit,
+    )
+    return replace(
+        plan,
+        experts=experts,
+        device_bytes=plan.device_bytes + cache.nbytes,
+        host_bytes=plan.host_bytes + experts.store_bytes,
     )
