@@ -268,12 +268,6 @@ class _Cudart:
                 fake.races.append("host memory was unregistered while a queued copy still reads it")
             return CUDA_SUCCESS
 
-    def cudaGetLastError(self) -> int:
-        # NOT in the real `torch.cuda.cudart()` (a GPU raises AttributeError here). Kept only while
-        # host_store's pinned-allocator fallback (outside `_page_lock`) still calls it; that line
-        # should call `transfer.clear_cuda_error()` as `_page_lock` does, and this method go.
-        return _Runtime(self._fake).cudaGetLastError()
-
 
 class _Runtime:
     """libcudart as `transfer.cuda_runtime()` opens it (ctypes): the calls `torch.cuda.cudart()`

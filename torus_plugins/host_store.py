@@ -239,7 +239,9 @@ class HostStore:
             pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
             fallback = "PyTorch's pinned allocator, which rounds each buffer up to a power of two"
         except RuntimeError as exc:
-            torch.cuda.cudart().cudaGetLastError()  # as in `_page_lock`: do not fail the next launch
+            from .transfer import clear_cuda_error
+
+            clear_cuda_error()  # as in `_page_lock`: do not fail the next launch
             pinned = buffer
             fallback = f"pageable memory, since the pinned allocator failed too ({exc}); copies are synchronous"
         if not self._warned_fallback:
