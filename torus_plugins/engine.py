@@ -17,10 +17,10 @@ from .architecture import Architecture, FFNSite
 from .config import TorusConfig
 from .errors import ConfigError
 from .guards import PassLock, freeze_grads, lock_points, restore_grads
-from .heap import release_free_heap
 from .host_compute.placement import HostPlacement, plan_host
 from .host_store import HostStore, materialize
 from .ineffective import ineffective_settings
+from .os_memory import release_free_heap, release_pages
 from .layer_streamer import LayerStreamer, bind
 from .moe.streamer import ExpertStreamer, check_moe_transport, expert_param_ids, plan_experts, predict_context
 from .planning.residency import ResidencyPlan, plan_residency
@@ -215,6 +215,8 @@ class Engine:
             names = [name for name, _, _ in self.sites[i].params]
             origin = ps[0].device
             packed, buf = self.store.add_layer([(n, p.data) for n, p in zip(names, ps)])
+            for p in ps:  # read once, into the store: the checkpoint's pages of it can go
+                release_pages(p.data)
             if self.host is not None and i in self.host_plan.rows:  # type: ignore[union-attr]
                 self.host.prepare(i, self.sites[i].entry, names, ps, packed, buf, self.host_plan.rows[i])  # type: ignore[union-attr]
             self._ffn_origin_device.append(origin)

@@ -37,6 +37,7 @@ from ..host_compute.kernels import (
 )
 from ..host_compute.worker import HostWorker
 from ..host_store import HostStore, PackedLayer, plan_packed
+from ..os_memory import release_pages
 from ..slots import Slot
 from ..stalls import StallLedger
 from ..stats import ExpertCounters, ExpertLayerStats, ExpertStats
@@ -222,6 +223,7 @@ class ExpertStreamer:
                 self._unit_layer.append(j)
             self._origins.append([(p, p.device) for p in params])
             for p in params:  # the fused originals go; the module keeps a memory-free placeholder
+                release_pages(p.data)  # a mapped checkpoint's pages of them too (os_memory)
                 p.data = torch.zeros((), dtype=p.dtype, device=dev).expand(p.shape)
             if progress is not None:
                 progress(j + 1, len(self.sites))

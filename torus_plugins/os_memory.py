@@ -1,0 +1,72 @@
+"""Giving host memory the engine no longer needs back to the operating system.
+
+Two kinds, both measured on a 3B-class model (issue 26):
+
+- Pages of the checkpoint. transformers 5 maps safetensors files and reads a tensor's pages only
+  when it is used; packing an FFN layer into the host store reads them, and they would stay in the
+  process's resident set (file-backed, but counted: a 3B model's 4 GiB of FFN pages) for as long as
+  the shard stays mapped, which the non-FFN tensors of the same shard keep it. `release_pages`
+  asks the kernel to reclaim them (MADV_PAGEOUT): clean file pages are dropped and re-read from
+  the file should anything touch them again; contents never change, and anonymous memory without
+  swap stays as it is. So attach holds one layer of the checkpoint at a time, not all of them.
+- Freed heap. glibc keeps memory that large frees leave inside its arenas (below its mmap threshold, or
+fragmented) for reuse; after attach that is the model's FFN tensors and quantizing's temporaries,
+which this process will never allocate again in that size. `malloc_trim(0)` hands it back: one
+measured 3B load went from 7.81 to 3.87 GiB of anonymous memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import sys
+
+import torch
+
+
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim  # glibc only: musl has none
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4
+_PAGE = 4096
+
+
+@functools.cache
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def release_pages(t: torch.Tensor) -> bool:
+    """Ask the kernel to reclaim the whole pages inside `t`'s bytes (a CPU tensor the caller no
+    longer reads); its values stay what they were. Whether the request was made and accepted."""
+    madvise = _madvise()
+    if madvise is None or t.device.type != "cpu" or t.numel() == 0:
+        return False
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()  # a packed FFN weight: dense, so its span
+    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+    return last > first and madvise(first, last - first, _MADV_PAGEOUT) == 0
+
+
+def release_free_heap() -> bool:
+    """Give free heap pages back to the OS where the C library can (glibc); whether it did."""
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
