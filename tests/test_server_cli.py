@@ -130,3 +130,52 @@ def test_serve_rejects_bad_settings_before_loading():
         proc = _serve(*args)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 2 and words in err, err
+
+
+def test_a_second_ctrl_c_ends_the_grace_with_typed_errors_and_a_clean_exit():
+    """Ctrl+C starts the drain (a 60 s grace here); a second Ctrl+C ends it at once: every
+    generation still running gets its client's typed error, the process exits without an abort
+    or a traceback (uvicorn's forced exit used to cut streams and abort the process)."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = _serve("--port", str(port), "--shutdown-timeout", "60")
+    try:
+        _wait_until_up(proc, base)
+        oa = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)
+        tgi = text_generation.Client(base, timeout=120)
+        chat = dict(model="x", messages=[{"role": "user", "content": "Tell me a story."}], logit_bias=NO_EOS)
+        with ThreadPoolExecutor(3) as pool:
+            calls = {
+                "openai stream": pool.submit(
+                    lambda: list(oa.chat.completions.create(**chat, max_tokens=4000, stream=True))
+                ),
+                "openai plain": pool.submit(lambda: oa.chat.completions.create(**chat, max_tokens=4000)),
+                "tgi plain": pool.submit(lambda: tgi.generate(COUNTING, max_new_tokens=4000)),
+            }
+            deadline = time.monotonic() + 60
+            while _running(base, "") < 3:
+                assert time.monotonic() < deadline, "the generations did not start"
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            time.sleep(1.0)
+            assert all(not c.done() for c in calls.values())  # the grace is running
+            second = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            errors = {}
+            for name, call in calls.items():
+                with pytest.raises(Exception) as info:
+                    call.result(timeout=60)
+                errors[name] = info.value
+            assert time.monotonic() - second < 20  # not the 60 s grace
+        stream_error, plain_error = errors["openai stream"], errors["openai plain"]
+        assert isinstance(stream_error, openai.APIError) and "shutting down" in stream_error.message
+        assert isinstance(plain_error, openai.InternalServerError) and plain_error.status_code == 503
+        assert isinstance(errors["tgi plain"], text_generation.errors.OverloadedError)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode in (0, 1, -signal.SIGINT, 130), (proc.returncode, err)
+    assert "terminate called" not in err and "Traceback" not in err, err
+    assert "now (second interrupt)" in err, err

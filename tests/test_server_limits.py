@@ -4,6 +4,7 @@ connection deadlines and the concurrency cap, --max-input-tokens / --max-total-t
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 import threading
 import time
@@ -213,3 +214,60 @@ def test_contradictory_token_limits_are_refused(server_model):  # noqa: F811
         ServerSettings(max_input_tokens=40, max_total_tokens=40)
     with pytest.raises(ValueError, match="context length"):
         create_app(server_model, ServerSettings(max_total_tokens=10_000), scheduler=_scheduler())
+
+
+def _request(path: str, body: dict, extra: str = "") -> bytes:
+    raw = json.dumps(body).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{extra}"
+        f"Content-Length: {len(raw)}\r\n\r\n"
+    ).encode() + raw
+
+
+def _final(answer: bytes) -> tuple[bytes, bytes]:
+    """The final answer's head and body, after any interim 1xx answers."""
+    while answer.startswith(b"HTTP/1.1 1"):
+        answer = answer.partition(b"\r\n\r\n")[2]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_a_request_whose_client_half_closes_is_answered(limits_server):  # noqa: F811
+    # The client sends its whole request, then shuts its write side (EOF), and reads the answer.
+    # Long enough a generation that the server sees the EOF before it answers.
+    for path, body in (
+        ("/v1/completions", {"prompt": "Count: 1, 2, 3,", "max_tokens": 6, "temperature": 0}),
+        ("/generate", {"inputs": "Count: 1, 2, 3,", "parameters": {"max_new_tokens": 6}}),
+    ):
+        sock = _connect(limits_server)
+        sock.sendall(_request(path, body))
+        sock.shutdown(socket.SHUT_WR)
+        head, answer = _final(_read_all(sock))  # the server closes after answering
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert b"Transfer-Encoding: chunked" not in head and json.loads(answer), answer
+
+
+def test_request_heads_are_capped_at_16_kib_and_100_headers(limits_server):  # noqa: F811
+    body = {"prompt": "Hi", "max_tokens": 1}
+    for extra, words in (
+        (f"X-Big: {'a' * 20_000}\r\n", b"16 KiB"),
+        ("".join(f"X-H{i}: v\r\n" for i in range(10_000)), b"more than 100 header lines"),
+    ):
+        sock = _connect(limits_server)
+        sock.sendall(_request("/v1/completions", body, extra))
+        head, answer = _final(_read_all(sock))
+        sock.close()
+        assert head.startswith(b"HTTP/1.1 431") and words in answer, (head, answer[:200])
+        assert json.loads(answer)["error"]["code"] == "request_header_fields_too_large"
+    fits = "".join(f"X-H{i}: {'v' * 100}\r\n" for i in range(90))  # 90 headers, ~10 KB: answered
+    sock = _connect(limits_server)
+    sock.sendall(_request("/v1/completions", body, fits + "Connection: close\r\n"))
+    head, _ = _final(_read_all(sock))
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 200"), head
+
+
+def test_head_health(limits_server):  # noqa: F811
+    r = requests.head(f"{limits_server}/health", timeout=10)
+    assert r.status_code == 200 and r.content == b""

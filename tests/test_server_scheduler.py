@@ -188,3 +188,26 @@ def test_a_client_that_leaves_during_prefill_stops_it_at_the_next_chunk(chunked)
     assert metric(url, "torus_prefill_chunks_total") - chunks_before < 60
     r = requests.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
     assert r.status_code == 200
+
+
+def test_transformers_continuous_batching_cannot_keep_the_servers_sampling_guarantees():
+    """Why the scheduler is this module's and not transformers' `ContinuousBatchingManager`: it
+    samples every row of a batch from the one global RNG (`torch.multinomial` with no generator),
+    greedy or sampling for the whole manager (`generation_config.do_sample`), and takes per request
+    only temperature, top_k and top_p. A seeded request would draw other tokens beside others
+    (test_concurrent_greedy_requests_match_their_solo_output_and_share_steps checks ours does not),
+    and per-request logit_bias, penalties and grammar masks, top logprobs and stop strings have no
+    place to go. If a transformers release adds them, this fails: look again."""
+    import inspect
+
+    from transformers.generation.continuous_batching import cb_logits_processors as cb
+    from transformers.generation.continuous_batching import model_runner
+
+    base = cb.ContinuousBatchingLogitsProcessor
+    per_request = set()
+    for obj in vars(cb).values():
+        if isinstance(obj, type) and issubclass(obj, base) and obj is not base:
+            per_request |= set(obj.supported_kwargs)
+    assert per_request == {"temperature", "top_k", "top_p"}
+    source = inspect.getsource(model_runner)
+    assert "torch.multinomial(probs, num_samples=1)" in source and "generator" not in source

@@ -98,6 +98,10 @@ def _common_routes(app: FastAPI, metrics: ServerMetrics) -> None:
     async def health():
         return {"status": "ok"}
 
+    @app.head("/health", include_in_schema=False)  # load balancers' checks: the status alone
+    async def health_head():
+        return Response(status_code=200)
+
     @app.get(
         "/metrics",
         response_class=Response,

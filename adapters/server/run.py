@@ -1,14 +1,14 @@
 """Run the server with uvicorn (what `torus-sparse serve` calls), with its limits and its drain.
 
 - Limits: uvicorn's keep-alive timeout and concurrency cap (`timeout_keep_alive`,
-  `limit_concurrency`: beyond it uvicorn answers 503), h11's 16 KiB cap on a request head, and a
-  deadline for the head itself (`header_timeout`), which uvicorn lacks: a connection that has not
-  sent a complete request head that long after it opened (or after its previous answer) is
-  closed, so half-open and slow-loris sockets do not pile up. Slow bodies get 408 in `body_limit`.
+  `limit_concurrency`: beyond it uvicorn answers 503); the connection protocol (`connection`)
+  adds a deadline for the request head (`header_timeout`), caps on the head (16 KiB, 100
+  headers: 431) and answers half-closed requests. Slow bodies get 408 in `body_limit`.
 - Shutdown (SIGTERM, Ctrl+C): uvicorn stops accepting at once; `ModelService.drain` gives the
   generations in flight `shutdown_timeout` seconds, then ends each remaining one with an error
   its client parses (an error event, or 503 / TGI "overloaded"), which leaves uvicorn's own
-  grace nothing to cut.
+  grace nothing to cut. A second Ctrl+C during that grace ends it at once (the same typed errors
+  now), instead of uvicorn's forced exit, which cut streams and aborted the process.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import socket
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from torus_plugins import ConfigError
 
+from .connection import connection_protocol
 from .hosts import allowed_hosts_for
 from .settings import ServerSettings
 
@@ -67,45 +67,20 @@ def _bind_error(host: str, port: int, exc: OSError) -> str:
     return f"cannot listen on {host} port {port} ({reason}); pass --host with an address of this machine"
 
 
-def header_deadline_protocol(timeout: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, closing connections that take over `timeout` s to send a request head."""
-
-    class HeaderDeadlineProtocol(H11Protocol):
-        _deadline: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._arm()  # the next request's head gets the same time
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-            super().connection_lost(exc)
-
-        def _arm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-            cycle = self.cycle  # replaced by uvicorn when a complete request head arrives
-
-            def expire() -> None:
-                if self.cycle is cycle and not self.transport.is_closing():
-                    self.transport.close()
-
-            self._deadline = self.loop.call_later(timeout, expire)
-
-    return HeaderDeadlineProtocol
-
-
 class Server(uvicorn.Server):
     """uvicorn's server, draining the app's generations when it shuts down."""
 
     def __init__(self, config: uvicorn.Config, app: Any) -> None:
         super().__init__(config)
         self.service = app.state.service
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        import signal
+
+        if self.should_exit and sig == signal.SIGINT:  # uvicorn would force an exit: end the grace instead
+            self.service.hurry()
+            return
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         drain = asyncio.ensure_future(self.service.drain(self.service.settings.shutdown_timeout))
@@ -124,7 +99,7 @@ def make_server(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: 
         host=host,
         port=port,
         log_level=log_level,
-        http=header_deadline_protocol(settings.header_timeout),
+        http=connection_protocol(settings.header_timeout),
         timeout_keep_alive=settings.timeout_keep_alive,
         limit_concurrency=settings.limit_concurrency,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout) + _FLUSH_S,

@@ -3,12 +3,13 @@
 Design (the simplest that batches and stays exact):
 
 - A request is prefilled alone (batch 1, no padding), which gives its first token, then joins the
-  decode batch (`kvbatch.BatchCache`). A prompt of up to `ONE_PASS` tokens (or `prefill_chunk`,
-  when set) is prefilled in one forward pass, the one `generate()` makes.
+  decode batch (`kvbatch.BatchCache`). A prompt of up to `ONE_PASS` (128) tokens, or
+  `prefill_chunk` when set, is prefilled in one forward pass, the one `generate()` makes.
 - A longer prompt is prefilled in chunks, interleaved with the decode steps of the requests in
-  flight: each turn of the loop runs one decode step and then prefill chunks for about
-  `prefill_slice` seconds (four times that when nothing is decoding), so a long prompt never
-  freezes the other streams (a turn is about a decode step plus one slice). Chunks are sized from
+  flight: each turn of the loop runs prefill chunks and then one decode step, and aims to take
+  `prefill_slice` seconds in all (the prefill gets what the last decode step left, at least a
+  quarter; four slices when nothing is decoding), so a long prompt never freezes the other
+  streams: the gap between two of their tokens is about one slice. Chunks are sized from
   the time the last chunk of that prompt took per token, or are `prefill_chunk` tokens when set
   (then boundaries, and so the floating-point rounding of a long prompt, do not depend on load).
   Prefills go shortest-remaining first, so a short request is not queued behind a long prompt. A
@@ -84,11 +85,11 @@ class _Seq:
 
 
 #: Prompts up to this many tokens are prefilled in one pass (as `generate()` does), whatever else runs.
-ONE_PASS = 256
-#: Seconds of prefill work per turn of the loop while other requests are decoding.
-PREFILL_SLICE_S = 0.25
+ONE_PASS = 128
+#: Seconds one turn of the loop (prefill chunks, then a decode step) aims at while requests decode.
+PREFILL_SLICE_S = 0.75
 #: The smallest chunk of a prompt prefilled in several (smaller ones cost more in per-pass overhead).
-MIN_CHUNK = 32
+MIN_CHUNK = 16
 
 
 @dataclass
@@ -150,6 +151,7 @@ class Scheduler:
         self._active: list[_Seq] = []
         self._prefilling: list[_Prefill] = []
         self._rate: float | None = None  # seconds per token of the last first chunk of a prompt
+        self._decode_s = 0.0  # wall time of the last decode step
         self._batch = BatchCache()
         self._in_flight = 0  # accepted and not ended: waiting, being prefilled, or decoding
         self._cv = threading.Condition()
@@ -213,7 +215,9 @@ class Scheduler:
             self._prefill_slice()
             try:
                 if self._active:
+                    began = time.perf_counter()
                     self._decode_step()
+                    self._decode_s = time.perf_counter() - began
             except Exception:  # a model failure ends the requests in flight, not the server
                 self._fail_all(_logged_failure("decode step failed"))
         self._fail_all("the server is shutting down", waiting=True, cause=SHUTTING_DOWN)
@@ -234,23 +238,29 @@ class Scheduler:
         self._prefilling.append(_Prefill(seq, ids))
 
     def _prefill_slice(self) -> None:
-        """Prefill for about `prefill_slice` seconds (always at least one chunk): shortest remaining
-        prompt first, each chunk sized to the time left."""
+        """Prefill for what the turn leaves after a decode step (always at least one chunk):
+        shortest remaining prompt first, each chunk sized to the time left."""
         start = time.perf_counter()
-        budget = self.prefill_slice * (1 if self._active else 4)
+        if self._active:
+            budget = max(self.prefill_slice - self._decode_s, self.prefill_slice / 4)
+        else:
+            budget = self.prefill_slice * 4
+        ran = False
         while self._prefilling:
+            time_left = budget - (time.perf_counter() - start)
+            if ran and time_left < budget / 4:  # too little left for a chunk worth its pass
+                return
             item = min(self._prefilling, key=lambda p: p.left)
             if item.seq.handle.cancelled:  # its client left: stop at this chunk
                 self._prefilling.remove(item)
                 self._finish_quietly(item.seq.handle, CANCELLED)
                 continue
             try:
-                self._prefill_chunk(item, self._chunk_size(item, budget - (time.perf_counter() - start)))
+                self._prefill_chunk(item, self._chunk_size(item, time_left))
             except Exception:  # this request fails; the batch in flight is untouched
                 self._prefilling.remove(item)
                 self._finish_quietly(item.seq.handle, ERROR, _logged_failure("prefill failed"))
-            if time.perf_counter() - start >= budget:
-                return
+            ran = True
 
     def _chunk_size(self, item: _Prefill, time_left: float) -> int:
         """Tokens of `item`'s prompt to prefill now."""
@@ -259,7 +269,7 @@ class Scheduler:
         if item.done == 0 and item.left <= ONE_PASS:
             return item.left
         rate = item.rate or self._rate
-        n = ONE_PASS if rate is None else int(max(time_left, self.prefill_slice / 2) / rate)
+        n = 4 * MIN_CHUNK if rate is None else int(time_left / (rate * 1.1))  # a small first chunk measures
         n = max(MIN_CHUNK, n)
         return item.left if item.left - n < MIN_CHUNK else n
 

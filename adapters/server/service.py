@@ -129,6 +129,7 @@ class ModelService:
         self.created = int(time.time())
         self.fingerprint = f"torus-sparse-{__version__}"
         self.draining = False
+        self._hurried = False  # a second Ctrl+C: the drain's grace ends now
         self._workers = ThreadPoolExecutor(PREPARE_THREADS, "torus-serve-prepare", initializer=_lower_priority)
         self._live: set[Handle] = set()
 
@@ -343,13 +344,20 @@ class ModelService:
         self.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while self._open() and loop.time() < deadline:
+        while self._open() and loop.time() < deadline and not self._hurried:
             await asyncio.sleep(0.05)
         left = self._open()
-        if left:
+        if left and self._hurried:
+            log.warning("shutting down: ending %d generation(s) now (second interrupt)", len(left))
+        elif left:
             log.warning("shutting down: ending %d generation(s) still running after %.1f s", len(left), grace)
         for handle in left:
             handle.abort("the server is shutting down; this generation was stopped before it finished")
+
+    def hurry(self) -> None:
+        """End the drain's grace now (a second Ctrl+C): the generations still running get the
+        shutting-down error at once."""
+        self._hurried = True
 
     def _open(self) -> list[Handle]:
         return [h for h in self._live if not h.closed]

@@ -19,9 +19,9 @@ class ServerSettings:
     docs: serve `/docs`, `/redoc` and `/openapi.json` (their pages load Swagger UI / ReDoc from a CDN).
     max_batch_size: requests decoded together in one batch; more wait their turn.
     prefill_chunk: prefill prompts in chunks of this many tokens (deterministic boundaries); None:
-        prompts up to 256 tokens in one pass, longer ones in chunks sized to take about
-        `prefill_slice` seconds each (see `scheduler`).
-    prefill_slice: seconds of prefill work between two decode steps while other requests decode.
+        prompts up to 128 tokens in one pass, longer ones in chunks sized by time (`scheduler`).
+    prefill_slice: seconds one turn of the scheduler (prefill chunks, then a decode step) aims at
+        while requests decode: about the longest gap a stream sees while a long prompt prefills.
     max_pending: requests accepted at once (waiting, prefilling or decoding); beyond that, 429.
     max_body_bytes: larger request bodies get 413.
     context_length: the model's window; default: the model's `max_position_embeddings`.
@@ -43,7 +43,7 @@ class ServerSettings:
     docs: bool = False
     max_batch_size: int = 8
     prefill_chunk: int | None = None
-    prefill_slice: float = 0.25
+    prefill_slice: float = 0.75
     max_pending: int = 64
     max_body_bytes: int = 1 << 20
     context_length: int | None = None
