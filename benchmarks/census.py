@@ -64,7 +64,11 @@ def verdicts(rows: list[dict], landing: list[dict]) -> dict:
     check("dense_streamed_syncs_per_layer", [r["syncs_per_layer"] <= 0 for r in dense])
     check(
         "dense_streamed_ops_ratio",
-        [r["ops_per_layer"] <= TARGETS["dense_streamed_ops_ratio"] * plain[r["model"]] for r in dense if r["model"] in plain],
+        [
+            r["ops_per_layer"] <= TARGETS["dense_streamed_ops_ratio"] * plain[r["model"]]
+            for r in dense
+            if r["model"] in plain
+        ],
     )
     split = [r for r in rows if r["mode"] in ("split", "host") and r["model"] in census.DENSE]
     check("split_syncs_per_layer", [r["syncs_per_layer"] <= TARGETS["split_syncs_per_layer"] for r in split])
@@ -123,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         ratio = f"{r['ops_per_layer'] / plain[r['model']]:.2f}" if r["model"] in plain else "-"
         hm = f"{r['expert_hits']}/{r['expert_misses']}" if r["expert_hits"] is not None else "-"
-        eq = "-" if r["logits_equal_plain"] is None else ("yes" if r["logits_equal_plain"] else f"{r['max_abs_diff_plain']:.1e}")
+        eq = (
+            "-"
+            if r["logits_equal_plain"] is None
+            else ("yes" if r["logits_equal_plain"] else f"{r['max_abs_diff_plain']:.1e}")
+        )
         t.add_row(
             r["model"],
             r["mode"],

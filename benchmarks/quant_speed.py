@@ -67,8 +67,10 @@ def main() -> int:
                 torch.equal(a, b)
                 for a, b in zip(quant.quantize(part, mode, 32, native=False), quant.quantize(part, mode, 32))
             )
-            native_s = best_seconds(lambda: quant.quantize(w, mode, 32), args.repeat)
-            torch_s = best_seconds(lambda: quant.quantize(part, mode, 32, native=False), 1) * rows / BASELINE_ROWS
+            native_s = best_seconds(lambda w=w, mode=mode: quant.quantize(w, mode, 32), args.repeat)
+            torch_s = (
+                best_seconds(lambda p=part, m=mode: quant.quantize(p, m, 32, native=False), 1) * rows / BASELINE_ROWS
+            )
             gbs = w.numel() * 2 / native_s / 1e9
             rows_out.append(
                 {

@@ -108,9 +108,9 @@ def _hub_tensors(name: str, meta: torch.Tensor):
             yield f"{base}{e}.gate_proj.weight", (two_i // 2, H)
             yield f"{base}{e}.up_proj.weight", (two_i // 2, H)
     elif name.endswith("mlp.experts.down_proj"):
-        base, (E, H, I) = name[: -len("down_proj")], meta.shape
+        base, (E, H, inter) = name[: -len("down_proj")], meta.shape
         for e in range(E):
-            yield f"{base}{e}.down_proj.weight", (H, I)
+            yield f"{base}{e}.down_proj.weight", (H, inter)
     else:
         yield name, tuple(meta.shape)
 
@@ -133,7 +133,7 @@ def build_checkpoint(cfg, out: Path) -> int:
         shards.setdefault(key, []).append((n, t))
     gen = torch.Generator().manual_seed(0)
     weight_map, total = {}, 0
-    for i, (key, items) in enumerate(shards.items()):
+    for i, items in enumerate(shards.values()):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for n, meta in items:
@@ -224,7 +224,9 @@ def run_row(path: Path, row: str, cache: Path, timeout: float) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="3b,olmoe8", help="comma-separated: 3b, olmoe8, olmoe, 30b-a3b (tiny: a smoke test)")
+    ap.add_argument(
+        "--shapes", default="3b,olmoe8", help="comma-separated: 3b, olmoe8, olmoe, 30b-a3b (tiny: a smoke test)"
+    )
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated of {', '.join(ROWS)}")
     ap.add_argument("--ram-limit", default="20GiB", help="refuse a run whose estimated peak exceeds this")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run (default 900)")

@@ -75,9 +75,17 @@ def main() -> int:
     t = table("set-up times (fresh venv, no package cache)", ["step", "seconds", "load (1 min) at end"])
     for row in report["installs"]:
         t.add_row(f"install with {row['tool']}: torch", f"{row['torch_s']:.0f}", "")
-        t.add_row(f"install with {row['tool']}: -c constraints.txt -e .[test]", f"{row['project_s']:.0f}", f"{row['loadavg_end'][0]:.1f}")
+        t.add_row(
+            f"install with {row['tool']}: -c constraints.txt -e .[test]",
+            f"{row['project_s']:.0f}",
+            f"{row['loadavg_end'][0]:.1f}",
+        )
     if report["tests"]:
-        t.add_row("pytest (make test's command)", f"{report['tests']['seconds']:.0f}", f"{report['tests']['loadavg_end'][0]:.1f}")
+        t.add_row(
+            "pytest (make test's command)",
+            f"{report['tests']['seconds']:.0f}",
+            f"{report['tests']['loadavg_end'][0]:.1f}",
+        )
     show(t, f"load average before: {run.loadavg_before[0]:.1f}; {os.cpu_count()} CPUs; written to {out}")
     return 0
 

@@ -23,10 +23,10 @@ from conftest import build_tiny, load_smollm2
 from fake_cuda import CUDA_ERROR_MEMORY_ALLOCATION, FakeCuda
 
 import torus_plugins as tp
+from torus_plugins import transfer
 from torus_plugins.builtin.transports import CudaCopyStream, _CudaStall
 from torus_plugins.host_store import HostStore
 from torus_plugins.plugins import build_plugin_manager
-from torus_plugins import transfer
 from torus_plugins.transfer import TransportOptions
 
 PROMPT = torch.tensor([[5, 17, 3, 88, 41, 9, 60, 22, 71, 14, 33, 2]])
@@ -502,7 +502,9 @@ def test_two_threads_on_one_model_each_get_their_own_answer(fake: FakeCuda, arch
     ("arch", "dtype", "quant"),
     [("llama", torch.float32, None), ("llama", torch.float32, "int8"), ("mixtral", torch.float32, None)],
 )
-def test_host_placement_through_the_cuda_transport(fake: FakeCuda, arch: str, dtype: torch.dtype, quant: str | None) -> None:
+def test_host_placement_through_the_cuda_transport(
+    fake: FakeCuda, arch: str, dtype: torch.dtype, quant: str | None
+) -> None:
     """The host placement on a "GPU": split layers' device shares and cached experts go through the
     real CUDA copy stream (the race detector watching) while host shares run on the worker; the
     prefill streams, so its logits are bit-equal; greedy tokens equal the reference."""

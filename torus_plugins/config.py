@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -230,7 +229,9 @@ class TorusConfig:
             raise ConfigError(f"weight_quant must be None, {_choices(WEIGHT_QUANTS)}, got {self.weight_quant!r}")
         if not _is_int(self.quant_group_size) or self.quant_group_size < 2 or self.quant_group_size % 2:
             raise ConfigError(f"quant_group_size must be an even integer >= 2, got {self.quant_group_size!r}")
-        if self.store_cache is not None and (not isinstance(self.store_cache, (str, os.PathLike)) or not str(self.store_cache)):
+        if self.store_cache is not None and (
+            not isinstance(self.store_cache, (str, os.PathLike)) or not str(self.store_cache)
+        ):
             raise ConfigError(f"store_cache must be 'auto', a directory or None, got {self.store_cache!r}")
         if self.store_cache is not None:
             object.__setattr__(self, "store_cache", os.fspath(self.store_cache))

@@ -20,13 +20,14 @@ from .guards import PassLock, freeze_grads, lock_points, restore_grads
 from .host_compute.placement import HostPlacement, plan_host
 from .host_store import HostStore, materialize
 from .ineffective import ineffective_settings
-from .os_memory import release_free_heap, release_pages
 from .layer_streamer import LayerStreamer, bind
 from .moe.streamer import ExpertStreamer, check_moe_transport, expert_param_ids, plan_experts, predict_context
+from .os_memory import release_free_heap, release_pages
 from .planning.residency import ResidencyPlan, plan_residency
 from .planning.sizes import measure
 from .plugins import Registry
 from .prefetch import PrefetchContext
+from .progress import Step, step
 from .slots import SlotRing
 from .stats import EngineStats, LayerStats, StatsEvent
 from .store_file import store_directory
@@ -152,7 +153,10 @@ class Engine:
             self._expert_predictor = factory(ctx)
             self._prefetch_k = ctx.prefetch_k
         #: the host placement's plan (None with host_compute="off")
-        self.host_plan: HostPlacement | None = plan_host(self)
+        self.host_plan: HostPlacement | None = None
+        if self.config.host_compute != "off":
+            with step("measuring the host for the host placement"):
+                self.host_plan = plan_host(self)
         #: settings that take no effect here, each with why (`EngineStats.ineffective`)
         self.ineffective: list[str] = ineffective_settings(self)
         for why in self.ineffective:
@@ -205,12 +209,52 @@ class Engine:
         self._placeholders: list[list[torch.Tensor]] = []
         resident = set(self.plan.resident)
         total = len(self.sites)
-        if self.store.quant is not None and self.config.store_cache is not None:
-            self.store.use_file(
-                store_directory(self.config.store_cache),
-                "FFN",
-                ([(n, p.data) for (n, _, _), p in zip(self.sites[i].params, ps)] for i, ps in enumerate(self._params)),
+        if self.store.quant is not None and self.config.store_cache is not None and total:
+            with step("looking for a stored copy of the quantized FFN layers"):
+                self.store.use_file(
+                    store_directory(self.config.store_cache),
+                    "FFN",
+                    (
+                        [(n, p.data) for (n, _, _), p in zip(self.sites[i].params, ps)]
+                        for i, ps in enumerate(self._params)
+                    ),
+                )
+        if total:
+            with step(self.store.packing_phase("FFN layers"), total, progress) as packing:
+                self._pack_layers(packing, resident)
+        if self.store.writing_file:
+            with step(f"writing the {self.store.quant} FFN store"):
+                self.store.finish()
+        else:
+            self.store.finish()
+        self._move_non_ffn(dev)
+        if self.host is not None:
+            self._host_units = self.host.add_share_units(self.store)
+        self._start_streaming()
+        if self.expert_sites:
+            self.experts = ExpertStreamer(
+                self.model,
+                self.arch,  # type: ignore[arg-type]
+                self.expert_sites,
+                self.expert_plan,
+                self.config,
+                self.transport,
+                dev,
+                self._expert_predictor,
+                self._prefetch_k,
+                self.store.pin_memory,
             )
+            self.experts.build(progress)
+        self._install_pass_lock()
+        if self.host_plan is not None:
+            with step("checking the host placement against streaming"):
+                self.host_plan.start(self)
+        prepare = getattr(self.arch, "prepare_model", None)
+        self._undo_prepare = prepare(self.model) if prepare is not None else None
+
+    def _pack_layers(self, packing: Step, resident: set[int]) -> None:
+        """Pack every FFN layer into the host store and bind it where it computes from."""
+        dev = self.device
         for i, ps in enumerate(self._params):
             names = [name for name, _, _ in self.sites[i].params]
             origin = ps[0].device
@@ -235,32 +279,7 @@ class Engine:
                 self._bind(i, packed.compute.views(dbuf))
             else:
                 self._bind(i, self._placeholders[i])
-            if progress is not None:
-                progress(i + 1, total)
-        self.store.finish()
-        self._move_non_ffn(dev)
-        if self.host is not None:
-            self._host_units = self.host.add_share_units(self.store)
-        self._start_streaming()
-        if self.expert_sites:
-            self.experts = ExpertStreamer(
-                self.model,
-                self.arch,  # type: ignore[arg-type]
-                self.expert_sites,
-                self.expert_plan,
-                self.config,
-                self.transport,
-                dev,
-                self._expert_predictor,
-                self._prefetch_k,
-                self.store.pin_memory,
-            )
-            self.experts.build(progress)
-        self._install_pass_lock()
-        if self.host_plan is not None:
-            self.host_plan.start(self)
-        prepare = getattr(self.arch, "prepare_model", None)
-        self._undo_prepare = prepare(self.model) if prepare is not None else None
+            packing.advance(i + 1)
 
     def _freeze_ffn_grads(self) -> None:
         experts = [getattr(site.module, attr) for site in self.expert_sites for _, attr in site.params]

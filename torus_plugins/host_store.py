@@ -211,6 +211,17 @@ class HostStore:
         self._file_hit = self.file.open(nbytes)
         return self._file_hit
 
+    @property
+    def writing_file(self) -> bool:
+        """Whether `finish` will write the store's file (it did not match, and is being filled)."""
+        return self.file is not None and not self._file_hit
+
+    def packing_phase(self, what: str) -> str:
+        """What adding the units does, for progress: read from the file, quantize, or copy."""
+        if self._file_hit:
+            return f"reading {what} from the {self.quant} store file"
+        return f"quantizing {what} to {self.quant}" if self.quant else f"packing {what} into the host store"
+
     def finish(self) -> None:
         """The units `use_file` named are all added: publish the store's file if this attach wrote
         it. Units added later (the host placement's split shares) are packed as usual, unfiled."""

@@ -141,7 +141,9 @@ class StoreFile:
         return self._mapped[e["offset"] : e["offset"] + e["nbytes"]]
 
     def _discard(self, why: str) -> None:
-        log.warning("torus-sparse: %s at %s is not used: %s; quantizing again and rewriting it", self.what, self.path, why)
+        log.warning(
+            "torus-sparse: %s at %s is not used: %s; quantizing again and rewriting it", self.what, self.path, why
+        )
         for p in (self.manifest_path, self.path):
             p.unlink(missing_ok=True)
 
@@ -158,9 +160,7 @@ class StoreFile:
             data = _bytes_of(buffer)
             self._writer.seek(self._offset)
             self._writer.write(data)
-            self._entries.append(
-                {"offset": self._offset, "nbytes": len(data), "xxh3": _digest(buffer)}
-            )
+            self._entries.append({"offset": self._offset, "nbytes": len(data), "xxh3": _digest(buffer)})
             self._offset = _round_up(self._offset + len(data))
         except OSError as exc:
             self._fail(exc)
@@ -180,7 +180,9 @@ class StoreFile:
             tmp_manifest.write_text(json.dumps(manifest))
             os.replace(self._tmp, self.path)  # type: ignore[arg-type]
             os.replace(tmp_manifest, self.manifest_path)
-            log.info("torus-sparse: %s written to %s (%d bytes); later attaches map it", self.what, self.path, self._offset)
+            log.info(
+                "torus-sparse: %s written to %s (%d bytes); later attaches map it", self.what, self.path, self._offset
+            )
         except OSError as exc:
             self._fail(exc)
             self.manifest_path.with_name(self.manifest_path.name + f".tmp-{os.getpid()}").unlink(missing_ok=True)

@@ -3,13 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from torus_plugins import ConfigError, TorusConfig
 
 if TYPE_CHECKING:
     from torus_adapters.transformers_adapter import TorusModel
+
+
+class _ProgressLines(logging.Handler):
+    """Attach's progress records (`torus_plugins.progress`) on the command's status line; without
+    a terminal, as lines on stderr, only for steps that run long (a log of a slow load, not of
+    every tiny one)."""
+
+    LONG_S = 10.0
+
+    def __init__(self, console: Any, status: Any, label: str) -> None:
+        super().__init__(logging.INFO)
+        self.console, self.status, self.label = console, status, label
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage().removeprefix("torus-sparse: ")
+        if self.console.is_terminal:
+            self.status.update(f"{self.label} {text}")
+        elif getattr(record, "elapsed_s", 0.0) >= self.LONG_S:
+            self.console.print(f"torus-sparse: {text}", highlight=False, markup=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _attach_progress(console: Any, status: Any, label: str) -> Iterator[None]:
+    logger = logging.getLogger("torus_plugins.progress")
+    handler, level = _ProgressLines(console, status, label), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def load_model(
@@ -33,7 +67,8 @@ def load_model(
     with warnings.catch_warnings():
         warnings.simplefilter("error", BudgetIgnoredWarning)
         try:
-            with console.status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}…"):
+            label = f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}…"
+            with console.status(label) as status, _attach_progress(console, status, label):
                 tokenizer = None
                 if no_template is not None:
                     tokenizer = open_model(args.model)

@@ -268,7 +268,9 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=256, help="tokens per forward pass (default 256)")
     p.add_argument("--device", default="cpu", help="where to run the model and training (default cpu)")
     p.add_argument("--dtype", help="load the weights in this dtype, e.g. bfloat16 (default: the checkpoint's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the predictor's initial weights and its training order (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the predictor's initial weights and its training order (default 0)"
+    )
     p.add_argument("--save-traces", help="also write the recorded traces to this .safetensors file")
     p.set_defaults(func=run_train_predictor)
     return p

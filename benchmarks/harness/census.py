@@ -55,8 +55,25 @@ SYNC_OPS = frozenset(
 )
 #: ops that make a view (metadata only: no kernel runs on a device)
 VIEW_OPS = frozenset(
-    {"view", "_unsafe_view", "slice", "select", "unsqueeze", "squeeze", "alias", "detach", "expand", "as_strided",
-     "t", "transpose", "permute", "reshape", "split", "chunk", "unbind"}
+    {
+        "view",
+        "_unsafe_view",
+        "slice",
+        "select",
+        "unsqueeze",
+        "squeeze",
+        "alias",
+        "detach",
+        "expand",
+        "as_strided",
+        "t",
+        "transpose",
+        "permute",
+        "reshape",
+        "split",
+        "chunk",
+        "unbind",
+    }
 )
 #: Python-level host reads that never dispatch on a CPU tensor
 _READS = ("tolist", "numpy", "__array__")
@@ -126,7 +143,9 @@ class HostReads(TorchFunctionMode):
         if name in _READS:
             self.census.syncs[f"Tensor.{name}"] += 1
         elif self.crossings and name in ("to", "cpu", "cuda") and not kwargs.get("non_blocking", False):
-            if (name != "to" or _names_device(args[1:], kwargs)) and _is_engine_file(sys._getframe(1).f_code.co_filename):
+            if (name != "to" or _names_device(args[1:], kwargs)) and _is_engine_file(
+                sys._getframe(1).f_code.co_filename
+            ):
                 self.census.syncs[f"Tensor.{name}(device) in engine code"] += 1
         return func(*args, **kwargs)
 
@@ -386,4 +405,10 @@ def landing_ops(mode: str, shape: tuple[int, int] = (256, 512), group_size: int 
     with counting(crossings=False) as census:
         quant.dequantize_into(dst, q, meta, mode)
     kernels = sum(n for name, n in census.ops.items() if name not in VIEW_OPS)
-    return {"mode": mode, "shape": list(shape), "ops": census.total, "kernels": kernels, "ops_by_name": dict(census.ops)}
+    return {
+        "mode": mode,
+        "shape": list(shape),
+        "ops": census.total,
+        "kernels": kernels,
+        "ops_by_name": dict(census.ops),
+    }

@@ -38,6 +38,7 @@ from ..host_compute.kernels import (
 from ..host_compute.worker import HostWorker
 from ..host_store import HostStore, PackedLayer, plan_packed
 from ..os_memory import release_pages
+from ..progress import Step, step
 from ..slots import Slot
 from ..stalls import StallLedger
 from ..stats import ExpertCounters, ExpertLayerStats, ExpertStats
@@ -202,32 +203,26 @@ class ExpertStreamer:
     def build(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Pack every expert into its own host buffer, allocate the cache, route the experts
         modules' forwards here. The caller tears down on failure."""
-        dev = self.device
         if self.store.quant is not None and self.config.store_cache is not None:
             # One pass over every expert for the file's key, before the loop below frees each
             # layer's fused originals (a list of the units would keep them all alive).
-            self.store.use_file(
-                store_directory(self.config.store_cache),
-                "expert",
-                (
-                    [(f"{name}[{e}]", getattr(site.module, attr).data[e]) for name, attr in site.params]
-                    for site in self.sites
-                    for e in range(site.num_experts)
-                ),
-            )
-        for j, site in enumerate(self.sites):
-            self.base.append(len(self._unit_layer))
-            params = [getattr(site.module, attr) for _, attr in site.params]
-            for e in range(site.num_experts):
-                self.store.add_layer([(f"{name}[{e}]", p.data[e]) for (name, _), p in zip(site.params, params)])
-                self._unit_layer.append(j)
-            self._origins.append([(p, p.device) for p in params])
-            for p in params:  # the fused originals go; the module keeps a memory-free placeholder
-                release_pages(p.data)  # a mapped checkpoint's pages of them too (os_memory)
-                p.data = torch.zeros((), dtype=p.dtype, device=dev).expand(p.shape)
-            if progress is not None:
-                progress(j + 1, len(self.sites))
-        self.store.finish()
+            with step("looking for a stored copy of the quantized experts"):
+                self.store.use_file(
+                    store_directory(self.config.store_cache),
+                    "expert",
+                    (
+                        [(f"{name}[{e}]", getattr(site.module, attr).data[e]) for name, attr in site.params]
+                        for site in self.sites
+                        for e in range(site.num_experts)
+                    ),
+                )
+        with step(self.store.packing_phase("experts"), len(self.sites), progress) as packing:
+            self._pack_experts(packing)
+        if self.store.writing_file:
+            with step(f"writing the {self.store.quant} expert store"):
+                self.store.finish()
+        else:
+            self.store.finish()
         buffers = self._slot_buffers()
         self.cache = ExpertCache(self.plan, buffers, self.store.layers, self.config.moe_eviction, self._unit_layer)
         self._shims = [self._make_shim(j) for j in range(len(self.sites))]
@@ -236,6 +231,22 @@ class ExpertStreamer:
             site.module.__dict__[EXPERTS_RUNNER_ATTR] = self._make_runner(j)
             self._installed.append(site.module)
         self._restore = self.arch.install_experts(self.model)
+
+    def _pack_experts(self, packing: Step) -> None:
+        """Pack every expert into its own host buffer (counted per MoE layer); each layer's
+        fused originals then go, the module keeping a memory-free placeholder."""
+        dev = self.device
+        for j, site in enumerate(self.sites):
+            self.base.append(len(self._unit_layer))
+            params = [getattr(site.module, attr) for _, attr in site.params]
+            for e in range(site.num_experts):
+                self.store.add_layer([(f"{name}[{e}]", p.data[e]) for (name, _), p in zip(site.params, params)])
+                self._unit_layer.append(j)
+            self._origins.append([(p, p.device) for p in params])
+            for p in params:
+                release_pages(p.data)  # a mapped checkpoint's pages of them too (os_memory)
+                p.data = torch.zeros((), dtype=p.dtype, device=dev).expand(p.shape)
+            packing.advance(j + 1)
 
     def _slot_buffers(self) -> list[torch.Tensor]:
         """The cache's slot buffers: one allocation for all (`SlotStack`) when the grouped path
