@@ -201,6 +201,7 @@ def error_docs(openai: bool) -> dict[int | str, dict[str, Any]]:
         408: "The request body did not arrive in time",
         413: "Request body too large",
         415: "The body is not declared application/json",
+        431: "The request head is over 16 KiB or 100 headers",
         422: "Invalid request",
         424: "Generation failed",
         429: "Too many requests in flight",
