@@ -173,14 +173,19 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_decode_steps_of_a_stre
     assert reply.json()["choices"][0]["text"] == alone
 
 
-def test_a_client_that_leaves_during_prefill_stops_it_at_the_next_chunk(chunked):
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_client_that_leaves_during_prefill_stops_it_at_the_next_chunk(chunked, stream):
     url = chunked.url
     chunks_before = metric(url, "torus_prefill_chunks_total")
     cancelled = metric(url, "torus_requests_finished_total", reason="cancelled")
-    with pytest.raises(requests.Timeout):
-        requests.post(
-            f"{url}/v1/completions", json={"prompt": LONG_PROMPT * 3, "max_tokens": 1}, timeout=(5, 0.5)
-        )  # ~2,100 tokens: 66 chunks
+    body = {"prompt": LONG_PROMPT * 3, "max_tokens": 1, "stream": stream}  # ~2,100 tokens: 66 chunks
+    if stream:  # the answer has started (headers sent) when the client leaves
+        with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=60) as r:
+            assert r.status_code == 200
+            time.sleep(0.5)
+    else:
+        with pytest.raises(requests.Timeout):
+            requests.post(f"{url}/v1/completions", json=body, timeout=(5, 0.5))
     deadline = time.monotonic() + 60
     while metric(url, "torus_requests_finished_total", reason="cancelled") <= cancelled:
         assert time.monotonic() < deadline, "the prefill was not cancelled"

@@ -7,13 +7,15 @@
   head trickles in or arrives in one read (h11's own limit only bounds a head still incomplete);
   beyond them, 431 in the route's error format, and the connection is closed.
 - Half-closed requests are answered: a client may shut its write side once its request is sent
-  (`shutdown(SHUT_WR)`, `curl --no-buffer` with some proxies, netcat). uvicorn takes that EOF
-  for a disconnect and the route cancels the generation. Here an EOF after a complete request
-  keeps the connection open for the answer. A client that closed its socket altogether sends the
-  same EOF, so until the answer starts the server writes an interim `100 Continue` every
-  `PROBE_S` seconds (HTTP/1.1 clients must skip unexpected 1xx answers): to a live half-closed
-  client it is nothing, a closed socket answers with a reset, the next write fails, and the
-  generation is cancelled as for any disconnect. After the answer, the connection is closed.
+  (`shutdown(SHUT_WR)`, as netcat and some scripted clients do). uvicorn takes that EOF for a
+  disconnect and the route cancels the generation. Here an EOF after a complete request, before
+  its answer has started, keeps the connection open for the answer (an EOF once an answer is
+  under way, a stream whose client left, is still a disconnect). A client that closed its socket
+  altogether sends the same EOF, so until the answer starts the server writes an interim
+  `100 Continue` every `PROBE_S` seconds (HTTP/1.1 clients must skip unexpected 1xx answers): to
+  a live half-closed client it is nothing, a closed socket answers with a reset, the next write
+  fails, and the generation is cancelled as for any disconnect. After the answer, the connection
+  is closed.
 """
 
 from __future__ import annotations
@@ -53,11 +55,13 @@ def connection_protocol(header_timeout: float) -> type[H11Protocol]:
 
         def eof_received(self) -> bool | None:
             cycle = self.cycle
-            if cycle is not None and not cycle.response_complete and not cycle.more_body:
+            if cycle is not None and not cycle.response_started and not cycle.more_body:
                 self._half_closed = True  # the request is all here: keep the socket to answer it
                 self._probe()
                 return True
-            return None  # nothing (or half a request) sent: uvicorn closes the connection
+            # Half a request, none, or an answer already under way (a stream whose client left):
+            # uvicorn closes the connection and the route sees the disconnect at once.
+            return None
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
