@@ -469,6 +469,21 @@ def test_cost_model_balances_link_and_host() -> None:
     assert max_host_tokens(costs, 0.0, 2**27, 2**27) == 0
 
 
+def test_the_aligned_split_never_predicts_slower_than_either_placement() -> None:
+    """Rounding the balanced share to whole blocks must not put a block on a host so slow that
+    it outlasts streaming the whole layer (seen under load: memory starved, the host at its floor)."""
+    import random
+
+    from torus_plugins.planning.host_split import forecast
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        costs = HostCosts(8e9, rng.uniform(1e8, 6e10), rng.uniform(1e8, 6e10), 16, rng.uniform(1e9, 6e10))
+        f = forecast(costs, [10_000_000] * 4, 1536, 16, "native", None)
+        assert f.rows % 16 == 0 and 0 <= f.rows <= 1536
+        assert f.seconds.hybrid <= min(f.seconds.streaming, f.seconds.host) + 1e-12, costs
+
+
 def test_plan_forecasts_the_hybrid_split_the_engine_uses(smollm2_path: str) -> None:
     from torus_adapters.transformers_adapter.planning import plan_model
 
@@ -483,10 +498,10 @@ def test_plan_forecasts_the_hybrid_split_the_engine_uses(smollm2_path: str) -> N
     assert "streaming-only" in text and "hybrid split" in text and 'host_compute="auto"' in text
     assert plan.as_dict()["host"]["host_rows"] == f.rows
     # the engine given the same rates picks the same rows
-    from torus_plugins.planning.host_split import balanced_share, host_rows
+    from torus_plugins.planning.host_split import balanced_rows
 
     b = plan.streamed_bytes_per_token // 4
-    assert host_rows(balanced_share(f.costs, b, b), 1536, 16) == f.rows
+    assert balanced_rows(f.costs, b, b, 1536, 16) == f.rows
 
 
 def test_host_threads_apply_while_attached_and_are_restored() -> None:

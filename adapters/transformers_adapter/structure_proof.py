@@ -300,6 +300,7 @@ def _prove_one_moe(model: nn.Module, layout: Layout, i: int, inputs: tuple[tuple
 
         site = _Site()
         site.router = router  # type: ignore[attr-defined]
+        site.num_experts = n  # type: ignore[attr-defined]  (a linear router is applied as its map)
         scores = router_scores(site, hidden.reshape(-1, hidden.shape[-1]))  # type: ignore[arg-type]
         if not isinstance(scores, torch.Tensor) or scores.shape[-1] != n:
             raise DiscoveryError(

@@ -17,7 +17,7 @@ import torch
 from ..bandwidth import probe_bandwidth
 from ..config import TorusConfig, parse_bandwidth
 from ..errors import ConfigError
-from ..planning.host_split import HostCosts, TokenCosts, balanced_share, host_rows, max_host_tokens, predict
+from ..planning.host_split import HostCosts, TokenCosts, balanced_rows, host_rows, max_host_tokens, predict
 from . import native
 from .dense import SPLIT_ALIGN, HostLayers, hidden_size
 from .kernels import HostComputeError
@@ -221,14 +221,18 @@ def plan_host(engine: Any) -> HostPlacement | None:
     rows: dict[int, int] = {}
     shares: list[float] = []
     for i in dense:
+        share: float | None
         if config.host_compute == "all":
             share = 1.0
         elif config.host_share is not None:
             share = float(config.host_share)
         else:
             assert costs is not None
-            share = balanced_share(costs, engine.transfer_bytes[i], engine.transfer_bytes[i])
-        r = host_rows(share, inter, align)
+            share = None
+        if share is None:
+            r = balanced_rows(costs, engine.transfer_bytes[i], engine.transfer_bytes[i], inter, align)
+        else:
+            r = host_rows(share, inter, align)
         if r:
             rows[i] = r
         shares.append(r / inter)

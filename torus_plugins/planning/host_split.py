@@ -78,6 +78,22 @@ def host_rows(share: float, intermediate: int, align: int) -> int:
     return rows
 
 
+def balanced_rows(costs: HostCosts, link_bytes: int, host_bytes: int, intermediate: int, align: int) -> int:
+    """Host neurons of the aligned split that finishes soonest: the balanced share rounded down or
+    up to whole blocks, none, or all. Rounding the share to the nearest block is not enough: where
+    the balanced share is under a block or two (a memory-starved host), one block on the host can
+    take longer than streaming the whole layer."""
+    share = balanced_share(costs, link_bytes, host_bytes)
+    low = int(share * intermediate // align) * align
+
+    def seconds(rows: int) -> float:
+        h = rows / intermediate
+        return max((1 - h) * link_bytes / costs.link_bps, h * host_bytes / costs.effective_host_bps)
+
+    candidates = sorted({0, intermediate, low, min(low + align, intermediate)})
+    return min(candidates, key=seconds)  # ties: the fewest host rows
+
+
 def max_host_tokens(costs: HostCosts, share: float, link_bytes: int, host_bytes: int) -> int:
     """Largest pass (tokens) whose host share still beats streaming the whole layer: with host time
     t(T) = t1 + (T - 1)·slope (from the probe's two token counts), share·t(T) <= link_bytes / link."""
@@ -188,8 +204,10 @@ def forecast(
     """The split host_compute="auto" picks for layers streaming `link_bytes` each (host-format
     bytes taken equal: the same weights in the same format class), and the three predictions."""
     b = link_bytes[0] if link_bytes else 0
-    want = balanced_share(costs, b, b) if share is None and b else (share or 0.0)
-    rows = host_rows(want, intermediate, align)
+    if share is None and b:
+        rows = balanced_rows(costs, b, b, intermediate, align)
+    else:
+        rows = host_rows(share or 0.0, intermediate, align)
     actual = rows / intermediate if intermediate else 0.0
     tokens = max_host_tokens(costs, actual, b, b) if b else 0
     seconds = predict(costs, link_bytes, link_bytes, [actual] * len(link_bytes))
