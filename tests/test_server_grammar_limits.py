@@ -143,3 +143,25 @@ def test_a_recursive_schema_is_enforced(server):  # noqa: F811
     if choice["finish_reason"] == "stop":
         value = json.loads(choice["message"]["content"])
         assert "v" in value and "next" in value
+
+
+def test_a_grammar_that_crashes_or_hangs_the_library_costs_its_child_not_the_server():
+    from llguidance import LLMatcher
+
+    from torus_adapters.server.grammar_sandbox import GrammarSandbox
+
+    sandbox = GrammarSandbox()
+    try:
+        ok = LLMatcher.grammar_from_json_schema({"type": "object"})
+        assert sandbox.check(ok) is None
+        assert "foo" in sandbox.check(LLMatcher.grammar_from_lark("start: foo"))  # in the library's words
+        # the unbounded chain, past `grammar_limits`: it overflows llguidance's stack in the child
+        crash = LLMatcher.grammar_from_json_schema(_chain(3000))
+        assert sandbox.check(crash) == "the grammar library failed on it"
+        assert sandbox.check(ok) is None  # a new child took over
+        sandbox.timeout = 1e-4
+        assert "to compile" in sandbox.check(ok)
+        sandbox.timeout = 10.0
+        assert sandbox.check(ok) is None
+    finally:
+        sandbox.close()

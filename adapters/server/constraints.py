@@ -4,7 +4,8 @@
 Lark grammar) into a grammar llguidance has checked against this tokenizer. It runs in the prepare
 worker thread, so a schema the library cannot compile is a 400 that names the field before any
 decoding starts. Nothing reaches the library unchecked: schemas and regular expressions are first
-bounded in Python (`grammar_limits`: size, depth, `$ref` chains and loops, repetition counts), the
+bounded in Python (`grammar_limits`: size, depth, `$ref` chains and loops, repetition counts), then
+compiled once in a child process (`grammar_sandbox`: a crash or a hang there is a 400), the
 library works under its own fuel limits (`LLParserLimits`: what bounds compile and mask time) with
 terse errors (no parser state), every exception it raises is a 400 with one sentence, and a new
 request's matcher computes its first mask before the request is accepted, so a grammar that cannot
@@ -36,6 +37,7 @@ import torch
 
 from .errors import ApiError, bad_request
 from .grammar_limits import check_regex, check_schema
+from .grammar_sandbox import GrammarSandbox
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class Grammars:
     def __init__(self, tokenizer: Any, vocab_size: int, warm: bool = True) -> None:
         self._hf_tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.sandbox = GrammarSandbox()
         if warm:
             threading.Thread(target=self._warm, name="torus-serve-grammar-warmup", daemon=True).start()
 
@@ -138,9 +141,16 @@ class Grammars:
             raise _refused(param, "cannot be compiled into a grammar", exc) from None
         return self._checked(source, "lark", param)
 
+    def close(self) -> None:
+        """Stop the sandbox's child process."""
+        self.sandbox.close()
+
     def _checked(self, source: str, kind: str, param: str) -> Grammar:
         from llguidance import LLMatcher
 
+        error = self.sandbox.check(source)
+        if error:
+            raise _refused(param, "cannot be compiled into a grammar", error)
         try:
             error = LLMatcher.validate_grammar(source, self.tokenizer, limits=_limits())
         except Exception as exc:

@@ -143,8 +143,10 @@ class ModelService:
         return await asyncio.get_running_loop().run_in_executor(self._workers, build, body)
 
     def close(self) -> None:
-        """Let the worker threads go (those still preparing a request finish it first)."""
+        """Let the worker threads go (those still preparing a request finish it first); stop the
+        grammar sandbox."""
         self._workers.shutdown(wait=False, cancel_futures=True)
+        self.grammars.close()
 
     def encode_chat(
         self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] = (), fmt: str = FALLBACK
