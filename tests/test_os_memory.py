@@ -76,7 +76,7 @@ def file_kib():
 model = T.AutoModelForCausalLM.from_pretrained({path!r})  # safetensors, mapped: pages read on use
 ffn_kib = sum(p.numel() * 4 for n, p in model.named_parameters() if ".mlp." in n) // 1024
 base = file_kib()
-tp.attach(model, transport="copy", resident_layers=0, weight_quant="int8", store_cache=None)
+tp.attach(model, transport="copy", resident_layers=0, weight_quant="int8", store_cache={cache!r})
 print(ffn_kib, file_kib() - base)
 """
 
@@ -90,9 +90,17 @@ def test_attach_does_not_keep_the_checkpoints_ffn_pages(tmp_path):
     cfg = T.LlamaConfig(
         vocab_size=256, hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8
     )
-    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
-    code = ATTACH.format(path=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
-    ffn_kib, added_kib = map(int, out.stdout.split())
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "model")
+    def attach(cache) -> tuple[int, int]:
+        code = ATTACH.format(path=str(tmp_path / "model"), cache=cache)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+        ffn_kib, added_kib = map(int, out.stdout.split())
+        return ffn_kib, added_kib
+
+    ffn_kib, added_kib = attach(None)
     assert ffn_kib > 70 * 1024
     assert added_kib < ffn_kib // 5, (ffn_kib, added_kib)
+    stores = str(tmp_path / "stores")
+    attach(stores)  # writes the int8 store (a quarter of the fp32 FFN bytes)
+    _, mapped_kib = attach(stores)  # hashes every FFN weight for the key, then maps the store
+    assert mapped_kib < ffn_kib // 4 + ffn_kib // 5, (ffn_kib, mapped_kib)

@@ -27,6 +27,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .os_memory import release_pages
+
 log = logging.getLogger(__name__)
 
 #: Bump when the file layout or the quantizers' codes change: older stores then no longer match.
@@ -75,6 +77,7 @@ def store_key(kind: str, quant: str, group_size: int, units: Iterable[Sequence[t
     for unit in units:
         for name, t in unit:
             h.update(json.dumps([name, str(t.dtype), list(t.shape), _digest(t)]).encode())
+            release_pages(t)  # a mapped checkpoint's pages, read for the key: not kept (os_memory)
     return h.hexdigest()[:40]
 
 
