@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import harness  # sets the offline defaults before anything loads
 import torch
@@ -26,6 +25,7 @@ from harness.record import add_output_args, begin, environment
 from harness.report import pass_fail, show, table
 
 from torus_plugins import quant, quant_native
+from torus_plugins.host_compute.probe import best_time
 
 TARGETS = {"int8": 1.0, "int4": 0.5}
 #: (name, rows, cols): FFN matrices of the issue's shapes (out x in, as nn.Linear stores them); a
@@ -38,15 +38,6 @@ SHAPES = [
     ("30B-A3B layer: 128 experts' down_proj", 128 * 2048, 768),
 ]
 BASELINE_ROWS = 256
-
-
-def best_seconds(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> int:
@@ -65,15 +56,13 @@ def main() -> int:
         w = (torch.randn(rows, cols) * 0.02).to(torch.bfloat16)
         part = w[:BASELINE_ROWS]
         for mode in ("int8", "int4"):
-            quant.quantize(part, mode, 32)  # warm: the library loaded, the thread pool up
-            quant.quantize(part, mode, 32, native=False)
             same = all(
                 torch.equal(a, b)
                 for a, b in zip(quant.quantize(part, mode, 32, native=False), quant.quantize(part, mode, 32))
             )
-            native_s = best_seconds(lambda w=w, mode=mode: quant.quantize(w, mode, 32), args.repeat)
+            native_s = best_time(lambda w=w, mode=mode: quant.quantize(w, mode, 32), args.repeat)
             torch_s = (
-                best_seconds(lambda p=part, m=mode: quant.quantize(p, m, 32, native=False), 1) * rows / BASELINE_ROWS
+                best_time(lambda p=part, m=mode: quant.quantize(p, m, 32, native=False), 1) * rows / BASELINE_ROWS
             )
             gbs = w.numel() * 2 / native_s / 1e9
             rows_out.append(

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .cache_paths import cache_root
 from .os_memory import release_pages
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,8 @@ PAGE = 4096
 
 
 def stores_dir() -> Path:
-    """`$TORUS_SPARSE_CACHE/stores`, else `$XDG_CACHE_HOME/torus-sparse/stores`, else `~/.cache/...`."""
-    env = os.environ.get("TORUS_SPARSE_CACHE")
-    if env:
-        return Path(env) / "stores"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "torus-sparse" / "stores"
+    """`stores/` under the cache root (`cache_paths.cache_root`)."""
+    return cache_root() / "stores"
 
 
 def store_directory(store_cache: str) -> Path:

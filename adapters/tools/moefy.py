@@ -75,7 +75,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..transformers_adapter.default_model import cache_root
+from torus_plugins.cache_paths import cache_root
 
 #: Defaults, chosen from the table in the module docstring.
 DEFAULT_NUM_EXPERTS = 32

