@@ -152,6 +152,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             allowed_hosts=allowed_hosts_for(args.host, tuple(args.allowed_host)),
             docs=args.docs,
             max_batch_size=args.max_batch_size,
+            prefill_slice=args.prefill_slice,
+            prefill_chunk=args.prefill_chunk,
             max_pending=args.max_pending,
             max_body_bytes=args.max_body_bytes,
             context_length=args.context_length,
@@ -322,6 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-model-name", help="the model id clients see (default: the model's name)")
     lim = sv.add_argument_group("limits")
     lim.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
+    lim.add_argument(
+        "--prefill-slice",
+        type=float,
+        default=0.75,
+        help="seconds a scheduler turn (long prompts' prefill chunks, then a decode step) aims at (default 0.75)",
+    )
+    lim.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="prefill long prompts in chunks of this many tokens (fixed boundaries; default: sized to --prefill-slice)",
+    )
     lim.add_argument("--max-pending", type=int, default=64, help="requests accepted at once; more get 429 (default 64)")
     lim.add_argument(
         "--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)"
