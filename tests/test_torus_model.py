@@ -1,9 +1,7 @@
 """The library's per-model lock (`TorusModel.stream_generate` / `generate`) never deadlocks a thread
 against itself: iterators read side by side take turns, an iterator left open unread holds the
-model only until its generation ends, one dropped unread is released by the garbage collector.
-
-(It lives with the server tests because the server's engineers own this fix; the tiny model keeps
-it quick.)"""
+model only until its generation ends, one dropped unread is released by the garbage collector
+(a tiny model keeps it quick)."""
 
 from __future__ import annotations
 
