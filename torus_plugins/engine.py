@@ -259,10 +259,10 @@ class Engine:
             names = [name for name, _, _ in self.sites[i].params]
             origin = ps[0].device
             packed, buf = self.store.add_layer([(n, p.data) for n, p in zip(names, ps)])
-            for p in ps:  # read once, into the store: the checkpoint's pages of it can go
-                release_pages(p.data)
             if self.host is not None and i in self.host_plan.rows:  # type: ignore[union-attr]
                 self.host.prepare(i, self.sites[i].entry, names, ps, packed, buf, self.host_plan.rows[i])  # type: ignore[union-attr]
+            for p in ps:  # read into the store (and the host share): the checkpoint's pages can go
+                release_pages(p.data)
             self._ffn_origin_device.append(origin)
             self._placeholders.append([_placeholder(p, dev) for p in ps])
             if self.transport.zero_copy:
