@@ -6,6 +6,8 @@ plain sentence, through `response_format`, TGI `parameters.grammar` and `tools` 
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import requests
@@ -159,8 +161,11 @@ def test_a_grammar_that_crashes_or_hangs_the_library_costs_its_child_not_the_ser
         crash = LLMatcher.grammar_from_json_schema(_chain(3000))
         assert sandbox.check(crash) == "the grammar library failed on it"
         assert sandbox.check(ok) is None  # a new child took over
-        sandbox.timeout = 1e-4
-        assert "to compile" in sandbox.check(ok)
+        # A child that hangs, as one stuck compiling would: stopped, it cannot answer in time
+        # (a tiny timeout instead raced a warm child that answered within it).
+        sandbox.timeout = 0.5
+        os.kill(sandbox._child().pid, signal.SIGSTOP)
+        assert sandbox.check(ok) == "it took over 0.5 s to compile"
         sandbox.timeout = 10.0
         assert sandbox.check(ok) is None
     finally:
