@@ -4,6 +4,7 @@ torus-sparse generate "What is the capital of France?"     # embedded default mo
 torus-sparse generate --model ./my-model --vram-budget 6GB --lookahead 3 "Hello"
 torus-sparse chat --system "Answer briefly."                # interactive chat (/help for commands)
 torus-sparse serve --api-key-file key.txt                   # OpenAI + TGI HTTP server on 127.0.0.1:8000
+torus-sparse serve --ray --replicas 2                       # the same server as 2 replicas on Ray Serve
 torus-sparse plugins                                        # what plugins registered
 """
 
@@ -23,6 +24,7 @@ from torus_plugins.config import WEIGHT_QUANTS
 from .config_args import add_config_args as _config_args
 from .config_args import config_from_args as _config_from
 from .loading import load_model
+from .ray_args import add_ray_args, check_ray_args, serve_on_ray
 from .sampling_args import add_sampling_args
 
 
@@ -175,6 +177,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             f"[yellow]warning:[/yellow] serving on {args.host} without an API key: anyone who can reach it can use it"
         )
     config = _config_from(args)
+    if args.ray or check_ray_args(args):  # Ray's flags without --ray are refused here
+        return serve_on_ray(args, settings, config, err)
     sock = bind_socket(args.host, args.port)  # a taken port is refused now, not after the model loads
     try:
         tm = load_model(args, config, err)
@@ -373,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug"],
         help="uvicorn's log level (default info)",
     )
+    add_ray_args(sv)
     _config_args(sv)
     sv.set_defaults(func=_cmd_serve)
     p = sub.add_parser("plugins", help="list the registered plugins, architectures, transports and policies")

@@ -100,6 +100,7 @@ def make_server(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: 
         port=port,
         log_level=log_level,
         http=connection_protocol(settings.header_timeout),
+        loop="asyncio",  # not uvloop, which the `ray` extra installs: the loop the tests pass on, whatever is installed
         timeout_keep_alive=settings.timeout_keep_alive,
         limit_concurrency=settings.limit_concurrency,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout) + _FLUSH_S,
