@@ -15,7 +15,7 @@ from torch import nn
 
 from .architecture import Architecture, FFNSite
 from .config import TorusConfig
-from .errors import ConfigError
+from .errors import ConfigError, IncompatibleModelError
 from .guards import PassLock, freeze_grads, lock_points, restore_grads
 from .host_compute.placement import HostPlacement, plan_host
 from .host_store import HostStore, materialize
@@ -32,6 +32,7 @@ from .slots import SlotRing
 from .stats import EngineStats, LayerStats, StatsEvent
 from .store_file import store_directory
 from .transfer import Transport, TransportOptions
+from .weight_source import ParamReader, WeightSource, unmeta
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,17 @@ class _Origin:
 class Engine:
     """Owns the host store, the device buffers, the hooks and the counters of one model."""
 
-    def __init__(self, model: nn.Module, arch: Architecture, config: TorusConfig, registry: Registry) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: Architecture,
+        config: TorusConfig,
+        registry: Registry,
+        weights: WeightSource | None = None,
+    ) -> None:
         self.model = model
+        #: reads an FFN parameter's values: its own, or the weight source's for an empty one
+        self.read = ParamReader(model, weights)
         self.arch = arch
         self.config = config
         self._registry = registry
@@ -120,6 +130,13 @@ class Engine:
         self.sites: list[FFNSite] = sizes.sites
         self._params = sizes.params
         self._ffn_ids = {id(p) for ps in sizes.params for p in ps} | expert_ids
+        empty = [n for n, p in self.model.named_parameters() if p.is_meta and id(p) not in self._ffn_ids]
+        if empty:
+            raise IncompatibleModelError(
+                f"{type(self.model).__name__} has {len(empty)} empty (meta) parameters outside its streamed FFN "
+                f"layers (first {empty[0]!r}): a weight source can only stand in for FFN weights. Load the model "
+                f"with its other weights in memory"
+            )
         #: device bytes of each FFN layer in its compute dtype (what a resident layer costs)
         self.layer_bytes = sizes.layer_bytes
         #: bytes one transfer of each layer moves (quantized when weight_quant is set)
@@ -215,7 +232,7 @@ class Engine:
                     store_directory(self.config.store_cache),
                     "FFN",
                     (
-                        [(n, p.data) for (n, _, _), p in zip(self.sites[i].params, ps)]
+                        [(n, self.read(p)) for (n, _, _), p in zip(self.sites[i].params, ps)]
                         for i, ps in enumerate(self._params)
                     ),
                 )
@@ -243,6 +260,7 @@ class Engine:
                 self._expert_predictor,
                 self._prefetch_k,
                 self.store.pin_memory,
+                self.read,
             )
             self.experts.build(progress)
         self._install_pass_lock()
@@ -257,12 +275,17 @@ class Engine:
         dev = self.device
         for i, ps in enumerate(self._params):
             names = [name for name, _, _ in self.sites[i].params]
-            origin = ps[0].device
-            packed, buf = self.store.add_layer([(n, p.data) for n, p in zip(names, ps)])
+            # An empty (meta) parameter comes back on the CPU at detach, from the store.
+            origin = ps[0].device if not ps[0].is_meta else torch.device("cpu")
+            weights = [self.read(p) for p in ps]
+            packed, buf = self.store.add_layer(list(zip(names, weights)))
             if self.host is not None and i in self.host_plan.rows:  # type: ignore[union-attr]
                 self.host.prepare(i, self.sites[i].entry, names, ps, packed, buf, self.host_plan.rows[i])  # type: ignore[union-attr]
-            for p in ps:  # read into the store (and the host share): the checkpoint's pages can go
-                release_pages(p.data)
+            for w in weights:  # read into the store (and the host share): the checkpoint's pages can go
+                release_pages(w)
+            del weights
+            for p in ps:
+                unmeta(p, dev)
             self._ffn_origin_device.append(origin)
             self._placeholders.append([_placeholder(p, dev) for p in ps])
             if self.transport.zero_copy:

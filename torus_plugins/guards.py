@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .errors import IncompatibleModelError
+
+if TYPE_CHECKING:
+    from .weight_source import WeightSource
 
 
 class PassLock:
@@ -179,8 +182,11 @@ def check_traceable_call(device: torch.device) -> None:
         )
 
 
-def check_not_hooked(model: nn.Module) -> None:
+def check_not_hooked(model: nn.Module, weights: WeightSource | None = None) -> None:
     """Refuse a model that accelerate (or another library using its hooks) already placed.
+
+    Empty (`meta`) parameters are accepted only where `weights` provides them (a model built by a
+    loader that reads its FFN weights at attach: `weight_source`).
 
     accelerate's hooks move weights in and out around each forward, and an offloaded weight is a
     `meta` tensor whose real values live elsewhere: streaming from either would pack the wrong bytes.
@@ -194,7 +200,11 @@ def check_not_hooked(model: nn.Module) -> None:
             f"enable() do), or remove the hooks first with "
             f"accelerate.hooks.remove_hook_from_module(model, recurse=True) once every weight is in host memory"
         )
-    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    meta = [
+        name
+        for name, p in model.named_parameters()
+        if p.is_meta and not (weights is not None and weights.provides(name))
+    ]
     if meta:
         raise IncompatibleModelError(
             f"{type(model).__name__} has {len(meta)} parameters on the meta device (first {meta[0]!r}): "

@@ -15,6 +15,7 @@ from .engine import Engine
 from .errors import AlreadyAttachedError, NotAttachedError, UnsupportedArchitectureError
 from .guards import check_not_hooked
 from .plugins import resolve
+from .weight_source import WeightSource, source_of
 
 _ATTR = "_torus_engine"
 
@@ -39,6 +40,7 @@ def attach(
     *,
     plugin_manager: pluggy.PluginManager | None = None,
     progress: Callable[[int, int], None] | None = None,
+    weights: WeightSource | None = None,
     **overrides: object,
 ) -> Engine:
     """Stream `model`'s FFN weights from host memory; everything else moves to the compute device.
@@ -46,6 +48,9 @@ def attach(
     config: a `TorusConfig`; keyword overrides (e.g. ``lookahead=3``) are applied on top.
     plugin_manager: use this manager instead of the process-wide one.
     progress: ``progress(done, total)`` after each FFN layer is packed.
+    weights: where FFN parameters left on the meta device are read from, one tensor at a time
+        (default: the source a loader left on the model, see `weight_source`); each is read just
+        before it is packed, so the full-precision FFN weights never sit in host memory at once.
 
     Errors leave the model unchanged: `AlreadyAttachedError`, `UnsupportedArchitectureError`,
     `ConfigError`, `BudgetTooSmallError`, `IncompatibleModelError` (accelerate hooks or weights on
@@ -55,7 +60,8 @@ def attach(
         raise AlreadyAttachedError(
             f"{type(model).__name__} already has a torus-sparse engine; call torus_plugins.detach(model) first"
         )
-    check_not_hooked(model)
+    weights = source_of(model, weights)
+    check_not_hooked(model, weights)
     config = (config or TorusConfig()).replace(**overrides) if overrides else (config or TorusConfig())
     registry = resolve(plugin_manager)
     arch = next((a for a in registry.architectures if a.matches(model)), None)
@@ -68,7 +74,7 @@ def attach(
             + f". Supported: {names}. Add one by implementing the torus_register_architectures hook "
             f"(see torus_plugins.hookspecs and docs/plugins.md, 'Adding an architecture')."
         )
-    engine = Engine(model, arch, config, registry)
+    engine = Engine(model, arch, config, registry, weights)
     engine.build(progress)
     model.__dict__[_ATTR] = engine
     engine.publish("attached")

@@ -21,6 +21,7 @@ from torus_plugins.lifecycle import attach, detach, get_engine
 from torus_plugins.stats import EngineStats
 
 from .enable import _BYPASS
+from .lean_load import NotLean, load_lean
 from .model_source import check_model, first_line, load_tokenizer, model_name, resolve_model_source
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,18 @@ class PromptError(TorusError, ValueError):
     """A prompt or chat message list is malformed."""
 
 
-def _load_model(source: str, extra: dict[str, Any], dtype: Any, hf_kwargs: dict[str, Any]):
+def _load_model(source: str, extra: dict[str, Any], dtype: Any, hf_kwargs: dict[str, Any], lean: bool = True):
     from transformers import AutoModelForCausalLM
 
     # Always load into host memory: the engine then moves only non-FFN weights (and whatever
     # FFN layers the budget allows) to the device, so the device never holds the whole model.
     if hf_kwargs.pop("device_map", None) is not None:
         log.warning("torus-sparse places weights itself; ignoring device_map")
+    if lean and not extra:
+        try:
+            return load_lean(source, dtype, **hf_kwargs)
+        except NotLean as why:
+            log.info("torus-sparse: loading %s through transformers (FFN weights in memory at once): %s", source, why)
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **hf_kwargs)
     except OSError as exc:  # e.g. a truncated or mismatched weight file
@@ -121,6 +127,7 @@ class TorusModel:
         dtype: Any = "auto",
         show_progress: bool | None = None,
         tokenizer: Any = None,
+        lean: bool = True,
         **hf_kwargs: Any,
     ) -> "TorusModel":
         """Load a model (default: the embedded SmolLM2-135M-Instruct) and attach an engine.
@@ -129,6 +136,10 @@ class TorusModel:
         dtype: passed to `from_pretrained` ("auto" keeps the checkpoint's dtype).
         show_progress: draw a progress bar while FFN layers are packed; default: on a terminal.
         tokenizer: use this tokenizer instead of loading the model's own.
+        lean: build the model without its FFN weights and let attach read each one from the
+            checkpoint as it packs it (`lean_load`), so host memory never holds them all at once;
+            a checkpoint the lean loader cannot prove equal to `from_pretrained` (GGUF, `.bin`,
+            other weight conversions) loads through `from_pretrained`, with a log line saying why.
         hf_kwargs: passed to `AutoModelForCausalLM.from_pretrained` (`device_map` is ignored).
 
         Before any weight is read, a directory without weights or tokenizer and a model that is
@@ -141,7 +152,7 @@ class TorusModel:
         try:
             if tokenizer is None:
                 tokenizer = load_tokenizer(source, extra, name)
-            model = _load_model(source, extra, dtype, dict(hf_kwargs))
+            model = _load_model(source, extra, dtype, dict(hf_kwargs), lean)
         finally:
             _BYPASS.reset(token)
         model.eval()

@@ -44,6 +44,7 @@ from ..stalls import StallLedger
 from ..stats import ExpertCounters, ExpertLayerStats, ExpertStats
 from ..store_file import store_directory
 from ..transfer import Transport
+from ..weight_source import ParamReader, unmeta
 from .cache import ExpertCache, ExpertCachePlan, plan_expert_cache
 from .grouped import SlotStack
 from .predict import ExpertPredictContext, ExpertPredictor
@@ -167,8 +168,11 @@ class ExpertStreamer:
         predictor: ExpertPredictor | None,
         prefetch_k: int,
         pin_memory: bool,
+        read: ParamReader | None = None,
     ) -> None:
+        """read: reads an experts parameter's slices (an empty one's from the model's weight source)."""
         self.model, self.arch, self.sites, self.plan = model, arch, sites, plan
+        self.read = read if read is not None else ParamReader(model, None)
         self.config, self.transport, self.device = config, transport, device
         self.predictor = predictor
         self.prefetch_k = prefetch_k
@@ -211,7 +215,7 @@ class ExpertStreamer:
                     store_directory(self.config.store_cache),
                     "expert",
                     (
-                        [(f"{name}[{e}]", getattr(site.module, attr).data[e]) for name, attr in site.params]
+                        [(f"{name}[{e}]", self.read(getattr(site.module, attr), e)) for name, attr in site.params]
                         for site in self.sites
                         for e in range(site.num_experts)
                     ),
@@ -240,11 +244,19 @@ class ExpertStreamer:
             self.base.append(len(self._unit_layer))
             params = [getattr(site.module, attr) for _, attr in site.params]
             for e in range(site.num_experts):
-                self.store.add_layer([(f"{name}[{e}]", p.data[e]) for (name, _), p in zip(site.params, params)])
+                unit = [(f"{name}[{e}]", self.read(p, e)) for (name, _), p in zip(site.params, params)]
+                self.store.add_layer(unit)
+                if any(p.is_meta for p in params):  # read from the weight source: its pages go now
+                    for _, t in unit:
+                        release_pages(t)
+                del unit
                 self._unit_layer.append(j)
-            self._origins.append([(p, p.device) for p in params])
+            # An empty (meta) parameter comes back on the CPU at detach, from the store.
+            self._origins.append([(p, p.device if not p.is_meta else torch.device("cpu")) for p in params])
             for p in params:
-                release_pages(p.data)  # a mapped checkpoint's pages of them too (os_memory)
+                if not p.is_meta:
+                    release_pages(p.data)  # a mapped checkpoint's pages of them too (os_memory)
+                unmeta(p, dev)
                 p.data = torch.zeros((), dtype=p.dtype, device=dev).expand(p.shape)
             packing.advance(j + 1)
 
