@@ -385,22 +385,107 @@ def test_smollm2_streamed_int4_is_the_host_quantized_model_and_close_to_the_orig
     assert kl <= 0.03 and top1 >= 0.93
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_dequantize_into_same_bits_as_the_decoded_formula(mode: str) -> None:
-    """The lean landing (int8: one multiply into dst; int4: a nibble table and the metadata decoded
-    in a few ops) writes exactly what the decoded formula does, rounded once into dst's dtype,
-    for odd group counts, row counts, dtypes and transposed destinations."""
-    gen = torch.Generator().manual_seed(1)
+def _landing_cases(gen: torch.Generator):
+    """(shape, group, weight): even and odd group counts, odd row counts, and rows that stress the
+    metadata (a zero row, a constant row, a row of tiny values whose fp16 super-scales are subnormal,
+    a row of large ones)."""
     for shape, group in (((64, 96), 32), ((33, 64), 16), ((8, 200), 32), ((5, 160), 32)):
         w = torch.randn(shape, generator=gen) * 3
+        if shape[0] >= 8:
+            w[1] = 0.0
+            w[2] = 0.75
+            w[3] *= 1e-7
+            w[4] *= 3e3
+        yield shape, group, w
+
+
+def _int4_formula(q, meta, shape):
+    codes, step, offset = quant.int4_codes(q, meta)
+    nib = codes.view(shape[0], step.shape[1], -1).to(torch.float32)
+    return (nib * step[..., None] - offset[..., None]).view(shape)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_dequantize_into_same_bits_as_the_decoded_formula(mode: str) -> None:
+    """The lean landing (int8: one multiply into dst; int4: the one-op kernel, here the native C
+    dequantizer) writes exactly what the decoded formula does, rounded once into dst's dtype, for
+    odd group counts, row counts, dtypes and transposed destinations; so does int4's portable
+    torch-ops path, which devices without a kernel use."""
+    gen = torch.Generator().manual_seed(1)
+    for shape, group, w in _landing_cases(gen):
         q, meta = quant.quantize(w, mode, group)
-        if mode == "int8":
-            ref32 = q.to(torch.float32) * meta[:, None]
-        else:
-            codes, step, offset = quant.int4_codes(q, meta)
-            nib = codes.view(shape[0], step.shape[1], -1).to(torch.float32)
-            ref32 = (nib * step[..., None] - offset[..., None]).view(shape)
+        ref32 = q.to(torch.float32) * meta[:, None] if mode == "int8" else _int4_formula(q, meta, shape)
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for dst in (torch.empty(shape, dtype=dtype), torch.empty(shape[::-1], dtype=dtype).t()):
                 quant.dequantize_into(dst, q, meta, mode)
                 assert torch.equal(dst, ref32.to(dtype)), (shape, dtype, dst.is_contiguous())
+                if mode == "int4":
+                    dst.fill_(float("nan"))
+                    quant._dequantize_int4_ops(dst, q, meta)
+                    assert torch.equal(dst, ref32.to(dtype)), ("torch ops", shape, dtype, dst.is_contiguous())
+        if mode == "int4":
+            assert torch.equal(quant._int4_values(q, meta), ref32)
+
+
+@pytest.mark.skipif(quant_native.unavailable() is not None, reason="no C compiler: the PyTorch path is the only one")
+def test_int4_landing_is_one_op_on_the_cpu_and_reads_every_byte_value():
+    """With the native library, an int4 matrix lands in one dispatched op (`torus::dequantize_int4_`),
+    every one of the 256 code bytes decodes as the formula says, and strided code rows (a slot's
+    views into a larger buffer) are read at their strides."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gen = torch.Generator().manual_seed(2)
+    q, meta = quant.quantize(torch.randn(16, 512, generator=gen), "int4", 32)
+    q = torch.arange(256, dtype=torch.uint8).repeat(16)[: q.numel()].view(q.shape)  # every byte value
+    ref = _int4_formula(q, meta, (16, 512)).to(torch.bfloat16)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    dst = torch.empty(16, 512, dtype=torch.bfloat16)
+    quant.dequantize_into(dst, q, meta, "int4")  # the first landing proves the kernel
+    with Ops() as ops:
+        quant.dequantize_into(dst, q, meta, "int4")
+    assert ops.names == ["torus.dequantize_int4_.default"]
+    assert torch.equal(dst, ref)
+    wide_q = torch.zeros(16, 300, dtype=torch.uint8)
+    wide_m = torch.zeros(16, meta.shape[1] + 7, dtype=torch.uint8)
+    wide_q[:, 10:266], wide_m[:, 3 : 3 + meta.shape[1]] = q, meta
+    dst.zero_()
+    quant.dequantize_into(dst, wide_q[:, 10:266], wide_m[:, 3 : 3 + meta.shape[1]], "int4")
+    assert torch.equal(dst, ref)
+
+
+def test_an_int4_kernel_that_differs_is_never_used(monkeypatch, caplog):
+    """The one-op kernel is proven on its first matrix against the torch ops; one that writes other
+    bits is logged and the landing keeps the torch ops' (right) bits."""
+    gen = torch.Generator().manual_seed(3)
+    q, meta = quant.quantize(torch.randn(8, 64, generator=gen), "int4", 16)
+    monkeypatch.setattr(quant, "_KERNEL", {})
+    monkeypatch.setattr(quant_native, "dequantize_int4", lambda dst, q, meta, threads: dst.fill_(1.0))
+    dst = torch.empty(8, 64, dtype=torch.float16)
+    with caplog.at_level("WARNING", logger="torus_plugins.quant"):
+        quant.dequantize_into(dst, q, meta, "int4")
+    assert torch.equal(dst, _int4_formula(q, meta, (8, 64)).to(torch.float16))
+    assert quant._KERNEL[("cpu", torch.float16, True)] is None
+    assert "differed from the formula" in caplog.text
+
+
+def test_compiled_int4_kernel_writes_the_formula_bits():
+    """The kernel CUDA's landing uses (torch.compile of `_int4_values` written into dst: one fused
+    kernel there), compiled here for the CPU: the same bits as the formula, even and odd group
+    counts through one dynamic-shape compile (about 25 s of inductor on two cores). On a GPU the
+    first landing also proves it against the torch ops (`int4_kernel`)."""
+    pytest.importorskip("torch._inductor")
+    gen = torch.Generator().manual_seed(4)
+    for shape, group, w in _landing_cases(gen):
+        q, meta = quant.quantize(w, "int4", group)
+        dst = torch.empty(shape, dtype=torch.bfloat16)
+        quant._compiled_kernel(dst, q, meta)
+        assert torch.equal(dst, _int4_formula(q, meta, shape).to(torch.bfloat16)), shape

@@ -156,20 +156,38 @@ def test_views_use_the_layer_layout_and_are_cached(store):
     assert torch.equal(w, torch.full((4, 4), 3.0))
 
 
+def test_units_with_one_layout_share_a_slots_views(store):
+    """Every expert of a MoE layer has the same layout: a slot builds their views once, whichever
+    of them lands (views follow the bytes, not the unit or the tensors' names)."""
+    many = HostStore(pin_memory=False)
+    for i in range(5):
+        many.add_layer([(f"experts.{i}.w", torch.full((2, 2), float(i)))])
+    ring = SlotRing([torch.zeros(many.layouts[0].nbytes, dtype=torch.uint8)], many.layers)
+    slot = ring.slots[0]
+    first = None
+    for i in range(len(many.layers)):
+        slot.buffer.copy_(many.buffers[i])
+        ring.assign(slot, i, ready=None)
+        views = ring.views(slot, i)
+        first = first or views
+        assert views is first and torch.equal(views.bind[0], torch.full((2, 2), float(i)))
+    assert len(slot.views) == 1
+
+
 def test_view_cache_is_bounded_per_slot(store):
-    """An expert cache may land every unit in every slot: the cache keeps the latest ones only."""
+    """An expert cache may land every unit in every slot: the cache keeps the latest layouts only."""
     from torus_plugins.slots import VIEWS_PER_SLOT
 
     many = HostStore(pin_memory=False)
     for i in range(VIEWS_PER_SLOT * 3):
-        many.add_layer([("w", torch.full((2, 2), float(i)))])
-    ring = SlotRing([torch.zeros(many.layouts[0].nbytes, dtype=torch.uint8)], many.layers)
+        many.add_layer([("w", torch.full((2, i + 1), float(i)))])  # a layout per unit
+    ring = SlotRing([torch.zeros(max(x.nbytes for x in many.layouts), dtype=torch.uint8)], many.layers)
     slot = ring.slots[0]
     for i in range(len(many.layers)):
-        slot.buffer.copy_(many.buffers[i])
+        slot.buffer[: many.buffers[i].numel()].copy_(many.buffers[i])
         ring.assign(slot, i, ready=None)
         (w,) = ring.views(slot, i).bind
-        assert torch.equal(w, torch.full((2, 2), float(i)))
+        assert torch.equal(w, torch.full((2, i + 1), float(i)))
         assert len(slot.views) <= VIEWS_PER_SLOT
     assert set(slot.views) == set(range(len(many.layers) - VIEWS_PER_SLOT, len(many.layers)))
 

@@ -28,8 +28,10 @@
 
 Only 2-D floating-point weights are quantized; biases and anything else travel as they are.
 The host store keeps the quantized bytes; a slot receives them and `dequantize_into` writes the
-weights in their original dtype and layout into the slot's compute buffer (plain torch ops, so
-the same code runs on CUDA and the CPU).
+weights in their original dtype and layout into the slot's compute buffer: int8 in two dispatched
+ops, int4 in one (`torus::dequantize_int4_`: the native C dequantizer on the CPU, a compiled
+kernel on CUDA), or, where no such kernel exists or proves right, as plain torch ops. All write
+the same bits (every product in the formula is exact; only its subtraction rounds, in fp32).
 """
 
 from __future__ import annotations
@@ -219,14 +221,25 @@ def dequantize_into(dst: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mod
 
     The arithmetic is fp32 (int8: q * scale; int4: codes * step - offset, step and offset exact),
     rounded once into `dst`'s dtype. int8 is two dispatched ops (a view of the scales, one
-    multiply written straight into `dst`); int4's per-weight work is four (codes widened, both
-    nibbles of every byte looked up in a 256-entry table, multiply, subtract into `dst`) after a
-    few ops on the per-group metadata, with one fp32 temporary the size of the matrix."""
+    multiply written straight into `dst`). int4 is one op, `torus::dequantize_int4_`, where a
+    single kernel exists for the device (`int4_kernel`: the native C dequantizer on the CPU, a
+    compiled kernel on CUDA, checked against the formula on its first matrix), else the formula
+    as plain torch ops (`_dequantize_int4_ops`: 15 kernels, one fp32 temporary the size of the
+    matrix). All three write the same bits."""
     if mode == "int8":
         torch.mul(q, scale.unsqueeze(1), out=dst)  # int8 x fp32 computes in fp32, rounds into dst
         return
+    if int4_kernel(dst, q, scale) is not None:
+        torch.ops.torus.dequantize_int4_(dst, q, scale)
+    else:
+        _dequantize_int4_ops(dst, q, scale)
+
+
+def _dequantize_int4_ops(dst: torch.Tensor, q: torch.Tensor, meta: torch.Tensor) -> None:
+    """The int4 landing as portable torch ops: both nibbles of every byte looked up in a 256-entry
+    table, the metadata decoded in a few ops, multiply, subtract into `dst`."""
     rows, half = q.shape
-    step, offset = _int4_steps(scale, rows)
+    step, offset = _int4_steps(meta, rows)
     groups = step.shape[1]
     nib = torch.index_select(_nibbles(q.device), 0, q.reshape(-1).to(torch.int32))  # [rows * half, 2], exact
     w = nib.view(rows, groups, -1).mul_(step.unsqueeze(2))
@@ -234,6 +247,125 @@ def dequantize_into(dst: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mod
         torch.sub(w, offset.unsqueeze(2), out=dst.view(rows, groups, -1))
     else:
         dst.copy_(w.sub_(offset.unsqueeze(2)).view(rows, half * 2))
+
+
+def _int4_values(q: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The int4 formula as one pointwise expression (what a compiler fuses into one kernel: no
+    stack, no dtype view, no table): float32 [rows, cols], w = code * (d * sc) - dmin * mn. Every
+    product is exact (4-bit code, 11-bit d, 6-bit sc), so any evaluation order rounds only the
+    subtraction: the same bits as `_dequantize_int4_ops`."""
+    rows, half = q.shape
+    groups = 2 * (meta.shape[1] - 4) // 3
+    b = meta[:, 4:].to(torch.int32)
+    if groups % 2:
+        b = torch.nn.functional.pad(b, (0, 1))
+    b = b.view(rows, -1, 1, 3)
+    v = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)  # [rows, pairs, 1]
+    parity = torch.arange(2, device=q.device, dtype=torch.int32)  # the pair's first or second group
+    sc = ((v >> (parity * 12)) & 63).view(rows, -1)[:, :groups].to(torch.float32)
+    mn = ((v >> (parity * 12 + 6)) & 63).view(rows, -1)[:, :groups].to(torch.float32)
+    h = meta[:, :4].to(torch.int32).view(rows, 2, 2)
+    dd = _fp16_value(h[..., 0] | (h[..., 1] << 8))  # [rows, (d, dmin)]
+    step, offset = dd[:, 0:1] * sc, dd[:, 1:2] * mn
+    nib = ((q.to(torch.int32).unsqueeze(-1) >> (parity * 4)) & 15).to(torch.float32)  # low nibble first
+    return (nib.view(rows, groups, -1) * step.unsqueeze(2) - offset.unsqueeze(2)).view(rows, 2 * half)
+
+
+def _fp16_value(bits: torch.Tensor) -> torch.Tensor:
+    """float32 values of fp16 bit patterns (int32 tensor, 0..65535) in pointwise ops, bit for bit
+    what `.view(torch.float16).to(torch.float32)` gives: a normal number's fp32 bits are assembled
+    and bitcast, a subnormal is its mantissa * 2**-24."""
+    e, m = (bits >> 10) & 31, bits & 1023
+    inf_nan = e == 31
+    m_nan = torch.where(inf_nan & (m != 0), m | 512, m)  # a NaN comes out quiet, as a conversion makes it
+    big = torch.where(inf_nan, 255 << 23, (e + 112) << 23) | (m_nan << 13)  # normal, inf, NaN: fp32 bits
+    mag = torch.where(e == 0, m.to(torch.float32) * 2.0**-24, big.view(torch.float32))
+    return torch.where((bits >> 15) == 1, -mag, mag)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-op int4 landing: a custom op (`torus::dequantize_int4_`) kept apart from the model's
+# graph (torch.compile sees one opaque op), with a kernel per device where one exists.
+
+_LIB = torch.library.Library("torus", "FRAGMENT")
+_LIB.define("dequantize_int4_(Tensor(a!) dst, Tensor q, Tensor meta) -> ()")
+_LIB.impl("dequantize_int4_", lambda dst, q, meta: None, "Meta")
+
+
+def _cpu_kernel(dst: torch.Tensor, q: torch.Tensor, meta: torch.Tensor) -> None:
+    from . import quant_native
+
+    quant_native.dequantize_int4(dst, q, meta, torch.get_num_threads())
+
+
+_LIB.impl("dequantize_int4_", _cpu_kernel, "CPU")
+
+#: Compiled kernels by device type, built on first use (torch.compile of `_int4_values` written
+#: into dst: inductor fuses the decode, the multiply and the subtraction into one kernel).
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_kernel(dst: torch.Tensor, q: torch.Tensor, meta: torch.Tensor) -> None:
+    fn = _COMPILED.get(dst.device.type)
+    if fn is None:
+
+        def write(dst: torch.Tensor, q: torch.Tensor, meta: torch.Tensor) -> None:
+            dst.copy_(_int4_values(q, meta))
+
+        fn = _COMPILED[dst.device.type] = torch.compile(write, dynamic=True, fullgraph=True)
+    fn(dst, q, meta)  # type: ignore[operator]
+
+
+_LIB.impl("dequantize_int4_", _compiled_kernel, "CUDA")
+
+#: Per (device type, dst dtype, dst contiguous): "op" once the kernel has written its first
+#: matrix with the formula's bits, None where it is unavailable or differed (the torch ops then).
+_KERNEL: dict[tuple[str, torch.dtype, bool], str | None] = {}
+#: Device types with a one-op kernel: the CPU's needs the native library, CUDA's torch.compile.
+KERNEL_DEVICES = ("cpu", "cuda")
+
+
+def int4_kernel(dst: torch.Tensor, q: torch.Tensor, meta: torch.Tensor) -> str | None:
+    """"op" when `torus::dequantize_int4_` lands int4 codes into `dst` on its device, else None.
+
+    Decided once per (device type, dtype, layout): the first matrix goes through the op and
+    through the torch ops, and the op is kept only when their bits are equal (one host read, on
+    that first landing only); a kernel that fails to build or differs is logged and never used
+    again. On the CPU the native library is that kernel (the same C arithmetic the tests pin)."""
+    key = (dst.device.type, dst.dtype, dst.is_contiguous())
+    if key in _KERNEL:
+        return _KERNEL[key]
+    verdict: str | None = None
+    if key[0] in KERNEL_DEVICES and dst.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        verdict = _prove(dst, q, meta)
+    _KERNEL[key] = verdict
+    return verdict
+
+
+def _prove(dst: torch.Tensor, q: torch.Tensor, meta: torch.Tensor) -> str | None:
+    import logging
+
+    log = logging.getLogger(__name__)
+    if dst.device.type == "cpu":
+        from . import quant_native
+
+        if quant_native.library() is None:
+            return None
+    try:
+        with torch.inference_mode(False):
+            got = torch.empty_strided(dst.shape, dst.stride(), dtype=dst.dtype, device=dst.device)
+            want = torch.empty_like(got)
+            torch.ops.torus.dequantize_int4_(got, q, meta)
+            _dequantize_int4_ops(want, q, meta)
+            # Bits, not values: equal NaNs are equal, -0.0 and +0.0 are not.
+            same = bool(torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)))
+    except Exception as exc:  # a kernel that cannot build here: the torch ops are always right
+        log.warning("int4 landing on %s uses torch ops: its one-op kernel failed (%s)", dst.device, exc)
+        return None
+    if not same:
+        log.warning("int4 landing on %s uses torch ops: its one-op kernel differed from the formula", dst.device)
+        return None
+    return "op"
 
 
 _NIBBLES: dict[torch.device, torch.Tensor] = {}

@@ -223,3 +223,75 @@ int torus_quantize_int4(const void* w, int dtype, long rows, int cols, int g, in
     }
     return bad;
 }
+
+/* ------------------------------------------------------------------ int4 dequantization */
+/* fp32 -> bf16 bits, rounded to nearest even, NaN to the canonical quiet NaN: PyTorch's
+   c10::BFloat16 conversion, so a cast here equals torch's `.to(torch.bfloat16)`. */
+static inline uint16_t bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* One row: w = q * (d * sc) - dmin * mn per group, in fp32, rounded once into the destination's
+   dtype. Every product is exact (4-bit q, 11-bit d, 6-bit sc: at most 21 significant bits), so
+   the subtraction is the only fp32 rounding, as in quant.py's PyTorch formula. `vals` holds the
+   row's fp32 values when the destination is not fp32 (converted afterwards). */
+__attribute__((target_clones("avx512f", "avx2", "default"))) static void dq4_row(const uint8_t* q, const uint8_t* meta,
+                                                                                 int cols, int groups, float* vals) {
+    _Float16 hd, hdmin;
+    memcpy(&hd, meta, 2);
+    memcpy(&hdmin, meta + 2, 2);
+    float d = (float)hd, dmin = (float)hdmin;
+    const uint8_t* codes = meta + 4;
+    int g = cols / groups;
+    for (int j = 0; j < groups; j++) {
+        const uint8_t* b = codes + (j / 2) * 3;
+        uint32_t v = (uint32_t)b[0] | ((uint32_t)b[1] << 8);
+        if (j % 2) v |= (uint32_t)b[2] << 16;  // an odd group's codes reach the third byte
+        uint32_t sc = (j % 2) ? (v >> 12) & 63 : v & 63, mn = (j % 2) ? (v >> 18) & 63 : (v >> 6) & 63;
+        float step = d * (float)sc, off = dmin * (float)mn;
+        const uint8_t* qg = q + (long)j * g / 2;
+        float* out = vals + (long)j * g;
+        for (int k = 0; k < g / 2; k++) {
+            out[2 * k] = (float)(qg[k] & 15) * step - off;
+            out[2 * k + 1] = (float)(qg[k] >> 4) * step - off;
+        }
+    }
+}
+
+/* dst[r * dst_rs + c * dst_cs] (elements of `dtype`: 0 fp32, 1 bf16, 2 fp16) for every row r and
+   column c of an int4 matrix (codes: rows of cols / 2 bytes, q_rs apart; metadata: rows of
+   meta_rs bytes). Returns 1 for a shape the format cannot hold or a failed allocation. */
+int torus_dequantize_int4(const uint8_t* q, long q_rs, const uint8_t* meta, long meta_rs, long rows, int cols,
+                          int groups, void* dst, int dtype, long dst_rs, long dst_cs, int threads) {
+    if (groups <= 0 || cols <= 0 || cols % groups || (cols / groups) % 2 || rows < 0 || dtype < 0 || dtype > 2)
+        return 1;
+    int bad = 0;
+#pragma omp parallel num_threads(threads) reduction(| : bad)
+    {
+        float* row = (dtype == 0 && dst_cs == 1) ? NULL : (float*)malloc(sizeof(float) * (size_t)cols);
+        int direct = dtype == 0 && dst_cs == 1;
+        if (!direct && row == NULL) bad = 1;
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; r++) {
+            if (!direct && row == NULL) continue;
+            float* vals = direct ? (float*)dst + r * dst_rs : row;
+            dq4_row(q + r * q_rs, meta + r * meta_rs, cols, groups, vals);
+            if (direct) continue;
+            if (dtype == 0) {
+                float* o = (float*)dst + r * dst_rs;
+                for (int c = 0; c < cols; c++) o[c * dst_cs] = vals[c];
+            } else if (dtype == 1) {
+                uint16_t* o = (uint16_t*)dst + r * dst_rs;
+                for (int c = 0; c < cols; c++) o[c * dst_cs] = bf16_bits(vals[c]);
+            } else {
+                _Float16* o = (_Float16*)dst + r * dst_rs;
+                for (int c = 0; c < cols; c++) o[c * dst_cs] = (_Float16)vals[c];
+            }
+        }
+        free(row);
+    }
+    return bad;
+}

@@ -1,4 +1,5 @@
-"""The native quantizers (`quant_kernels.c`): quant.py's int8 and int4 codes, bit for bit, fast.
+"""The native quantizers (`quant_kernels.c`): quant.py's int8 and int4 codes, bit for bit, fast;
+and the int4 dequantizer that lands those codes on the CPU in one call (`dequantize_int4`).
 
 quant.py's PyTorch path builds each int4 code search out of whole-tensor ops: nine candidate
 passes, each a few fp32 temporaries the size of the weight, about 0.1 GB/s of bf16 input on two
@@ -42,7 +43,9 @@ def library() -> ctypes.CDLL | None:
             p, i, long_ = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
             lib.torus_quantize_int8.argtypes = [p, i, long_, long_, p, p, i]
             lib.torus_quantize_int4.argtypes = [p, i, long_, i, i, i, p, p, long_, i]
+            lib.torus_dequantize_int4.argtypes = [p, long_, p, long_, long_, i, i, p, i, long_, long_, i]
             lib.torus_quantize_int8.restype = lib.torus_quantize_int4.restype = i
+            lib.torus_dequantize_int4.restype = i
             _lib = lib
         return _lib
 
@@ -89,3 +92,21 @@ def quantize_int4(
     if rc:
         raise ValueError(f"the native int4 quantizer refused group {group} for {cols} columns")
     return packed, meta
+
+
+def dequantize_int4(dst: torch.Tensor, q: torch.Tensor, meta: torch.Tensor, threads: int) -> None:
+    """quant.dequantize_into(dst, q, meta, "int4") for CPU tensors, in one call: the same bits
+    (see the C file). `dst`: fp32, bf16 or fp16, any 2-D strides; `q` and `meta` rows may be
+    strided but each row contiguous (the views a slot or the host store hands over are)."""
+    lib = library()
+    assert lib is not None, unavailable()
+    rows, half = q.shape
+    groups = 2 * (meta.shape[1] - 4) // 3
+    if dst.dtype not in _DTYPES or q.stride(1) != 1 or meta.stride(1) != 1 or tuple(dst.shape) != (rows, 2 * half):
+        raise ValueError(f"the native int4 dequantizer cannot write {dst.dtype} {tuple(dst.shape)} from {tuple(q.shape)} codes")
+    rc = lib.torus_dequantize_int4(
+        q.data_ptr(), q.stride(0), meta.data_ptr(), meta.stride(0), rows, 2 * half, groups,
+        dst.data_ptr(), _DTYPES[dst.dtype], dst.stride(0), dst.stride(1), threads,
+    )  # fmt: skip
+    if rc:
+        raise ValueError(f"the native int4 dequantizer refused {groups} groups for {2 * half} columns")

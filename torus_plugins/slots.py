@@ -17,9 +17,10 @@ from .errors import TransferError
 from .host_store import PackedLayer, materialize
 from .transfer import PendingStall, Transport
 
-#: View sets a slot caches (one per layer or expert that has landed in it). A dense ring sees a
-#: few layers per slot; an expert cache may see every expert in every slot, so the cache keeps
-#: the most recent ones: rebuilding a view set costs a few microseconds.
+#: View sets a slot caches. Units with equal layouts (every expert of a MoE layer, usually every
+#: FFN layer) share one set per slot: views depend on the layout, not on the bytes. Views of a
+#: transport's aliased host bytes are per unit. The cache keeps the most recent sets: rebuilding
+#: one costs a few microseconds and 3 dispatched ops per tensor.
 VIEWS_PER_SLOT = 16
 
 
@@ -38,6 +39,16 @@ class SlotViews:
     dequantize: bool
 
 
+def _geometry(packed: PackedLayer) -> tuple:
+    """What a slot's views of `packed` depend on: every tensor's dtype, shape, strides and place
+    in both layouts, and the recipe (not the tensors' names: experts differ only by those)."""
+
+    def layout(lay):  # noqa: ANN001, ANN202
+        return lay.nbytes, tuple((t.dtype, t.shape, t.stride, t.offset, t.nbytes) for t in lay.tensors)
+
+    return layout(packed.compute), layout(packed.transfer), packed.recipe
+
+
 @dataclass
 class Slot:
     index: int
@@ -51,7 +62,7 @@ class Slot:
     # The unit whose dequantized weights fill the compute area since its landing: a cache hit
     # binds them as they are (dequantizing is most of a quantized unit's cost on a CPU).
     materialized: int | None = None
-    views: dict[int, SlotViews] = field(default_factory=dict)
+    views: dict[Any, SlotViews] = field(default_factory=dict)  # by layout (see SlotRing.views)
 
 
 class SlotRing:
@@ -61,6 +72,10 @@ class SlotRing:
         are dequantized right after their landing area."""
         self.slots = [Slot(i, b) for i, b in enumerate(buffers)]
         self._layers = layers
+        # Each unit's layout as the index of the first with the same bytes (tensor names aside):
+        # hashed once, here.
+        first: dict[tuple, int] = {}
+        self._layout_key = [first.setdefault(_geometry(p), len(first)) for p in layers]
         self._where: dict[int, Slot] = {}
         self._clock = 0
 
@@ -73,13 +88,14 @@ class SlotRing:
     def views(self, slot: Slot, layer: int, source: torch.Tensor | None = None) -> SlotViews:
         """The layer's tensors in `slot`. `source`: read the landed bytes there instead of the
         slot (a transport that aliases the host store, see `Transport.aliases_source`)."""
-        v = slot.views.get(layer)
+        key: Any = self._layout_key[layer] if source is None else ("unit", layer)
+        v = slot.views.get(key)
         if v is None:
             if len(slot.views) >= VIEWS_PER_SLOT:
                 del slot.views[next(iter(slot.views))]  # the oldest
             # Views outlive the pass that made them: never make them inference tensors.
             with torch.inference_mode(False):
-                v = slot.views[layer] = self._make_views(slot.buffer, self._layers[layer], source)
+                v = slot.views[key] = self._make_views(slot.buffer, self._layers[layer], source)
         return v
 
     @staticmethod
