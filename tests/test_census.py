@@ -61,6 +61,17 @@ def test_dense_streamed_decode_has_no_sync(census, arch: str) -> None:
     assert c.logits_equal_plain
 
 
+@pytest.mark.parametrize("mode", ["split", "host"])
+def test_dense_host_layers_sync_once_per_layer(census, mode: str) -> None:
+    """A split or whole host layer: its input reaches the host with one named wait
+    (`staging.wait_host`), its result goes back without one; logits within the split's bound."""
+    plain = census.measure("llama", "plain", repeats=1)
+    c = census.measure("llama", mode, repeats=1)
+    assert c.sync_kinds == {"staging.wait_host": 4}, c.sync_kinds
+    assert c.ops <= 1.1 * plain.ops
+    assert c.max_abs_diff_plain <= 1e-6
+
+
 def test_quantized_landing_ops(census) -> None:
     """int8 lands in two ops (a view and one multiply into the compute buffer); int4 in one, the
     `torus::dequantize_int4_` kernel (the native dequantizer here); without the native library

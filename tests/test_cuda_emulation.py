@@ -503,11 +503,18 @@ def test_two_threads_on_one_model_each_get_their_own_answer(fake: FakeCuda, arch
     [("llama", torch.float32, None), ("llama", torch.float32, "int8"), ("mixtral", torch.float32, None)],
 )
 def test_host_placement_through_the_cuda_transport(
-    fake: FakeCuda, arch: str, dtype: torch.dtype, quant: str | None
+    fake: FakeCuda, arch: str, dtype: torch.dtype, quant: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The host placement on a "GPU": split layers' device shares and cached experts go through the
-    real CUDA copy stream (the race detector watching) while host shares run on the worker; the
-    prefill streams, so its logits are bit-equal; greedy tokens equal the reference."""
+    real CUDA copy stream (the race detector watching) while host shares compute on the host; the
+    prefill streams, so its logits are bit-equal; greedy tokens equal the reference. A dense host
+    layer's hidden states cross through the staging buffers: one event wait per host call, and
+    no blocking `.to("cuda")`."""
+    from torus_plugins.host_compute import staging
+
+    waits: list[Any] = []
+    named = staging.wait_host
+    monkeypatch.setattr(staging, "wait_host", lambda event: (waits.append(event), named(event)))
     ref_logits, ref_tokens = reference(arch, dtype, quant)
     model = tiny(arch, dtype)
     engine = attach_cuda(
@@ -515,10 +522,48 @@ def test_host_placement_through_the_cuda_transport(
     )
     assert type(engine.transport) is CudaCopyStream
     assert torch.get_num_threads() == 1  # all cores but one on CUDA (this machine: 2)
+    waits.clear()
+    moves = fake.host_to_device
     logits, tokens = run(model)
     assert torch.equal(logits, ref_logits)
     assert torch.equal(tokens, ref_tokens)
     assert fake.races == []
-    assert engine.stats().host_calls > 0
+    st = engine.stats()
+    assert st.host_calls > 0
+    if arch == "llama":
+        assert len(waits) == st.host_calls and all(w is not None for w in waits)
+        assert fake.host_to_device == moves, "a host layer's result went back with a blocking copy"
     tp.detach(model)
     assert fake.registered == {}
+
+
+@pytest.mark.parametrize("query_completes", [True, False])
+def test_staging_crosses_with_one_event_wait_and_pinned_buffers(
+    fake: FakeCuda, query_completes: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Staging.to_host`: a non_blocking copy into a page-locked buffer and one event wait;
+    `to_device`: page-locked source, non_blocking copy, no wait at all. Buffers are reused across
+    layers (the next `to_host` has ordered the previous copy back), values stay right, no race."""
+    from torus_plugins.host_compute import staging
+
+    fake.query_completes = query_completes
+    waits: list[Any] = []
+    named = staging.wait_host
+    monkeypatch.setattr(staging, "wait_host", lambda event: (waits.append(event), named(event)))
+    s = staging.Staging(CUDA)
+    moves = fake.host_to_device
+    outs, ptrs = [], set()
+    for k in range(3):
+        x = torch.full((2, 8), float(k), device="cuda") + torch.arange(8, device="cuda")
+        xh = s.to_host(x)
+        assert len(waits) == k + 1 and waits[-1] is not None
+        assert fake.is_pinned(xh) and not fake.device_bytes(xh)
+        assert torch.equal(xh, torch.full((2, 8), float(k)) + torch.arange(8))
+        ptrs.add(xh.data_ptr())
+        y = s.to_device(xh * 2)
+        assert fake.device_bytes(y) and len(waits) == k + 1
+        outs.append(y)
+    assert len(ptrs) == 1  # one input buffer, reused
+    for k, y in enumerate(outs):  # each result kept its values after the buffer was reused
+        assert torch.equal(y, 2 * (torch.full((2, 8), float(k)) + torch.arange(8)))
+    assert fake.host_to_device == moves and fake.races == []

@@ -7,6 +7,8 @@ to launch. Those counts are the same on the CPU, so they are measured here, wher
 - `OpCensus` (a `TorchDispatchMode`, below autograd) counts every aten op a step dispatches, and
   the ones that read device values back to the host (`SYNC_OPS`, and copies from the device to
   the host or blocking copies onto it);
+- the engine's named host waits (`host_compute.staging.wait_host`) count as syncs where they run,
+  on the CPU too;
 - `HostReads` (a `TorchFunctionMode`) catches the host reads that never reach the dispatcher on a
   CPU tensor (`tolist`, `numpy`), and, when the compute device is the CPU, the blocking
   `.to(device)` / `.cpu()` crossings written in the engine's own code (no-ops on a CPU, a sync
@@ -163,9 +165,23 @@ def _names_device(args: tuple, kwargs: dict) -> bool:
 
 @contextlib.contextmanager
 def counting(crossings: bool) -> Iterator[OpCensus]:
+    """Count what runs inside. Also counts the engine's named host waits (`staging.wait_host`:
+    a host-computed layer's one sync, a no-op on a CPU device but an event wait on a GPU)."""
+    from torus_plugins.host_compute import staging
+
     census = OpCensus()
-    with HostReads(census, crossings), census:
-        yield census
+    named = staging.wait_host
+
+    def wait_host(event: Any) -> None:
+        census.syncs["staging.wait_host"] += 1
+        named(event)
+
+    staging.wait_host = wait_host
+    try:
+        with HostReads(census, crossings), census:
+            yield census
+    finally:
+        staging.wait_host = named
 
 
 def engine_python_s(profile: cProfile.Profile) -> float:

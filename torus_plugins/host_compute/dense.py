@@ -30,6 +30,7 @@ from ..guards import ForwardOverride, check_traceable_call
 from .fused import GatedFFN, recognize
 from .kernels import HostComputeError, HostLinearMode, HostWeight, in_place_weight, stand_in, stored_weight
 from .split import Cut, find_cut
+from .staging import Staging
 from .twin import host_twin
 from .worker import HostWorker, timed
 
@@ -94,6 +95,7 @@ class HostLayers:
         self.layers: dict[int, HostLayer] = {}
         self.counters: dict[int, HostCounters] = {}
         self.worker = HostWorker(device)
+        self.staging = Staging(device)  # how hidden states cross: one host sync per layer
         self.streamer: Any = None
         self._wraps: list[ForwardOverride] = []
         self.force_stream = False  # `verify`'s reference path
@@ -204,16 +206,17 @@ class HostLayers:
                 streamer.release(i)
         streamer.host_mode = True
         hl, c = self.layers[i], self.counters[i]
+        staging = self.staging
         if hl.share_unit is None:  # the whole layer on the host: nothing for the device to do meanwhile
             check_traceable_call(self.device)
-            y, seconds = timed(self._host, hl, x.to("cpu"))
+            y, seconds = timed(self._host, hl, staging.to_host(x))  # the layer's one host sync
             c.calls += 1
             c.host_s += seconds
             streamer.skip(i)
-            return y.to(x.device)
+            return staging.to_device(y)
         if self.device.type == "cpu":
             # The device share computes on this thread and blocks it: the host share needs the worker.
-            pending = self.worker.submit(self._host, hl, x.to("cpu"))
+            pending = self.worker.submit(self._host, hl, staging.to_host(x))
             try:
                 streamer.acquire(i, hl.share_unit)
                 try:
@@ -226,7 +229,7 @@ class HostLayers:
             # An accelerator queues the device share's kernels and returns: this thread computes the
             # host share while they run. No thread hand-off per layer, and one OpenMP pool (a
             # worker's own pool would make libgomp put idle threads to sleep: `cpu_threads`).
-            xh = x.to("cpu")
+            xh = staging.to_host(x)  # the layer's one host sync
             streamer.acquire(i, hl.share_unit)
             try:
                 y = inner(*args, **kwargs)
@@ -235,7 +238,7 @@ class HostLayers:
             yh, seconds = timed(self._host, hl, xh)
         c.calls += 1
         c.host_s += seconds
-        return y + yh.to(y.device)
+        return y + staging.to_device(yh)
 
     @staticmethod
     def _host(hl: HostLayer, x: torch.Tensor) -> torch.Tensor:
