@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import socket
 import time
 from typing import Any, Awaitable, Callable
 
@@ -131,6 +133,8 @@ class Replica:
         engine.pop("layers", None)
         return {
             "replica": self.replica_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 3),
             "reconfigurations": self.reconfigurations,
             "config": dataclasses.asdict(self.tm.config),
