@@ -269,3 +269,60 @@ def test_sigterm_stops_the_replicas_and_the_cluster(cluster):
 def test_wrong_ray_flags_are_one_line_and_exit_2(argv, message, capsys):
     assert main(["serve", *argv]) == 2
     assert capsys.readouterr().err == f"torus-sparse: error: {message}\n"
+
+
+# ---------------------------------------------------------------------- the proxy's stream guard, in process
+def _guarded(path: str, app) -> list[dict]:
+    from torus_adapters.ray_serve.proxy import StreamEndGuard
+
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    import asyncio
+
+    asyncio.run(StreamEndGuard(app)({"type": "http", "path": path, "method": "POST"}, receive, send))
+    return sent
+
+
+def _stream_then(fail: bool):
+    async def app(scope, receive, send) -> None:
+        headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"x-torus-replica", b"abc123")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+        if fail:
+            raise RuntimeError("ActorDiedError")  # what Ray's proxy meets when the replica dies
+
+    return app
+
+
+@pytest.mark.parametrize("fail", [True, False], ids=["raised", "returned"])
+def test_a_cut_stream_ends_with_the_servers_error_event(fail):
+    from torus_adapters.server.errors import openai_body, tgi_body
+
+    message = "replica abc123 serving this stream stopped before it finished; send the request again"
+    last = _guarded("/v1/chat/completions", _stream_then(fail))[-1]
+    assert last["more_body"] is False
+    error, done = last["body"].decode().split("\n\n")[:2]
+    assert json.loads(error.removeprefix("data: ")) == openai_body(502, message, None, "replica_failed")
+    assert done == "data: [DONE]"
+    last = _guarded("/generate_stream", _stream_then(fail))[-1]
+    assert json.loads(last["body"].decode().removeprefix("data:")) == tgi_body(message, "generation")
+
+
+def test_finished_streams_and_plain_answers_pass_untouched():
+    async def whole(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    assert [m.get("body") for m in _guarded("/v1/completions", whole)] == [None, b"data: [DONE]\n\n"]
+
+    async def broken_json(scope, receive, send) -> None:
+        raise RuntimeError("before any answer")  # the proxy answers this one itself (a 500)
+
+    with pytest.raises(RuntimeError):
+        _guarded("/v1/models", broken_json)

@@ -41,7 +41,9 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--ray-address", metavar="ADDRESS", help="join this Ray cluster (e.g. auto, or ray://head:10001)")
     r.add_argument("--replica-cpus", metavar="N", help="CPUs Ray reserves for each replica (default 1)")
     r.add_argument(
-        "--replica-gpus", metavar="N", help="GPUs for each replica; Ray picks which (default: 1 if CUDA is here, else 0)"
+        "--replica-gpus",
+        metavar="N",
+        help="GPUs for each replica; Ray picks which (default: 1 if CUDA is here, else 0)",
     )
 
 
@@ -103,7 +105,9 @@ def serve_on_ray(args: argparse.Namespace, settings: "ServerSettings", config: T
         from ..ray_serve import deployment
     except ImportError as exc:
         if getattr(exc, "name", "") and exc.name.split(".")[0] == "ray":
-            raise ConfigError("--ray needs Ray Serve, which is not installed: pip install 'torus-sparse[ray]'") from None
+            raise ConfigError(
+                "--ray needs Ray Serve, which is not installed: pip install 'torus-sparse[ray]'"
+            ) from None
         raise
     from ..server.run import bind_socket
     from ..transformers_adapter.model_source import open_model

@@ -80,6 +80,8 @@ class StreamEndGuard:
                 raise
         if started and stream and not finished:
             try:
-                await send({"type": "http.response.body", "body": ended_event(scope["path"], replica), "more_body": False})
+                await send(
+                    {"type": "http.response.body", "body": ended_event(scope["path"], replica), "more_body": False}
+                )
             except Exception:  # the client has gone too
                 pass

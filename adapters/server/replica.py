@@ -8,7 +8,8 @@ serve` builds, plus what a fleet needs from each member. Imports no Ray: it is t
   `shutdown_timeout` seconds the rest end with the server's "shutting down" error), then the
   engine is re-attached and the gate opens. A config that fails to attach leaves the previous one.
 - `check_health()`: raises when the engine cannot serve: the scheduler thread has stopped, no
-  engine is attached, or every pass since the last check failed (`EngineFailed`).
+  engine is attached, or since the last check two or more requests failed and no forward pass
+  succeeded (`EngineFailed`). One failed request alone is that request's problem, not the engine's.
 - `shutdown()`: the server's own drain (`ModelService.drain`: `shutdown_timeout` seconds of grace,
   then typed errors), then the scheduler and the service close.
 """
@@ -151,23 +152,29 @@ class Replica:
 
     # ------------------------------------------------------------------ health
     def _progress(self) -> tuple[int, int]:
+        """(requests that ended in error, forward passes that succeeded), as the scheduler counts them."""
         c = self.scheduler.counters
-        return c.finished.get(ERROR, 0), c.prefills + c.decode_steps
+        return c.finished.get(ERROR, 0), c.prefill_chunks + c.decode_steps
 
     def check_health(self) -> None:
         """Raise `EngineFailed` when this replica cannot serve; cheap (no forward pass)."""
+        from torus_plugins.errors import NotAttachedError
         from torus_plugins.lifecycle import get_engine
 
         thread = getattr(self.scheduler, "_thread", None)
         if thread is not None and not thread.is_alive() and not self.service.draining:
             raise EngineFailed("the scheduler thread has stopped")
-        if get_engine(self.tm.model) is None:
-            raise EngineFailed("no engine is attached to the model")
+        try:
+            get_engine(self.tm.model)
+        except NotAttachedError:
+            raise EngineFailed("no engine is attached to the model") from None
         errors, passes = self._progress()
-        failed = errors > self._seen[0] and passes == self._seen[1]
+        # two or more failures and not one good pass: the model fails, not one odd request
+        failed = errors - self._seen[0]
+        ok = passes > self._seen[1]
         self._seen = (errors, passes)
-        if failed:
-            raise EngineFailed("every request since the last health check failed and no pass succeeded")
+        if failed >= 2 and not ok:
+            raise EngineFailed(f"{failed} requests failed since the last health check and no forward pass succeeded")
 
     # ------------------------------------------------------------------ reconfigure
     async def reconfigure(self, config: Any) -> bool:
