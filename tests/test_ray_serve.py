@@ -326,3 +326,47 @@ def test_finished_streams_and_plain_answers_pass_untouched():
 
     with pytest.raises(RuntimeError):
         _guarded("/v1/models", broken_json)
+
+
+# ---------------------------------------------------------------------- metrics into Ray's, the config-file builder
+def test_each_replicas_metrics_are_copied_into_gauges_with_their_labels():
+    from prometheus_client import CollectorRegistry, Counter
+
+    from torus_adapters.ray_serve.deployment import MetricsMirror
+
+    registry = CollectorRegistry()
+    Counter("torus_http_requests", "HTTP requests answered", ["route"], registry=registry).labels("/v1/models").inc(3)
+    Counter("other_total", "not ours", registry=registry).inc()
+    made: dict[str, Any] = {}
+
+    class Gauge:
+        def __init__(self, name: str, description: str, tag_keys: tuple[str, ...]) -> None:
+            self.name, self.description, self.tag_keys, self.values = name, description, tag_keys, {}
+            made[name] = self
+
+        def set(self, value: float, tags: dict | None = None) -> None:
+            self.values[tuple(sorted((tags or {}).items()))] = value
+
+    assert MetricsMirror(registry, Gauge).update() == 1
+    (gauge,) = made.values()
+    assert (gauge.name, gauge.description, gauge.tag_keys) == (
+        "torus_replica_http_requests_total",
+        "HTTP requests answered",
+        ("route",),
+    )
+    assert gauge.values == {(("route", "/v1/models"),): 3.0}
+
+
+def test_the_config_file_builder_takes_model_torus_and_server(monkeypatch):
+    from torus_adapters.ray_serve.deployment import app_builder
+    from torus_plugins import ConfigError
+
+    monkeypatch.setenv("TORUS_SPARSE_API_KEY", "from-env")
+    app = app_builder({"torus": {"lookahead": 3}, "server": {"model_name": "m", "allowed_hosts": ["a.example"]}})
+    model, config, settings = app._bound_deployment.init_args
+    assert model is None and config.lookahead == 3
+    assert (settings.model_name, settings.api_key, settings.allowed_hosts) == ("m", "from-env", ("a.example",))
+    with pytest.raises(ConfigError, match="unknown argument"):
+        app_builder({"replicas": 2})
+    with pytest.raises(ConfigError, match="unknown TorusConfig field"):
+        app_builder({"torus": {"budget": "6GB"}})

@@ -14,6 +14,8 @@ Installed with the extra `torus-sparse[ray]`; only `torus-sparse serve --ray` im
 - `reconfigure(user_config)`: `{"torus": {TorusConfig fields}}` over the config the deployment was
   bound with; a change re-attaches the engine in place (requests wait, none is refused).
 - `check_health()`: fails when the engine fails (`Replica.check_health`); Ray then replaces the replica.
+- Metrics: each replica's `/metrics` stays its own; every 10 s its `torus_*` samples are copied into
+  Ray Serve's metrics as `torus_replica_*` gauges, tagged with the replica (`MetricsMirror`).
 - Routing is Ray's default: the power of two choices on outstanding requests. There is no prefix
   cache yet, so there is nothing for prefix-affinity routing to win.
 - `app_builder(args)`: the import path for `serve run` / `serve deploy` config files (docs/ray.md).
@@ -27,7 +29,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ray import serve
 
@@ -41,8 +43,11 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "torus-sparse"
 APP_NAME = "torus-sparse"
+API_KEY_ENV = "TORUS_SPARSE_API_KEY"  # what `serve` reads too (`server.auth.resolve_api_key`)
 #: Seconds Ray waits beyond the drain's grace before it kills a replica (uvicorn's flush in `run.py`).
 _FLUSH_S = 5
+#: Seconds between two copies of a replica's metrics into Ray's.
+METRICS_PERIOD_S = 10.0
 
 
 class StartFailed(ConfigError):
@@ -57,6 +62,48 @@ def _torus_config(base: TorusConfig, fields: Mapping[str, Any] | None) -> TorusC
     return dataclasses.replace(base, **dict(fields or {}))
 
 
+class MetricsMirror:
+    """Copies a Prometheus registry's `torus_*` samples into gauges made by `make_gauge(name,
+    description, tag_keys)` (in a replica: Ray Serve's, which add the replica's tags), named
+    `torus_replica_<rest>`; `update()` sets each to its current value."""
+
+    def __init__(self, registry: Any, make_gauge: Callable[[str, str, tuple[str, ...]], Any]) -> None:
+        self.registry = registry
+        self.make_gauge = make_gauge
+        self.gauges: dict[str, Any] = {}
+
+    def update(self) -> int:
+        n = 0
+        for family in self.registry.collect():
+            if not family.name.startswith("torus_"):
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_created"):  # prometheus_client's creation times: not a reading
+                    continue
+                name = "torus_replica_" + sample.name.removeprefix("torus_")
+                gauge = self.gauges.get(name)
+                if gauge is None:
+                    gauge = self.gauges[name] = self.make_gauge(
+                        name, family.documentation, tuple(sorted(sample.labels))
+                    )
+                gauge.set(sample.value, tags=dict(sample.labels) or None)
+                n += 1
+        return n
+
+    def run(self, stop: threading.Event, period: float = METRICS_PERIOD_S) -> None:
+        while not stop.wait(period):
+            try:
+                self.update()
+            except Exception:  # a metrics hiccup must not end the replica
+                log.exception("copying the replica's metrics into Ray's failed")
+
+
+def _serve_gauge(name: str, description: str, tag_keys: tuple[str, ...]) -> Any:
+    from ray.serve import metrics
+
+    return metrics.Gauge(name, description=description, tag_keys=tag_keys)
+
+
 @serve.ingress()
 class TorusDeployment:
     """One replica: a model, its engine and the server's app."""
@@ -68,6 +115,9 @@ class TorusDeployment:
         replica_id = serve.get_replica_context().replica_id.unique_id
         tm = TorusModel.from_pretrained(model, config, show_progress=False)
         self.replica = Replica(tm, settings, replica_id)
+        self._stop = threading.Event()
+        mirror = MetricsMirror(self.replica.app.state.metrics.registry, _serve_gauge)
+        threading.Thread(target=mirror.run, args=(self._stop,), name="torus-ray-metrics", daemon=True).start()
         log.info("replica %s: %s loaded on %s", replica_id, model or "the embedded model", tm.engine.device)
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -78,6 +128,9 @@ class TorusDeployment:
 
     def check_health(self) -> None:
         self.replica.check_health()
+
+    def __del__(self) -> None:  # after the app's lifespan shutdown (the drain): stop copying metrics
+        self._stop.set()
 
 
 def torus_app(
@@ -124,6 +177,8 @@ def app_builder(args: Mapping[str, Any]) -> Any:
     if unknown:
         raise ConfigError(f"unknown argument(s) {', '.join(unknown)}; expected model, torus, server")
     server = dict(args.get("server") or {})
+    if server.get("api_key") is None and os.environ.get(API_KEY_ENV):
+        server["api_key"] = os.environ[API_KEY_ENV]
     if "allowed_hosts" in server and server["allowed_hosts"] is not None:
         server["allowed_hosts"] = tuple(server["allowed_hosts"])
     try:

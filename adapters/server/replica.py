@@ -24,6 +24,7 @@ import socket
 import time
 from typing import Any, Awaitable, Callable
 
+import torch
 from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 
@@ -136,6 +137,7 @@ class Replica:
             "replica": self.replica_id,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "torch_threads": torch.get_num_threads(),
             "uptime_s": round(time.time() - self.started, 3),
             "reconfigurations": self.reconfigurations,
             "config": dataclasses.asdict(self.tm.config),
