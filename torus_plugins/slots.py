@@ -8,6 +8,8 @@ the CPU.
 
 from __future__ import annotations
 
+import heapq
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +65,7 @@ class Slot:
     # binds them as they are (dequantizing is most of a quantized unit's cost on a CPU).
     materialized: int | None = None
     views: dict[Any, SlotViews] = field(default_factory=dict)  # by layout (see SlotRing.views)
+    version: int = 0  # bumped whenever the slot's eviction key changes (heap entries of older versions are stale)
 
 
 class SlotRing:
@@ -78,6 +81,11 @@ class SlotRing:
         self._layout_key = [first.setdefault(_geometry(p), len(first)) for p in layers]
         self._where: dict[int, Slot] = {}
         self._clock = 0
+        # Eviction without scanning the slots: every slot in least-recently-used order (touch
+        # moves one to the end, as its `last_used` becomes the largest), and a heap of empty slot
+        # indices (entries for slots filled since are skipped when met).
+        self._recency: OrderedDict[int, Slot] = OrderedDict((s.index, s) for s in self.slots)
+        self._empty = [s.index for s in self.slots]
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -142,17 +150,28 @@ class SlotRing:
         return views, waited
 
     def victim(self, keep: frozenset[int] | set[int] | tuple[int, ...], active: Slot | None) -> Slot | None:
-        """The slot to refill: empty first, else least recently used, never `active` nor one
-        holding a layer in `keep`. None when every slot is protected."""
-        best = None
-        for s in self.slots:
-            if s is active or (s.layer is not None and s.layer in keep):
-                continue
-            if s.layer is None:
+        """The slot to refill: empty first (the lowest index), else least recently used, never
+        `active` nor one holding a layer in `keep`. None when every slot is protected. Costs the
+        protected slots it steps over, not a scan of the ring."""
+        empty = self._empty_slot(active)
+        if empty is not None:
+            return empty
+        for s in self._recency.values():
+            if s is not active and not (s.layer is not None and s.layer in keep):
                 return s
-            if best is None or s.last_used < best.last_used:
-                best = s
-        return best
+        return None
+
+    def _empty_slot(self, active: Slot | None) -> Slot | None:
+        """The lowest-index empty slot other than `active` (heap entries of since-filled slots go)."""
+        heap = self._empty
+        while heap and self.slots[heap[0]].layer is not None:
+            heapq.heappop(heap)
+        if not heap:
+            return None
+        first = self.slots[heap[0]]
+        if first is not active:
+            return first
+        return next((self.slots[i] for i in sorted(heap) if i != first.index and self.slots[i].layer is None), None)
 
     def assign(self, slot: Slot, layer: int, ready: Any) -> None:
         if slot.layer is not None:
@@ -160,17 +179,27 @@ class SlotRing:
         slot.layer, slot.ready, slot.used_since_load = layer, ready, False
         slot.materialized = None
         self._where[layer] = slot
+        self._rekey(slot)
 
     def forget(self, slot: Slot) -> None:
         """Mark a slot empty (its copy failed or was abandoned): it must be reloaded before use."""
         if slot.layer is not None:
             self._where.pop(slot.layer, None)
+            heapq.heappush(self._empty, slot.index)
         slot.layer, slot.ready, slot.materialized = None, None, None
+        self._rekey(slot)
 
     def touch(self, slot: Slot) -> None:
         self._clock += 1
         slot.last_used = self._clock
         slot.used_since_load = True
+        self._recency.move_to_end(slot.index)
+        self._rekey(slot)
+
+    def _rekey(self, slot: Slot) -> None:
+        """The slot's eviction key changed (its unit or its last use): policies that keep their own
+        order (`moe.cache.ExpertRing`) update it here."""
+        slot.version += 1
 
     def clear(self) -> None:
         for s in self.slots:

@@ -7,6 +7,7 @@ expert, not a whole FFN layer) and the eviction policy.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -36,32 +37,70 @@ class ExpertRing(SlotRing):
         unit_layer: list[int] | None = None,
         n_layers: int = 1,
     ) -> None:
-        super().__init__(buffers, units)
         self.policy = policy
         self._freq = freq  # shared with the cache: routed count per unit
         self._unit_layer = unit_layer or [0] * len(units)
         self._n_layers = n_layers
         self.current = 0  # the MoE layer running now (set by the streamer)
+        # "lfu" / "next-use": heaps of (frequency, last use, slot index, version) per MoE layer of
+        # the unit held ("lfu": one heap for all), so a victim is found without a scan of the slots.
+        # An entry whose version is not its slot's current one is stale and dropped when met.
+        self._heaps: list[list[tuple[int, int, int, int]]] = [[] for _ in range(n_layers if policy == "next-use" else 1)]
+        super().__init__(buffers, units)
+
+    def _rekey(self, slot: Slot) -> None:
+        super()._rekey(slot)
+        if self.policy == "lru" or slot.layer is None:
+            return
+        heap = self._heaps[self._unit_layer[slot.layer] if self.policy == "next-use" else 0]
+        heapq.heappush(heap, (self._freq[slot.layer], slot.last_used, slot.index, slot.version))
+        if len(heap) > 4 * len(self.slots) + 64:  # drop stale entries now and then
+            heap[:] = [e for e in heap if self.slots[e[2]].version == e[3]]
+            heapq.heapify(heap)
+
+    def rekey_unit(self, unit: int) -> None:
+        """`unit`'s routing frequency changed: re-key its slot, if it holds one."""
+        slot = self.find(unit)
+        if slot is not None:
+            self._rekey(slot)
 
     def victim(self, keep, active: Slot | None) -> Slot | None:
+        """"lru": the ring's own order. "lfu": the least routed ("next-use": of the layer whose next
+        run is furthest away: the current one, then the one before, and so on), ties by least
+        recent use, then slot order, exactly as comparing every slot's key would choose."""
         if self.policy == "lru":
             return super().victim(keep, active)
-        best, best_key = None, None
-        n, cur = self._n_layers, self.current
-        for s in self.slots:
-            if s is active or (s.layer is not None and s.layer in keep):
+        empty = self._empty_slot(active)
+        if empty is not None:
+            return empty
+        if self.policy == "lfu":
+            return self._pop_best(self._heaps[0], keep, active)
+        n = self._n_layers
+        for back in range(n):  # layers until their next run: n for the current one, then n - 1, ...
+            found = self._pop_best(self._heaps[(self.current - back) % n], keep, active)
+            if found is not None:
+                return found
+        return None
+
+    def _pop_best(self, heap: list[tuple[int, int, int, int]], keep, active: Slot | None) -> Slot | None:
+        """The heap's least key among live, unprotected slots (left in the heap: it is still the
+        slot's current entry), or None; protected entries met on the way are put back."""
+        skipped = []
+        found = None
+        while heap:
+            entry = heap[0]
+            s = self.slots[entry[2]]
+            if s.version != entry[3] or s.layer is None:
+                heapq.heappop(heap)
                 continue
-            if s.layer is None:
-                return s
-            if self.policy == "next-use":
-                # layers until this expert's layer runs again; the current layer's next run is a token away
-                ahead = (self._unit_layer[s.layer] - cur) % n or n
-                key = (-ahead, self._freq[s.layer], s.last_used)
-            else:
-                key = (self._freq[s.layer], s.last_used)
-            if best is None or key < best_key:
-                best, best_key = s, key
-        return best
+            if s is active or s.layer in keep:
+                skipped.append(heapq.heappop(heap))
+                continue
+            found = s
+            break
+        for e in skipped:
+            heapq.heappush(heap, e)
+        return found
 
 
 @dataclass(frozen=True)
@@ -149,6 +188,13 @@ class ExpertCache:
 
     def ring(self, layer: int) -> ExpertRing:
         return self._ring_of[layer]
+
+    def routed(self, unit: int, layer: int) -> None:
+        """Count one routing of `unit` (of MoE layer `layer`): "lfu" and "next-use" re-key its slot."""
+        self.freq[unit] += 1
+        ring = self._ring_of[layer]
+        if ring.policy != "lru":
+            ring.rekey_unit(unit)
 
     def enter(self, layer: int) -> None:
         """Tell the rings which MoE layer runs now (the "next-use" policy measures from it)."""
