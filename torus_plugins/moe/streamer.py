@@ -169,10 +169,8 @@ class ExpertStreamer:
         prefetch_k: int,
         pin_memory: bool,
         read: ParamReader | None = None,
-        disk_budget: int | None = None,
     ) -> None:
-        """read: reads an experts parameter's slices (an empty one's from the model's weight source);
-        disk_budget: keep the expert store in its file within this many resident bytes (`disk_tier`)."""
+        """read: reads an experts parameter's slices (an empty one's from the model's weight source)."""
         self.model, self.arch, self.sites, self.plan = model, arch, sites, plan
         self.read = read if read is not None else ParamReader(model, None)
         self.config, self.transport, self.device = config, transport, device
@@ -180,8 +178,6 @@ class ExpertStreamer:
         self.prefetch_k = prefetch_k
         qdev = device if device.type == "cuda" else None  # as the dense engine: quantize on the GPU
         self.store = HostStore(pin_memory, config.weight_quant, config.quant_group_size, qdev)
-        if disk_budget is not None:
-            self.store.use_disk_tier(disk_budget, lambda i: ())  # read ahead as predictions prefetch
         self.base: list[int] = []
         self._unit_layer: list[int] = []
         self._origins: list[list[tuple[nn.Parameter, torch.device]]] = []
@@ -211,7 +207,7 @@ class ExpertStreamer:
     def build(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Pack every expert into its own host buffer, allocate the cache, route the experts
         modules' forwards here. The caller tears down on failure."""
-        if (self.store.quant is not None or self.store.tier is not None) and self.config.store_cache is not None:
+        if self.store.quant is not None and self.config.store_cache is not None:
             # One pass over every expert for the file's key, before the loop below frees each
             # layer's fused originals (a list of the units would keep them all alive).
             with step("looking for a stored copy of the quantized experts"):
@@ -522,7 +518,7 @@ class ExpertStreamer:
         old = slot.layer
         if old is not None and slot.prefetched and not slot.used_since_load:
             self.counters[self._unit_layer[old]].wasted_bytes += self.store.buffers[old].numel()
-        moved = ring.fill(slot, unit, self.store.source(unit), self.transport)
+        moved = ring.fill(slot, unit, self.store.buffers[unit], self.transport)
         slot.prefetched = prefetched
         if self._stack is not None:
             self._stack.assign(unit, slot.buffer)
