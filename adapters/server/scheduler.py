@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from .chunk_attention import chunk_attention, sdpa_configs
 from .counters import SchedulerCounters
 from .detok import IncrementalDecoder, StopMatcher
 from .errors import log_reference
@@ -141,6 +142,7 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.device = device
         self.batchable = batchable(model.config)
+        self._sdpa_configs = sdpa_configs(model)  # switched to `chunk_sdpa` for later prefill chunks
         self.max_batch_size = max_batch_size if self.batchable else 1
         self.max_pending = max_pending
         self.counters = SchedulerCounters()
@@ -281,7 +283,7 @@ class Scheduler:
         if item.cache is None and n < item.left and self.batchable:
             item.cache = prefill_cache(self.model.config, item.ids.shape[1])
         began = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), chunk_attention(self._sdpa_configs if item.done else []):
             out = self.model(
                 input_ids=ids,
                 attention_mask=torch.ones(1, item.done + n, dtype=torch.long, device=self.device),
