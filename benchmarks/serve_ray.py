@@ -15,8 +15,8 @@ Clients: C threads (C = 8, 16, 32), each with its own HTTP session, each sending
 non-streamed `POST /v1/completions` one after another (greedy, `max_tokens=--tokens`, prompts
 rotating over a fixed list), all starting together behind a barrier. Per level: throughput =
 completion tokens / wall time from the barrier to the last answer; latency p50 and p99 over every
-request of the level (with C x requests samples, p99 is close to the slowest). A warm-up request
-per replica first. One round per level (the run is long; rerun to see the spread).
+request of the level (with C x requests samples, p99 is close to the slowest). Three warm-up
+requests per replica first. One round per level (the run is long; rerun to see the spread).
 
 Run:  python benchmarks/serve_ray.py [--tokens 32] [--requests 2] [--record | --out PATH]
 Writes benchmarks/results/scratch/serve_ray.json and .md (with --record benchmarks/results/).
@@ -146,7 +146,7 @@ def plain(config: Any, settings: Any, args: argparse.Namespace) -> dict[str, Any
     while not server.started:
         time.sleep(0.05)
     try:
-        levels = measure("plain", url, args, warm=1)
+        levels = measure("plain", url, args, warm=3)
     finally:
         server.should_exit = True
         thread.join(30)
@@ -173,7 +173,7 @@ def on_ray(replicas: int, config: Any, settings: Any, args: argparse.Namespace, 
         stats = requests.get(f"{url}/torus/stats", timeout=30).json()
         seen[stats["replica"]] = stats.get("torch_threads", 0)
     try:
-        levels = measure(f"ray-{replicas}", url, args, warm=2 * replicas)
+        levels = measure(f"ray-{replicas}", url, args, warm=3 * replicas)
     finally:
         serve.delete(APP_NAME)
     return {

@@ -321,11 +321,39 @@ def test_finished_streams_and_plain_answers_pass_untouched():
 
     assert [m.get("body") for m in _guarded("/v1/completions", whole)] == [None, b"data: [DONE]\n\n"]
 
-    async def broken_json(scope, receive, send) -> None:
-        raise RuntimeError("before any answer")  # the proxy answers this one itself (a 500)
+    async def broken(scope, receive, send) -> None:
+        raise RuntimeError("before any answer")  # not the proxy's way: passed on to uvicorn
 
     with pytest.raises(RuntimeError):
-        _guarded("/v1/models", broken_json)
+        _guarded("/v1/models", broken)
+
+    async def replica_json(scope, receive, send) -> None:  # a replica's own error is its own
+        headers = [(b"content-type", b"application/json"), (b"x-torus-replica", b"abc123")]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": b'{"error":{}}', "more_body": False})
+
+    assert _guarded("/v1/models", replica_json)[-1]["body"] == b'{"error":{}}'
+
+
+def test_the_proxys_own_errors_get_the_routes_error_format():
+    from torus_adapters.ray_serve.proxy import PROXY_ERRORS
+    from torus_adapters.server.errors import openai_body, tgi_body
+
+    async def nothing(scope, receive, send) -> None:  # what Ray's proxy does when the replica died
+        return None
+
+    start, body = _guarded("/v1/chat/completions", nothing)
+    assert start["status"] == 500
+    assert json.loads(body["body"]) == openai_body(500, PROXY_ERRORS[500], None, "replica_failed")
+
+    async def unavailable(scope, receive, send) -> None:  # no replica can take it: Ray's plain 503
+        headers = [(b"content-type", b"text/plain"), (b"retry-after", b"1")]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": b"Deployment unavailable", "more_body": False})
+
+    start, body = _guarded("/generate", unavailable)
+    assert start["status"] == 503 and (b"retry-after", b"1") in start["headers"]
+    assert json.loads(body["body"]) == tgi_body(PROXY_ERRORS[503], "overloaded")
 
 
 # ---------------------------------------------------------------------- metrics into Ray's, the config-file builder

@@ -13,6 +13,10 @@ Installed with the extra `torus-sparse[ray]`; only `torus-sparse serve --ray` im
   live re-attach, the server's drain at shutdown).
 - `reconfigure(user_config)`: `{"torus": {TorusConfig fields}}` over the config the deployment was
   bound with; a change re-attaches the engine in place (requests wait, none is refused).
+- Shutdown: Ray stops routing to the replica and waits up to `graceful_shutdown_timeout_s`
+  (`shutdown_timeout` + 5 s) for its requests, then the app's lifespan ends through
+  `Replica.shutdown` (the server's drain, then close). Ray gives a replica no signal when its
+  drain starts; a stream still running at Ray's deadline ends with the proxy's typed error (`proxy`).
 - `check_health()`: fails when the engine fails (`Replica.check_health`); Ray then replaces the replica.
 - Metrics: each replica's `/metrics` stays its own; every 10 s its `torus_*` samples are copied into
   Ray Serve's metrics as `torus_replica_*` gauges, tagged with the replica (`MetricsMirror`).
