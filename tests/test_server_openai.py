@@ -240,6 +240,15 @@ def test_replies_leave_out_absent_fields_and_honour_max_completion_tokens(server
     assert completion["usage"]["completion_tokens"] <= 2 and "logprobs" in completion["choices"][0]
 
 
+def test_a_whole_number_written_with_a_fraction_is_an_integer_as_the_published_schema_says(server):  # noqa: F811
+    """JSON Schema 2020-12 (the server's OpenAPI 3.1 document): 3.0 is an integer, 3.5 is not."""
+    body = {"prompt": "Hi", "temperature": 0}
+    whole = requests.post(f"{server}/v1/completions", json={**body, "max_tokens": 3.0}, timeout=60)
+    assert whole.status_code == 200 and whole.json()["usage"]["completion_tokens"] <= 3
+    half = requests.post(f"{server}/v1/completions", json={**body, "max_tokens": 3.5}, timeout=60)
+    assert half.status_code == 400 and half.json()["error"]["param"] == "max_tokens"
+
+
 OPENCLAW_TOOLS = [
     {
         "type": "function",

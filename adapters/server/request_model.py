@@ -2,8 +2,10 @@
 
 Bodies are validated in pydantic's strict mode: the JSON schema we publish is what is accepted, so
 `"max_tokens": "5"`, `"max_tokens": 3.5` and `"stream": 0` are 400s, not silent conversions. As in
-JSON Schema (which OpenAPI 3.1 uses), an integer is a valid number and a number with no fraction
-(`3.0`) a valid integer. `true` for a number field is refused with its own words.
+JSON Schema 2020-12 (which our OpenAPI 3.1 document uses), an integer is a valid number and a number
+with no fraction (`3.0`) a valid integer. TGI itself refuses `3.0` (serde's `u32`), but refusing it
+here would contradict the published schema (`test_server_schema`'s conformance run sends such numbers).
+`true` for a number field is refused with its own words.
 `RequestModel` ignores unknown keys (the TGI routes: TGI's clients send fields of newer
 versions); `StrictRequestModel` refuses them with a 400 that names the key (the OpenAI routes:
 a field this server does not implement must not be dropped without a word).
