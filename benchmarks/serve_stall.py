@@ -70,14 +70,56 @@ def stream(url: str, index: int, stamps: list[float], started: threading.Event, 
                 return
 
 
+class SchedulerTrace:
+    """The scheduler's own clock: every prefill chunk (tokens, where it started, seconds) and decode
+    step (rows, seconds), recorded by wrapping the two methods of one scheduler instance."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.chunks: list[tuple[float, float, int, int]] = []  # start, end, tokens, tokens before it
+        self.decodes: list[tuple[float, float, int]] = []  # start, end, rows
+        chunk, decode = scheduler._prefill_chunk, scheduler._decode_step
+
+        def traced_chunk(item: Any, n: int) -> None:
+            at, t = item.done, time.perf_counter()
+            chunk(item, n)
+            self.chunks.append((t, time.perf_counter(), n, at))
+
+        def traced_decode() -> None:
+            rows, t = len(scheduler._active), time.perf_counter()
+            decode()
+            self.decodes.append((t, time.perf_counter(), rows))
+
+        scheduler._prefill_chunk, scheduler._decode_step = traced_chunk, traced_decode
+
+    def summary(self, t0: float, t1: float) -> dict[str, Any]:
+        """What the scheduler did between `t0` and `t1`: the long prompt's chunks, the decode steps,
+        and the largest time between the ends of two decode steps (the stall a stream sees, less the
+        delivery to the client)."""
+        chunks = [c for c in self.chunks if t0 <= c[0] <= t1]
+        decodes = [d for d in self.decodes if t0 <= d[1] <= t1]
+        ends = [t0, *(d[1] for d in decodes)]
+        secs = sorted(c[1] - c[0] for c in chunks)
+        slowest = sorted(chunks, key=lambda c: c[0] - c[1])[:5]
+        return {
+            "chunks": len(chunks),
+            "chunk_tokens_median": sorted(c[2] for c in chunks)[len(chunks) // 2] if chunks else None,
+            "chunk_s_median": secs[len(secs) // 2] if secs else None,
+            "chunk_s_max": secs[-1] if secs else None,
+            "slowest_chunks": [{"tokens": n, "at_token": at, "seconds": b - a} for a, b, n, at in slowest],
+            "decode_steps": len(decodes),
+            "decode_s_median": sorted(d[1] - d[0] for d in decodes)[len(decodes) // 2] if decodes else None,
+            "decode_s_max": max((d[1] - d[0] for d in decodes), default=None),
+            "largest_turn_s": max((b - a for a, b in zip(ends, ends[1:])), default=None),
+        }
+
+
 def beside_streams(url: str, prompt: str) -> dict[str, Any]:
     """The long request while `STREAMS` streams run; every stream's largest gap during it."""
     stamps: list[list[float]] = [[] for _ in range(STREAMS)]
     started = [threading.Event() for _ in range(STREAMS)]
     stop = threading.Event()
     threads = [
-        threading.Thread(target=stream, args=(url, i, stamps[i], started[i], stop), daemon=True)
-        for i in range(STREAMS)
+        threading.Thread(target=stream, args=(url, i, stamps[i], started[i], stop), daemon=True) for i in range(STREAMS)
     ]
     for t in threads:
         t.start()
@@ -139,10 +181,12 @@ def main(argv: list[str] | None = None) -> int:
             timed_long_request(server.url, "Warm up.")
             counters = a.state.service.scheduler.counters
             chunks = counters.prefill_chunks
-            phases[name] = timed_long_request(server.url, prompt) if scenario == "alone" else beside_streams(
-                server.url, prompt
+            trace = SchedulerTrace(a.state.service.scheduler)
+            phases[name] = (
+                timed_long_request(server.url, prompt) if scenario == "alone" else beside_streams(server.url, prompt)
             )
             phases[name]["prefill_chunks"] = counters.prefill_chunks - chunks - (4 if scenario == "streams" else 0)
+            phases[name]["scheduler"] = trace.summary(phases[name]["t0"], phases[name]["t1"])
         finally:
             server.stop()
             a.state.service.scheduler.close()
@@ -157,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "serve_stall",
         **harness.environment(device=str(tm.engine.device)),
         "model": {"name": "SmolLM2-135M-Instruct (embedded default)", "dtype": str(next(tm.model.parameters()).dtype)},
-        "engine": {"transport": s.transport, "resident_layers": s.resident_layers, "streamed_layers": s.streamed_layers},
+        "engine": {
+            "transport": s.transport,
+            "resident_layers": s.resident_layers,
+            "streamed_layers": s.streamed_layers,
+        },
         "settings": {
             "prompt_tokens": phases["one_shot"]["prompt_tokens"],
             "streams": STREAMS,
@@ -206,6 +254,17 @@ def render_table(report: dict[str, Any]) -> str:
         f"{'PASS' if t['throughput_pass'] else 'FAIL'}); beside the streams, which take their decode steps "
         f"between its chunks: {report['beside_throughput_vs_one_shot']:.2f}x.",
     ]
+    sc = ph["beside"].get("scheduler")
+    if sc and sc["chunks"]:
+        slow = sc["slowest_chunks"][0]
+        lines += [
+            "",
+            f"Beside the streams, on the scheduler's clock: {sc['chunks']} chunks of the long prompt (median "
+            f"{sc['chunk_tokens_median']} tokens, {sc['chunk_s_median']:.2f} s; slowest {slow['seconds']:.2f} s, "
+            f"{slow['tokens']} tokens from token {slow['at_token']}), {sc['decode_steps']} decode steps (median "
+            f"{sc['decode_s_median']:.3f} s, slowest {sc['decode_s_max']:.3f} s); the longest time between the ends "
+            f"of two decode steps was {sc['largest_turn_s']:.2f} s (a stream's gap adds the delivery to its client).",
+        ]
     return "\n".join(lines)
 
 
