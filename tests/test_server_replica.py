@@ -21,10 +21,12 @@ CONFIG = TorusConfig(transport="copy", resident_layers=0)
 
 
 @pytest.fixture
-def replica() -> Replica:
-    """A replica of a random-init two-layer Llama with SmolLM2's tokenizer (its own, not shared)."""
+def replica(request) -> Replica:
+    """A replica of a random-init two-layer Llama with SmolLM2's tokenizer (its own, not shared).
+    Its drain's grace: 60 s, or the test's (`@pytest.mark.parametrize("replica", [0.05], indirect=True)`)."""
     from torus_adapters.transformers_adapter.default_model import default_model_path
 
+    grace = getattr(request, "param", 60.0)
     tokenizer = T.AutoTokenizer.from_pretrained(str(default_model_path()))
     torch.manual_seed(0)
     config = T.LlamaConfig(
@@ -34,7 +36,7 @@ def replica() -> Replica:
     )  # fmt: skip
     model = T.AutoModelForCausalLM.from_config(config).eval()
     attach(model, CONFIG)
-    r = Replica(TorusModel(model, tokenizer), ServerSettings(model_name="tiny", shutdown_timeout=0.5), "r1")
+    r = Replica(TorusModel(model, tokenizer), ServerSettings(model_name="tiny", shutdown_timeout=grace), "r1")
     yield r
     r.service.close()
     r.scheduler.close()
@@ -42,6 +44,12 @@ def replica() -> Replica:
 
 def chat(max_tokens: int = 4, **extra) -> dict:
     return {"model": "x", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": max_tokens, **extra}
+
+
+def endless(replica: Replica) -> dict:
+    """A greedy request that cannot end before its 480 tokens (its end-of-text token is barred)."""
+    eos = replica.tm.tokenizer.eos_token_id
+    return chat(480, temperature=0, logit_bias={str(eos): -100})
 
 
 def run(replica: Replica, body) -> None:
@@ -131,12 +139,27 @@ def test_a_config_that_cannot_attach_leaves_the_previous_engine(replica):
     replica.check_health()
 
 
-def test_shutdown_drains_with_the_servers_typed_error(replica):
+@pytest.mark.parametrize("replica", [0.05], indirect=True, ids=["grace-0.05s"])
+def test_a_reconfigure_past_the_grace_ends_the_running_generation_typed(replica):
     async def body(client: httpx.AsyncClient) -> None:
-        long = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(400, temperature=0)))
+        long = asyncio.ensure_future(client.post("/v1/chat/completions", json=endless(replica)))
         while not replica.scheduler.in_flight:
             await asyncio.sleep(0.01)
-        await replica.shutdown()  # 0.5 s of grace, then the "shutting down" error
+        assert await replica.reconfigure(TorusConfig(transport="copy", resident_layers=1)) is True
+        r = await long
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down"
+        assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200  # open again
+
+    run(replica, body)
+
+
+@pytest.mark.parametrize("replica", [0.05], indirect=True, ids=["grace-0.05s"])
+def test_shutdown_drains_with_the_servers_typed_error(replica):
+    async def body(client: httpx.AsyncClient) -> None:
+        long = asyncio.ensure_future(client.post("/v1/chat/completions", json=endless(replica)))
+        while not replica.scheduler.in_flight:
+            await asyncio.sleep(0.01)
+        await replica.shutdown()  # 0.05 s of grace, then the "shutting down" error
         r = await long
         assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down"
 
