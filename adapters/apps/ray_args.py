@@ -128,7 +128,14 @@ def serve_on_ray(args: argparse.Namespace, settings: "ServerSettings", config: T
         )
 
     try:
-        deployment.run(app, host=args.host, port=port, address=args.ray_address, announce=announce)
+        deployment.run(
+            app,
+            host=args.host,
+            port=port,
+            address=args.ray_address,
+            keep_alive=settings.timeout_keep_alive,
+            announce=announce,
+        )
     except deployment.StartFailed as exc:
         raise ConfigError(str(exc)) from None
     return 0

@@ -199,11 +199,13 @@ def run(
     port: int,
     address: str | None,
     num_cpus: int | None = None,
+    keep_alive: int = 5,
     announce: Any = print,
 ) -> None:
     """Start a local Ray cluster (or join `address`), run `app` behind Ray's HTTP proxy on
-    `host:port`, and serve until SIGTERM or Ctrl+C; then delete the application (each replica
-    drains as the plain server does) and leave the cluster."""
+    `host:port` (idle connections kept `keep_alive` seconds), and serve until SIGTERM or Ctrl+C;
+    then delete the application (Ray drains each replica, then its app's drain runs) and leave the
+    cluster. Joining a cluster whose Serve already runs keeps that proxy's address and settings."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -213,7 +215,7 @@ def run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options={"host": host, "port": port, "keep_alive_timeout_s": keep_alive})
         try:
             serve.run(app, name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:  # Ray's message ends with the replica's traceback: its last line says why
