@@ -12,6 +12,9 @@ Design (the simplest that batches and stays exact):
   streams: the gap between two of their tokens is about one slice. Chunks are sized from
   the time the last chunk of that prompt took per token, or are `prefill_chunk` tokens when set
   (then boundaries, and so the floating-point rounding of a long prompt, do not depend on load).
+  A chunk's cost is its tokens times the context they attend to: chunks after the first attend
+  through `chunk_attention`, which does not copy the whole cache per layer as transformers' masked
+  SDPA path does (that copy made a 16-token chunk cost as much as a 300-token one at 8k tokens).
   Prefills go shortest-remaining first, so a short request is not queued behind a long prompt. A
   request cancelled while it is prefilled (its client left) stops at its next chunk.
 - Each decode step runs the model once on one new token per row. The engine's FFN hooks fire once
