@@ -12,9 +12,10 @@ Phases, all on ONE host model (no deepcopy; host RAM holds one copy plus the eng
  1. Build: a random-init LlamaForCausalLM (hidden 4096, intermediate 11008, 32 layers, 32 heads,
     vocab 32000: 6.74 B parameters, 13.5 GB in bf16). The module tree is built with no storage
     (accelerate's `init_empty_weights`, so only the rotary buffers are real), then every parameter
-    is created directly in bf16 on the host: `torch.manual_seed(seed)`, then `normal_(0, 0.02)` per
-    matrix in `named_parameters()` order and ones for the RMSNorm weights. No float32 copy, no
-    transformers default init (which would cost minutes on the CPU).
+    is created in bf16: `normal_(0, 0.02)` per matrix in module order, drawn on the GPU from one
+    `torch.Generator` seeded with --seed and copied to the host matrix by matrix (seconds, where
+    one CPU thread takes 45-60 s), ones for the RMSNorm weights. No float32 copy, no transformers
+    default init. (--tiny on the CPU draws on the CPU: other numbers for the same seed.)
  2. Link: pinned host->device bandwidth. A pinned 1 GiB uint8 buffer is copied into a device
     buffer with `non_blocking=True` on a side stream, timed with CUDA events on that stream; one
     warm-up, best of 5. The same is done for one FFN layer's bytes (the engine's transfer unit).
@@ -65,11 +66,15 @@ int8 >= 1.8x and int4 >= 3x torus bf16 tok/s (best lookahead of each).
 Output: a table on stdout, JSON at --out, else benchmarks/results/gpu_check.json with --record,
 else $OUT/gpu_check.json when OUT is set, else benchmarks/results/scratch/gpu_check.json
 (gpu_check_tiny.json with --tiny). The JSON is rewritten after
-every phase, so a run cut off by a time limit still leaves what it measured. Before each phase
-the script predicts its duration (the previous run of the same format, else the link speed plus
-an allowance for quantizing on the host) and skips it, saying so, if it would end after
---max-seconds. Exit status is 0 whether or not targets are met; non-zero only if the script
-itself fails.
+every phase, so a run cut off by a time limit still leaves what it measured; SIGTERM (`timeout`,
+a lease ending) marks the phase it cut as interrupted, writes the summary and the table, and
+exits 143. Before each phase the script predicts its whole duration (the previous run of the same
+mode; a host-placement mode's first run: its format's streaming-only run plus allowances for the
+host probe, repacking and `verify`; else the link speed plus an allowance for quantizing and
+dequantizing) and skips it, saying so, if it would end after --max-seconds. Each torus run also
+times one host store buffer to the device (`store_buffer_link`: registered 4 KiB-page memory may
+DMA slower than the probe's pinned block). Exit status is 0 whether or not targets are met;
+non-zero only if the script itself fails (143 after SIGTERM).
 """
 
 from __future__ import annotations
@@ -115,8 +120,9 @@ PLANNER_FIELDS = (
 
 
 # --------------------------------------------------------------------------- model
-def build_model(dims: dict[str, int], seed: int) -> nn.Module:
-    """A LlamaForCausalLM with deterministic random bf16 weights, made without a float32 pass."""
+def build_model(dims: dict[str, int], seed: int, device: torch.device | None = None) -> nn.Module:
+    """A LlamaForCausalLM with deterministic random bf16 weights on the host, drawn on `device`
+    (seeded generator there; `harness.random_bf16`), made without a float32 pass."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -128,7 +134,7 @@ def build_model(dims: dict[str, int], seed: int) -> nn.Module:
         bos_token_id=1,
         eos_token_id=2,
     )
-    return harness.random_bf16(lambda: LlamaForCausalLM(cfg), seed)
+    return harness.random_bf16(lambda: LlamaForCausalLM(cfg), seed, device=device)
 
 
 def ffn_and_non_ffn_bytes(model: nn.Module) -> tuple[int, int]:
@@ -364,7 +370,7 @@ def start(args: argparse.Namespace) -> Check | None:
 def build(c: Check) -> None:
     """1. The host model, its sizes, the prompt."""
     t0 = time.perf_counter()
-    c.model = model = build_model(c.dims, c.args.seed)
+    c.model = model = build_model(c.dims, c.args.seed, c.device)
     n_params = sum(p.numel() for p in model.parameters())
     c.layer_bytes, c.non_ffn = ffn_and_non_ffn_bytes(model)
     c.kv_tok = kv_bytes_per_token(model)
@@ -443,8 +449,19 @@ def schedule(c: Check) -> list[tuple[str, str, int]]:
     return out
 
 
+#: host placement set-up per GB of FFN weights in the run's format (repacking for the host kernels,
+#: `verify`'s token through every host layer both ways) and the host probe, in seconds: allowances
+#: until a run of the same format has been timed
+HOST_SETUP_S_PER_GB = 3.0
+HOST_PROBE_S = 15.0
+
+
 def predict_s(c: Check, kind: str, mode: str) -> float:
-    """A phase's expected seconds: the previous run of its format, else the link speed plus allowances."""
+    """A phase's expected seconds, all of it: planner, attach (quantizing; under the host
+    placement also the probe, the repacking and `verify`), prompt pass, warm-up, timed decodes,
+    detach (dequantizing) and re-binding. The previous run of its mode when there is one; for a
+    "+host" mode first run, its format's streaming-only run plus the host allowances; else the
+    link speed plus allowances."""
     args = c.args
     if kind == "accelerate":
         # pageable copies of the offloaded layers at every forward pass (~10 GB/s guessed)
@@ -452,12 +469,18 @@ def predict_s(c: Check, kind: str, mode: str) -> float:
         return (args.accelerate_steps + 4) * offloaded / 10e9 + 20.0
     if mode in c.last_run_s:
         return c.last_run_s[mode]
-    scale = {"bf16": 1.0, "int8": 0.5, "int4": 0.27}[mode.removesuffix("+host")]
+    fmt = mode.removesuffix("+host")
+    scale = {"bf16": 1.0, "int8": 0.5, "int4": 0.27}[fmt]
+    host_s = 0.0
+    if mode.endswith("+host"):
+        host_s = HOST_PROBE_S + HOST_SETUP_S_PER_GB * c.n_layers * c.layer_bytes * scale / 1e9
+        if fmt in c.last_run_s:
+            return c.last_run_s[fmt] + host_s
     tokens_streamed = args.warmup_tokens + args.repeats * (args.decode_steps + 1) + 1
     stream_s = tokens_streamed * c.n_layers * c.layer_bytes * scale / c.link_Bps * 1.3
     # quantizing on the host at attach, dequantizing at detach: ~1 s per GB of FFN weights
-    quant_s = 0.0 if mode == "bf16" else 1.0 * c.n_layers * c.layer_bytes / 1e9
-    return stream_s + quant_s + 20.0
+    quant_s = 0.0 if fmt == "bf16" else 1.0 * c.n_layers * c.layer_bytes / 1e9
+    return stream_s + quant_s + host_s + 20.0
 
 
 def accelerate_phase(c: Check, name: str, la: int) -> dict[str, Any]:
@@ -542,6 +565,12 @@ def record_plan(entry: dict[str, Any], eng: Any) -> None:
     )
     entry["host_pinned_after_attach"] = harness.host_pinned_stats()
     entry["store_pinning"] = store_pinning(eng)
+    bufs = [b for b in eng.store.buffers if b is not None]
+    if bufs:  # the engine's own transfer unit, as page-locked by the store
+        try:
+            entry["store_buffer_link"] = harness.buffer_link(eng.device, bufs[-1])
+        except Exception as exc:  # noqa: BLE001 - informational only
+            entry["store_buffer_link"] = {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def measure_streamed(c: Check, name: str, entry: dict[str, Any], eng: Any, mode: str) -> None:
@@ -654,10 +683,11 @@ def main(argv: list[str] | None = None) -> int:
     c = start(parse_args(argv))
     if c is None:
         return 2
-    build(c)
-    measure_link(c)
-    baseline(c)
-    side_by_side(c)
+    with harness.terminable(c, lambda: finish(c)):  # SIGTERM still writes the summary
+        build(c)
+        measure_link(c)
+        baseline(c)
+        side_by_side(c)
     finish(c)
     return 0
 

@@ -12,7 +12,8 @@ Model: a random-init `OlmoeForCausalLM` with OLMoE-1B-7B's per-layer shape in bf
 per-layer figure is the real model's; per-token bytes, stall and tok/s cover --layers MoE layers
 (a 16-layer model moves about 16/layers times the expert bytes per token). Built as gpu_check.py
 builds its Llama: module tree with no storage (`accelerate.init_empty_weights`), then each
-parameter made directly in bf16 (`manual_seed`, `normal_(0, 0.02)`, ones for the norms), with
+parameter made directly in bf16 (`normal_(0, 0.02)` drawn on the GPU from a generator seeded with
+--seed, copied to the host matrix by matrix; ones for the norms), with
 `config._experts_implementation = "eager"`.
 
 Phases (one host model; no copies beyond the engine's host store):
@@ -43,8 +44,11 @@ Output: a table, and JSON at --out, else benchmarks/results/gpu_moe_check.json w
 $OUT/gpu_moe_check.json when OUT is set, else benchmarks/results/scratch/gpu_moe_check.json (`_tiny`
 with --tiny), rewritten after every phase. Every
 variant is guarded: a failure is recorded in the JSON and the rest still run; a variant whose
-predicted duration would end the script after --max-seconds is skipped, saying so. Exit status 0
-whether or not the checks pass; non-zero only if the script itself fails.
+predicted duration (the last run's, scaled for int8, plus the host probe, repacking and `verify`
+for a host variant) would end the script after --max-seconds is skipped, saying so. SIGTERM marks
+the variant it cut as interrupted, writes the summary and the table, and exits 143. Each variant
+also times one expert's host store buffer to the device (`store_buffer_link`). Exit status 0
+whether or not the checks pass; non-zero only if the script itself fails (143 after SIGTERM).
 """
 
 from __future__ import annotations
@@ -86,8 +90,9 @@ TINY = olmoe_dims(64, 32, 8, 2, 4, 512)
 
 
 # --------------------------------------------------------------------------- model
-def build_model(dims: dict[str, int], layers: int, seed: int) -> nn.Module:
-    """An OlmoeForCausalLM with deterministic random bf16 weights, eager experts, no float32 pass."""
+def build_model(dims: dict[str, int], layers: int, seed: int, device: torch.device | None = None) -> nn.Module:
+    """An OlmoeForCausalLM with deterministic random bf16 weights on the host (drawn on `device`
+    from a seeded generator: `harness.random_bf16`), eager experts, no float32 pass."""
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     cfg = OlmoeConfig(
@@ -101,7 +106,7 @@ def build_model(dims: dict[str, int], layers: int, seed: int) -> nn.Module:
         eos_token_id=50279 if dims["vocab_size"] > 50279 else 0,
     )
     cfg._experts_implementation = "eager"
-    model = harness.random_bf16(lambda: OlmoeForCausalLM(cfg), seed)
+    model = harness.random_bf16(lambda: OlmoeForCausalLM(cfg), seed, device=device)
     if getattr(model.config, "_experts_implementation", None) != "eager":
         model.set_experts_implementation("eager")
     return model
@@ -315,7 +320,7 @@ def build_and_link(c: Check) -> None:
     from torus_adapters.transformers_adapter.moe_architectures import moe_info
 
     t0 = time.perf_counter()
-    c.model = model = build_model(c.dims, c.layers, c.args.seed)
+    c.model = model = build_model(c.dims, c.layers, c.args.seed, c.device)
     c.info = info = moe_info(model)
     n_params = sum(p.numel() for p in model.parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -405,6 +410,11 @@ def streamed_run(c: Check, name: str, entry: dict[str, Any], n_cache: int, pred:
         entry["host_plan"] = eng.host_plan.as_dict()
     sync(c.device)
     entry["attach_s"] = time.perf_counter() - t0
+    if eng.experts is not None and eng.experts.store.buffers:  # one expert as the store page-locked it
+        try:
+            entry["store_buffer_link"] = harness.buffer_link(eng.device, eng.experts.store.buffers[0])
+        except Exception as exc:  # noqa: BLE001 - informational only
+            entry["store_buffer_link"] = {"error": f"{type(exc).__name__}: {exc}"}
     res = greedy_run(c.model, c.ids, c.warm, c.args.tokens, c.args.warmup_tokens, c.device, eng)
     entry.update(public(res))
     entry["vs_baseline"] = compare(c.base, res)
@@ -468,6 +478,23 @@ def expert_figures(st: Any, res: dict[str, Any], base: dict[str, Any], link_Bps:
     )
 
 
+#: the host placement's set-up (the host probe; repacking every expert for the host kernels and
+#: `verify`), in seconds per GB of experts and once: allowances on top of a streamed run's time
+HOST_SETUP_S_PER_GB = 3.0
+HOST_PROBE_S = 15.0
+
+
+def predict_s(c: Check, last_s: float | None, name: str, quant: str | None) -> float:
+    """A variant's expected seconds, all of it: attach (quantizing; the host placement's probe,
+    repacking and `verify`), warm-up, prefill, decode, detach (dequantizing) and, for int8, the
+    resident rerun on its dequantized weights: the last streamed run's time scaled, plus the
+    host allowances for a host variant."""
+    s = (last_s or 20.0) * (2.5 if quant else 1.0)
+    if name.endswith("_host"):
+        s += HOST_PROBE_S + HOST_SETUP_S_PER_GB * c.report["model"]["expert_bytes_total"] / 1e9
+    return s
+
+
 def streamed(c: Check) -> None:
     """3. Every variant, guarded: a failure is recorded and the model made usable again; each run
     starts from the built expert weights."""
@@ -486,7 +513,7 @@ def streamed(c: Check) -> None:
             "lookahead": c.args.lookahead,
         }
         c.report["phases"][name] = entry
-        skipped = guard.refuse((last_s or 20.0) * (2.5 if quant else 1.0))
+        skipped = guard.refuse(predict_s(c, last_s, name, quant))
         if skipped:
             entry["skipped"] = skipped
             log(f"{name} skipped: {skipped}")
@@ -517,8 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     if c is None:
         return 2
     try:
-        build_and_link(c)
-        baseline(c)
+        with harness.terminable(c, lambda: finish(c)):
+            build_and_link(c)
+            baseline(c)
     except Exception as exc:  # noqa: BLE001 - nothing to compare against: record, stop
         c.report["fatal"] = f"{type(exc).__name__}: {exc}"
         c.report["errors"].append({"setup": traceback.format_exc()})
@@ -526,12 +554,17 @@ def main(argv: list[str] | None = None) -> int:
         log(f"FAILED before the streamed runs: {c.report['fatal']}")
         traceback.print_exc()
         return 1
-    streamed(c)
+    with harness.terminable(c, lambda: finish(c)):  # SIGTERM still writes the summary
+        streamed(c)
+    finish(c)
+    return 0
+
+
+def finish(c: Check) -> None:
     c.report["summary"] = summarize(c.report)
     c.save()
     print_table(c.report, c.link_Bps)
     log(f"wrote {c.run.out} ({c.report['wall_s']:.0f} s)")
-    return 0
 
 
 def summarize(report: dict[str, Any]) -> dict[str, Any]:

@@ -253,3 +253,63 @@ def test_device_helpers_on_the_cpu(harness):
     if not torch.cuda.is_available():
         assert harness.pick_device(True, "t") == (cpu, "copy")
         assert harness.pick_device(False, "t") is None
+
+
+def test_random_bf16_draws_from_its_own_seeded_generator(harness):
+    """The draws come from a generator seeded with `seed` (not the global RNG), so a check's
+    weights do not depend on what ran before; the parameters end on the host."""
+    import transformers as T
+
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(123)
+    a = harness.random_bf16(lambda: T.LlamaForCausalLM(cfg), seed=5, device=torch.device("cpu"))
+    torch.manual_seed(456)
+    b = harness.random_bf16(lambda: T.LlamaForCausalLM(cfg), seed=5)
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert all(torch.equal(pa[n], pb[n]) and pa[n].device.type == "cpu" for n in pa)
+
+
+def test_buffer_link_on_the_cpu_and_the_cuda_emulation(harness, monkeypatch):
+    """One existing host buffer (a store's) timed to the device: a memcpy on the CPU; on the
+    emulation a side-stream copy timed by events, from page-locked memory, at its bandwidth."""
+    host = torch.arange(2**20, dtype=torch.int64).to(torch.uint8)
+    out = harness.buffer_link(torch.device("cpu"), host, reps=2)
+    assert out["bytes"] == 2**20 and out["pinned"] is False and out["method"].startswith("no CUDA")
+    from fake_cuda import FakeCuda, _TorchProxy
+
+    cuda = FakeCuda(bandwidth=2e9)
+    monkeypatch.setattr(harness.device, "torch", _TorchProxy(cuda))
+    with cuda.activate():
+        pinned = torch.empty(2**20, dtype=torch.uint8, pin_memory=True)
+        out = harness.buffer_link(torch.device("cuda", 0), pinned, reps=2)
+    assert out["pinned"] is True and out["GBps"] == pytest.approx(2.0, rel=0.05)
+    assert cuda.races == []
+
+
+def test_sigterm_writes_the_summary_and_marks_the_cut_phase(harness, tmp_path):
+    """SIGTERM inside `terminable`: the phase it cut gets an error saying so, finished ones stay,
+    `finish` runs (the summary), and the script exits with 143."""
+    import os
+    import signal
+
+    run = harness.Run(tmp_path / "check.json")
+    c = harness.DeviceCheck(args=argparse.Namespace(), device=torch.device("cpu"), transport="copy", run=run)
+    c.report = {"phases": {"done": {"tok_per_s": 1.0}, "cut": {"kind": "torus"}, "skip": {"skipped": "guard"}}}
+    finished = []
+
+    def finish():
+        c.report["summary"] = {"runs": 1}
+        c.save()
+        finished.append(True)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_:
+        with harness.terminable(c, finish):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+    assert exit_.value.code == 143 and finished == [True]
+    saved = json.loads((tmp_path / "check.json").read_text())
+    assert saved["terminated"]["signal"] == "SIGTERM" and saved["summary"] == {"runs": 1}
+    assert saved["phases"]["cut"]["error"].startswith("interrupted: SIGTERM")
+    assert "error" not in saved["phases"]["done"] and "error" not in saved["phases"]["skip"]
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -51,7 +51,9 @@ def test_victim_equals_the_scan_of_every_slot(units, policy: str, seed: int) -> 
     rng = random.Random(seed)
     unit_layer = [u // EXPERTS for u in range(LAYERS * EXPERTS)]
     plan = ExpertCachePlan(SLOTS, 16, "shared", LAYERS, LAYERS * EXPERTS, 4)
-    cache = ExpertCache(plan, [torch.zeros(16, dtype=torch.uint8) for _ in range(SLOTS)], units.layers, policy, unit_layer)
+    cache = ExpertCache(
+        plan, [torch.zeros(16, dtype=torch.uint8) for _ in range(SLOTS)], units.layers, policy, unit_layer
+    )
     ring = cache.ring(0)
     for step in range(600):
         j = step % LAYERS

@@ -326,7 +326,7 @@ KERNEL_DEVICES = ("cpu", "cuda")
 
 
 def int4_kernel(dst: torch.Tensor, q: torch.Tensor, meta: torch.Tensor) -> str | None:
-    """"op" when `torus::dequantize_int4_` lands int4 codes into `dst` on its device, else None.
+    """The string "op" when `torus::dequantize_int4_` lands int4 codes into `dst` here, else None.
 
     Decided once per (device type, dtype, layout): the first matrix goes through the op and
     through the torch ops, and the op is kept only when their bits are equal (one host read, on

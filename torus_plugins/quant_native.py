@@ -103,7 +103,9 @@ def dequantize_int4(dst: torch.Tensor, q: torch.Tensor, meta: torch.Tensor, thre
     rows, half = q.shape
     groups = 2 * (meta.shape[1] - 4) // 3
     if dst.dtype not in _DTYPES or q.stride(1) != 1 or meta.stride(1) != 1 or tuple(dst.shape) != (rows, 2 * half):
-        raise ValueError(f"the native int4 dequantizer cannot write {dst.dtype} {tuple(dst.shape)} from {tuple(q.shape)} codes")
+        raise ValueError(
+            f"the native int4 dequantizer cannot write {dst.dtype} {tuple(dst.shape)} from {tuple(q.shape)} codes"
+        )
     rc = lib.torus_dequantize_int4(
         q.data_ptr(), q.stride(0), meta.data_ptr(), meta.stride(0), rows, 2 * half, groups,
         dst.data_ptr(), _DTYPES[dst.dtype], dst.stride(0), dst.stride(1), threads,

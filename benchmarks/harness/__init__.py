@@ -9,8 +9,9 @@ Scripts run as `python benchmarks/<script>.py`, so this folder's parent is on `s
 - `workload`: the embedded model loaded into ordinary memory, the chat prompt;
 - `report`: rich tables, PASS/FAIL, byte sizes, timestamped log lines;
 - `serve`: a real uvicorn server on a free 127.0.0.1 port, in a thread (the serving benchmarks');
-- `device`: CUDA sync and memory helpers, the pinned host->device bandwidth probe, random bf16
-  models built without a float32 pass (the GPU checks').
+- `device`: CUDA sync and memory helpers, the pinned host->device bandwidth probe (and one store
+  buffer's), random bf16 models drawn on the device without a float32 pass, the SIGTERM guard
+  that still writes a check's summary (the GPU checks').
 
 Importing it costs torch only: transformers, rich and the project are imported where used, and
 nothing here needs more than the GPU machine's image (torch 2.11, transformers 5.17).
@@ -25,6 +26,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from .device import (  # noqa: E402
     DeviceCheck,
+    Terminated,
+    buffer_link,
     device_record,
     free_device_memory,
     host_pinned_stats,
@@ -34,6 +37,7 @@ from .device import (  # noqa: E402
     pick_device,
     random_bf16,
     sync,
+    terminable,
 )
 from .record import (  # noqa: E402
     REPO,
@@ -55,6 +59,8 @@ from .workload import SKY_MESSAGES, chat_prompt, load_in_memory  # noqa: E402
 
 __all__ = [
     "DeviceCheck",
+    "Terminated",
+    "buffer_link",
     "REPO",
     "RESULTS",
     "SCRATCH",
@@ -88,6 +94,7 @@ __all__ = [
     "set_threads",
     "show",
     "sync",
+    "terminable",
     "table",
     "timed_generate",
     "write_json",

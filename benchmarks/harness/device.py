@@ -7,11 +7,13 @@ no-ops or None there, and the link probe times a host memcpy instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import platform
+import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -59,6 +61,39 @@ class DeviceCheck:
 
     def save(self) -> None:
         self.run.save(self.report)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (`timeout`, a lease ending): not an Exception, so no phase's error handler
+    records it and goes on; `terminable` writes what was measured and the summary instead."""
+
+
+@contextlib.contextmanager
+def terminable(c: DeviceCheck, finish: Callable[[], None]) -> Iterator[None]:
+    """Run a check's phases so that SIGTERM still leaves its summary: the signal raises
+    `Terminated` in the main thread (between Python steps: a running kernel or copy ends first),
+    the report records when, the phase it cut gets an "error" saying so (so summaries and tables
+    treat it as a failed run, not a half-read one), `finish()` writes the summary and the table,
+    and the script exits with 143 (128 + SIGTERM), as a killed process would."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the summary short
+        at = round(c.run.elapsed(), 1)
+        c.report["terminated"] = {"signal": "SIGTERM", "at_s": at}
+        for e in c.report.get("phases", {}).values():  # the phase it cut: marked, not half-read
+            if isinstance(e, dict) and not any(k in e for k in ("tok_per_s", "skipped", "error")):
+                e["error"] = f"interrupted: SIGTERM at {at} s"
+        print(f"SIGTERM after {c.run.elapsed():.0f} s: writing what was measured", flush=True)
+        finish()
+        raise SystemExit(143) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --------------------------------------------------------------------------- sync and memory
@@ -188,26 +223,64 @@ def _pinned_probe(device: torch.device, sizes: dict[str, int], reps: int) -> dic
     return out
 
 
+def buffer_link(device: torch.device, host: torch.Tensor, reps: int = 3) -> dict[str, Any]:
+    """Best-of-`reps` host->device bandwidth of one existing host buffer (uint8), e.g. a host store
+    buffer the engine page-locked with cudaHostRegister: registered 4 KiB-page memory can DMA
+    slower than the pinned allocator's block the link probe uses. A host memcpy without CUDA."""
+    n = host.numel()
+    if device.type != "cuda":
+        dst = torch.empty_like(host)
+
+        def host_copy(k: int) -> float:
+            t0 = time.perf_counter()
+            dst.copy_(host)
+            return time.perf_counter() - t0
+
+        return {**_best_of(host_copy, n, reps), "pinned": False, "method": "no CUDA: host memcpy"}
+    dev = torch.empty(n, dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+
+    def copy(k: int) -> float:
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            e0.record(stream)
+            dev.copy_(host, non_blocking=True)
+            e1.record(stream)
+        e1.synchronize()
+        return e0.elapsed_time(e1) / 1e3
+
+    out = {**_best_of(copy, n, reps), "pinned": bool(host.is_pinned())}
+    out["method"] = "one host store buffer -> device, copy_(non_blocking=True) on a side stream, CUDA events"
+    return out
+
+
 # --------------------------------------------------------------------------- models
-def random_bf16(make: Callable[[], nn.Module], seed: int, std: float = 0.02) -> nn.Module:
+def random_bf16(
+    make: Callable[[], nn.Module], seed: int, std: float = 0.02, device: torch.device | None = None
+) -> nn.Module:
     """`make()` under accelerate's `init_empty_weights` (parameters on `meta`, buffers real), then
-    every parameter created directly in bf16 on the host: `torch.manual_seed(seed)`, `normal_(0,
-    std)` per matrix in module order, ones for 1-d weights (norms; the checked models have no
-    biases). No float32 copy and no transformers default init (minutes on a CPU for a 7B model)."""
+    every parameter created directly in bf16 and left on the host: `normal_(0, std)` per matrix in
+    module order from one generator seeded with `seed`, ones for 1-d weights (norms; the checked
+    models have no biases). With a CUDA `device` the numbers are drawn there (a 7B model's 6.7 B
+    normals take seconds on a GPU, 45-60 s on one CPU thread) and each matrix is copied to the host
+    as it is made (device memory: one matrix). The same seed gives the same weights on the same
+    kind of device; a CPU and a GPU draw different ones. No float32 copy, no transformers init."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
         model = make()
-    torch.manual_seed(seed)
+    where = device if device is not None and device.type == "cuda" else torch.device("cpu")
+    gen = torch.Generator(device=where).manual_seed(seed)
     for _, mod in model.named_modules():
         for name, p in list(mod._parameters.items()):
             if p is None:
                 continue
-            t = torch.empty(p.shape, dtype=torch.bfloat16)
             if p.ndim == 1:
-                t.fill_(1.0)
+                t = torch.ones(p.shape, dtype=torch.bfloat16)
             else:
-                t.normal_(0.0, std)
+                t = torch.empty(p.shape, dtype=torch.bfloat16, device=where).normal_(0.0, std, generator=gen)
+                t = t.to("cpu") if where.type != "cpu" else t
             mod._parameters[name] = nn.Parameter(t, requires_grad=False)
     for name, b in model.named_buffers():
         if b.device.type == "meta":

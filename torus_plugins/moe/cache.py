@@ -45,7 +45,9 @@ class ExpertRing(SlotRing):
         # "lfu" / "next-use": heaps of (frequency, last use, slot index, version) per MoE layer of
         # the unit held ("lfu": one heap for all), so a victim is found without a scan of the slots.
         # An entry whose version is not its slot's current one is stale and dropped when met.
-        self._heaps: list[list[tuple[int, int, int, int]]] = [[] for _ in range(n_layers if policy == "next-use" else 1)]
+        self._heaps: list[list[tuple[int, int, int, int]]] = [
+            [] for _ in range(n_layers if policy == "next-use" else 1)
+        ]
         super().__init__(buffers, units)
 
     def _rekey(self, slot: Slot) -> None:
@@ -65,7 +67,7 @@ class ExpertRing(SlotRing):
             self._rekey(slot)
 
     def victim(self, keep, active: Slot | None) -> Slot | None:
-        """"lru": the ring's own order. "lfu": the least routed ("next-use": of the layer whose next
+        """Policy "lru": the ring's own order. "lfu": the least routed ("next-use": of the layer whose next
         run is furthest away: the current one, then the one before, and so on), ties by least
         recent use, then slot order, exactly as comparing every slot's key would choose."""
         if self.policy == "lru":
