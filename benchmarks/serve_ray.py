@@ -3,8 +3,8 @@
 Setup, in one run on one machine: the embedded SmolLM2-135M-Instruct with every FFN layer streamed
 through the copy ring (`transport="copy", resident_layers=0`, as serve_concurrency.py), served
 three ways, each given the whole machine:
-  * plain: `torus-sparse serve`'s own uvicorn server (`server.run.make_server`) in this process,
-    torch using every CPU;
+  * plain: the real `torus-sparse serve` in its own process (as each replica is in its own), torch
+    using every CPU (its default);
   * ray-1: one replica behind Ray Serve's HTTP proxy, reserving every CPU;
   * ray-2: two replicas, each reserving half the CPUs (Ray sets each replica's OMP_NUM_THREADS).
 The local Ray cluster (controller, proxy, replicas) and the clients share the same cores: on a
@@ -39,6 +39,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 LEVELS = (8, 16, 32)
+#: Every FFN layer streamed through the copy ring (as serve_concurrency.py), for all three setups.
+ENGINE = {"transport": "copy", "resident_layers": 0}
+ENGINE_FLAGS = ["--transport", "copy", "--resident-layers", "0"]
 PROMPTS = [
     "Once upon a time, in a small village by the sea,",
     "The history of the printing press begins",
@@ -128,33 +131,38 @@ def measure(name: str, url: str, args: argparse.Namespace, warm: int) -> list[di
     return rows
 
 
-def plain(config: Any, settings: Any, args: argparse.Namespace) -> dict[str, Any]:
-    import torch
+def plain(args: argparse.Namespace) -> dict[str, Any]:
+    """The real `torus-sparse serve` in its own process (as each replica is), torch's default threads."""
+    import subprocess
+    import sys
 
-    from torus_adapters.server import create_app
-    from torus_adapters.server.run import make_server
-    from torus_plugins import TorusModel
-
-    tm = TorusModel.from_pretrained(None, config, show_progress=False)
-    app = create_app(tm, settings)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = make_server(app, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # torch's default: every CPU
+    cmd = [sys.executable, "-m", "torus_adapters.apps.cli", "serve", "--port", str(port), *ENGINE_FLAGS]
+    proc = subprocess.Popen([*cmd, "--log-level", "warning"], env=env, stdin=subprocess.DEVNULL)
     try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("torus-sparse serve did not start")
+            time.sleep(0.2)
         levels = measure("plain", url, args, warm=3)
     finally:
-        server.should_exit = True
-        thread.join(30)
+        proc.terminate()
+        proc.wait(60)
     return {
         "name": "plain",
         "replicas": 1,
         "cpus_per_replica": os.cpu_count(),
-        "torch_threads": [torch.get_num_threads()],
+        "torch_threads": [os.cpu_count()],
         "levels": levels,
     }
 
@@ -224,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     from torus_adapters.server import ServerSettings
     from torus_plugins import TorusConfig
 
-    config = TorusConfig(transport="copy", resident_layers=0)
+    config = TorusConfig(**ENGINE)
     settings = ServerSettings(model_name="smollm2")
-    setups = [plain(config, settings, args)]
+    setups = [plain(args)]
     os.environ.setdefault(proxy.ENV, proxy.CALLBACK)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:

@@ -210,7 +210,12 @@ def run(
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault(proxy.ENV, proxy.CALLBACK)  # inherited by the nodes a local cluster starts
-    ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False)
+    try:
+        ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or ["no reason given"])[0]
+        where = f"join the Ray cluster at {address}" if address else "start a local Ray cluster"
+        raise StartFailed(f"cannot {where}: {first}") from None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
