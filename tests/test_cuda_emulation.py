@@ -508,8 +508,8 @@ def test_host_placement_through_the_cuda_transport(
     """The host placement on a "GPU": split layers' device shares and cached experts go through the
     real CUDA copy stream (the race detector watching) while host shares compute on the host; the
     prefill streams, so its logits are bit-equal; greedy tokens equal the reference. A dense host
-    layer's hidden states cross through the staging buffers: one event wait per host call, and
-    no blocking `.to("cuda")`."""
+    layer's hidden states cross through the staging buffers: one event wait per host call; host
+    experts none; and no blocking `.to("cuda")` either way."""
     from torus_plugins.host_compute import staging
 
     waits: list[Any] = []
@@ -532,7 +532,9 @@ def test_host_placement_through_the_cuda_transport(
     assert st.host_calls > 0
     if arch == "llama":
         assert len(waits) == st.host_calls and all(w is not None for w in waits)
-        assert fake.host_to_device == moves, "a host layer's result went back with a blocking copy"
+    else:  # host experts wait for nothing of their own: the ids read completes their staged inputs
+        assert waits == []
+    assert fake.host_to_device == moves, "a host result went back with a blocking copy"
     tp.detach(model)
     assert fake.registered == {}
 
@@ -566,4 +568,17 @@ def test_staging_crosses_with_one_event_wait_and_pinned_buffers(
     assert len(ptrs) == 1  # one input buffer, reused
     for k, y in enumerate(outs):  # each result kept its values after the buffer was reused
         assert torch.equal(y, 2 * (torch.full((2, 8), float(k)) + torch.arange(8)))
-    assert fake.host_to_device == moves and fake.races == []
+    # An MoE layer's host experts: inputs staged without a wait (the ids read syncs), and two
+    # tensors sent back in one layer through distinct page-locked buffers.
+    x = torch.arange(6, dtype=torch.float32, device="cuda").view(2, 3)
+    hidden_h, weights_h = s.stage(x, x * 3)
+    assert len(waits) == 3
+    fake.synchronize()  # what `.tolist()` of the routed ids does on the compute stream
+    assert fake.is_pinned(hidden_h) and fake.is_pinned(weights_h)
+    assert torch.equal(hidden_h, torch.arange(6.0).view(2, 3)) and torch.equal(weights_h, 3 * hidden_h)
+    mask = s.to_device(torch.tensor([True, False, True]), key="moe_mask")
+    y = s.to_device(torch.ones(2, 3), key="moe_out")
+    assert torch.equal(mask, torch.tensor([True, False, True])) and torch.equal(y, torch.ones(2, 3))
+    buffers = s._buffers().out
+    assert buffers["moe_mask"][0].data_ptr() != buffers["moe_out"][0].data_ptr()
+    assert len(waits) == 3 and fake.host_to_device == moves and fake.races == []

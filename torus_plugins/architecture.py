@@ -74,6 +74,10 @@ class ExpertSite:
         host sync. The engine calls it with a stand-in whose fused parameters are the device
         cache's slots stacked (`num_experts` = slots) and `top_k_index` mapped to slots, so its
         arithmetic is the unwrapped model's. None: the eager per-expert loop (`ExpertsRunner`).
+    grouped_skips_padding: `grouped` leaves a pair whose index is `num_experts` or more out of the
+        output exactly (no arithmetic on it reaches the sum) when the stand-in's
+        `_is_expert_parallel` is set: transformers' grouped_mm. The host placement then computes
+        the device's share of a layer whose other experts run on the host in the same one call.
     """
 
     layer: int
@@ -84,6 +88,7 @@ class ExpertSite:
     router: nn.Module
     input_scale: torch.Tensor | None = None
     grouped: Callable[..., torch.Tensor] | None = None
+    grouped_skips_padding: bool = False
 
 
 #: What an architecture's experts implementation calls: runner(module, hidden, top_k_index,

@@ -86,6 +86,9 @@ class MoEDecoder(DecoderFFN):
     def expert_sites(self, model: nn.Module) -> list[ExpertSite]:
         sites = []
         grouped = batched_experts_function(model)
+        # grouped_mm masks EP sentinel rows (index >= num_experts) out of its output; batched_mm
+        # only zeroes their weights (0 x its output: not provably nothing)
+        skips = getattr(getattr(model, "config", None), "_experts_implementation", None) == "grouped_mm"
         for i, layer in enumerate(self._layers(model)):
             block = getattr(layer, self.moe, None)
             experts = getattr(block, self.experts, None)
@@ -110,6 +113,7 @@ class MoEDecoder(DecoderFFN):
                     router=router,
                     input_scale=scale,
                     grouped=grouped,
+                    grouped_skips_padding=grouped is not None and skips,
                 )
             )
         return sites

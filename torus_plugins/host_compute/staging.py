@@ -12,6 +12,9 @@ input, which the compute stream produced after the previous copy back. So the pr
 finished reading the buffer; `to_device` checks that (`Event.query`) and would wait for it,
 named, if it ever had not. Buffers are per thread (two threads may each run a pass).
 
+An MoE layer's host experts need no wait of their own: `stage` queues their inputs' copies before
+the layer's read of its routed ids, whose sync completes them.
+
 On a CPU device nothing crosses: both calls hand the tensor through, and `to_host` still calls
 `wait_host` (a no-op there) so that the census counts the sync a GPU would make where it happens.
 """
@@ -42,9 +45,26 @@ class Staging:
     def _buffers(self) -> Any:
         b = self._local
         if not hasattr(b, "inp"):
-            b.inp = b.out = None
-            b.out_event = None
+            b.inp = None
+            b.out = {}  # key -> (page-locked buffer, event recorded after its last copy)
+            b.staged = {}
         return b
+
+    def stage(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Start copying `tensors` to page-locked host buffers (one per position) and return them,
+        without waiting: the caller's next host sync on the compute stream (an MoE layer's read of
+        its routed ids) completes these copies too, being queued after them. Read them only after
+        that sync. On a CPU device the tensors themselves."""
+        if not self.accelerator:
+            return list(tensors)
+        b = self._buffers()
+        out = []
+        for k, t in enumerate(tensors):
+            buf = b.staged[k] = self._fit(b.staged.get(k), t)
+            view = buf[: t.numel()].view(t.shape)
+            view.copy_(t, non_blocking=True)
+            out.append(view)
+        return out
 
     def _fit(self, buf: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         """A page-locked host buffer of at least `like`'s elements and dtype: `buf` when it holds
@@ -71,19 +91,24 @@ class Staging:
         wait_host(done)
         return xh
 
-    def to_device(self, yh: torch.Tensor) -> torch.Tensor:
+    def to_device(self, yh: torch.Tensor, key: str = "out") -> torch.Tensor:
         """The host's result on the device, copied without a host sync (ordered on the compute
-        stream before whatever reads it)."""
+        stream before whatever reads it). `key` names the page-locked buffer (one per key and
+        thread): tensors sent in one layer need distinct keys, as the first copy may still be
+        queued when the second buffer is written."""
         if not self.accelerator:
             return yh
         b = self._buffers()
-        if b.out_event is not None and not b.out_event.query():
-            wait_host(b.out_event)  # never expected: `to_host` already ordered the last copy back
-        b.out = self._fit(b.out, yh)
-        staged = b.out[: yh.numel()].view(yh.shape)
+        buf, event = b.out.get(key, (None, None)) if b.out else (None, None)
+        if event is not None and not event.query():
+            wait_host(event)  # never expected: the next host sync already ordered the last copy
+        buf = self._fit(buf, yh)
+        staged = buf[: yh.numel()].view(yh.shape)
         staged.copy_(yh)  # host memory to host memory
         y = torch.empty(yh.shape, dtype=yh.dtype, device=self.device)
         y.copy_(staged, non_blocking=True)
-        b.out_event = torch.cuda.Event()
-        b.out_event.record()
+        event = torch.cuda.Event()
+        event.record()
+        b.out = b.out or {}
+        b.out[key] = (buf, event)
         return y

@@ -13,7 +13,8 @@ Hot path, once per MoE layer and forward pass (`ExpertStreamer.run`):
    expert, wait for that expert's slot and return its tensors: the eager model's arithmetic.
 
 Host syncs per layer and decode token: one, the read of the routed ids (with the predicted ids of
-the built-in predictors in the same transfer); the eager loop adds its own per expert.
+the built-in predictors in the same transfer); the eager loop adds its own per expert. With the
+host placement, missed experts compute on the host with no sync of their own (`_run_split`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..host_compute.kernels import (
     stand_in,
     stored_weight,
 )
+from ..host_compute.staging import Staging
 from ..host_compute.worker import HostWorker
 from ..host_store import HostStore, PackedLayer, plan_packed
 from ..os_memory import release_pages
@@ -194,6 +196,7 @@ class ExpertStreamer:
         #: host placement: passes of at most this many tokens compute cache misses on the host
         self._host_max = 0
         self._host_worker: HostWorker | None = None
+        self._staging: Staging | None = None
         self._host_shims: list[_ModuleShim] = []
         self._host_mode: HostLinearMode | None = None
         self._host_tensors: list[list[torch.Tensor]] = []
@@ -201,6 +204,7 @@ class ExpertStreamer:
         #: the grouped path: all slots in one allocation, their stacks and the unit -> slot table
         self._stack: SlotStack | None = None
         self._grouped_shims: list[_ModuleShim | None] = []
+        self._split_shims: list[_ModuleShim] = []
         self._tables: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ set-up
@@ -281,6 +285,9 @@ class ExpertStreamer:
             shim = _ModuleShim(site.module, views)
             shim.__dict__.update(num_experts=stack.slots, _is_expert_parallel=False)
             self._grouped_shims.append(shim)
+            split = _ModuleShim(site.module, views)  # padding indices (host experts) left out
+            split.__dict__.update(num_experts=stack.slots, _is_expert_parallel=True)
+            self._split_shims.append(split)
             self._tables.append(stack.table[self.base[j] : self.base[j] + site.num_experts])
 
     def _make_shim(self, j: int) -> _ModuleShim:
@@ -312,6 +319,12 @@ class ExpertStreamer:
         assert cache is not None
         site = self.sites[j]
         base = self.base[j]
+        host = (
+            self._host_max > 0 and not torch.is_grad_enabled() and hidden.numel() <= self._host_max * hidden.shape[-1]
+        )
+        # A pass that may compute missed experts on the host: their inputs start crossing now, and
+        # the ids read below (this layer's one host sync) completes those copies too.
+        staged = self._staging.stage(hidden, top_k_weights) if (host or self._force_host) and self._staging else None
         predictions = self.predictor.predict(j, hidden, top_k_index) if self.predictor is not None else ()
         routed, predictions = _read_ids(top_k_index, predictions)  # this layer's one host sync
         needed = sorted({e for e in routed if 0 <= e < site.num_experts})
@@ -327,9 +340,6 @@ class ExpertStreamer:
         ring = cache.ring(j)
         protect = set(units)
         self._pending = set(units)
-        host = (
-            self._host_max > 0 and not torch.is_grad_enabled() and hidden.numel() <= self._host_max * hidden.shape[-1]
-        )
         on_host: list[int] = []
         for u in units:
             cache.routed(u, j)
@@ -355,7 +365,8 @@ class ExpertStreamer:
                         break
         try:
             if on_host:
-                return self._run_split(j, c, on_host, hidden, top_k_index, top_k_weights, eager)
+                split = (routed, staged, units)
+                return self._run_split(j, c, on_host, hidden, top_k_index, top_k_weights, eager, split)
             if self._stack is not None and all(ring.find(u) is not None for u in units):
                 return self._run_grouped(j, ring, units, hidden, top_k_index, top_k_weights)
             return eager(self._shims[j], hidden, top_k_index, top_k_weights)
@@ -365,9 +376,13 @@ class ExpertStreamer:
             if j == len(self.sites) - 1:
                 self.forward_passes += 1
 
-    def _run_grouped(self, j: int, ring, units: list[int], hidden, top_k_index, top_k_weights) -> torch.Tensor:
+    def _run_grouped(
+        self, j: int, ring, units: list[int], hidden, top_k_index, top_k_weights, skip=None
+    ) -> torch.Tensor:
         """Every routed expert is in the cache: wait for their copies (on the device), then run the
-        model's batched function once over the stacked slots, `top_k_index` gathered to slots."""
+        model's batched function once over the stacked slots, `top_k_index` gathered to slots.
+        `skip`: a device bool per expert (and one past the last): those pairs go to the padding
+        slot index, which the function leaves out (`ExpertSite.grouped_skips_padding`)."""
         site = self.sites[j]
         used = []
         for u in units:
@@ -381,34 +396,59 @@ class ExpertStreamer:
             self._stalls.record(j, waited)
             ring.touch(slot)
             used.append(slot)
-        out = site.grouped(self._grouped_shims[j], hidden, self._tables[j][top_k_index], top_k_weights)
+        index = self._tables[j][top_k_index]
+        shim = self._grouped_shims[j]
+        if skip is not None:
+            index = index.masked_fill(skip[top_k_index], self._stack.slots)  # type: ignore[union-attr]
+            shim = self._split_shims[j]
+        out = site.grouped(shim, hidden, index, top_k_weights)
         fence = self.transport.compute_fence()
         for slot in used:
             slot.free = fence
         return out
 
-    def _run_split(self, j: int, c: ExpertCounters, on_host: list[int], hidden, top_k_index, top_k_weights, eager):
+    def _run_split(
+        self, j: int, c: ExpertCounters, on_host: list[int], hidden, top_k_index, top_k_weights, eager, split
+    ):
         """Cached experts on the device, `on_host` ones on the host worker at the same time; summed.
         Each side sees the routing with the other side's experts replaced by the index one past the
-        last expert, which the eager loop skips (its padding index)."""
-        n = self.sites[j].num_experts
-        base = self.base[j]
+        last expert, which both the eager loop and `grouped` (`grouped_skips_padding`) leave out.
+
+        No host sync of its own: the host side's inputs were staged before the layer's ids read
+        (`Staging.stage`) and its routing is built on the host from those ids; the device side's
+        mask of host experts and the host's output go over by non_blocking copies from
+        page-locked memory (`Staging.to_device`)."""
+        routed, staged, units = split
+        site, n, base = self.sites[j], self.sites[j].num_experts, self.base[j]
         self._pending.difference_update(on_host)
-        mine = torch.tensor([u - base for u in on_host], device=top_k_index.device, dtype=top_k_index.dtype)
-        host_mask = torch.isin(top_k_index, mine)
-        device_index = top_k_index.masked_fill(host_mask, n)
-        host_index = top_k_index.masked_fill(~host_mask, n)
-        assert self._host_worker is not None
-        pending = self._host_worker.submit(
-            self._host_eager, j, eager, hidden.to("cpu"), host_index.to("cpu"), top_k_weights.to("cpu")
-        )
+        staging = self._staging
+        assert self._host_worker is not None and staging is not None and staged is not None
+        hidden_h, weights_h = staged
+        mask_h = torch.zeros(n + 1, dtype=torch.bool)  # per expert (and the padding index): on the host
+        mask_h[[u - base for u in on_host]] = True
+        index_h = torch.tensor(routed, dtype=top_k_index.dtype).view(top_k_index.shape)
+        valid = (index_h >= 0) & (index_h < n)
+        host_index = index_h.masked_fill(~(valid & mask_h[index_h.clamp(0, n)]), n)
+        skip = staging.to_device(mask_h, key="moe_mask")
+        pending = self._host_worker.submit(self._host_eager, j, eager, hidden_h, host_index, weights_h)
         try:
-            out = eager(self._shims[j], hidden, device_index, top_k_weights)
+            host_units = set(on_host)
+            on_device = [u for u in units if u not in host_units]
+            ring = self.cache.ring(j)  # type: ignore[union-attr]
+            if (
+                self._stack is not None
+                and site.grouped_skips_padding
+                and all(ring.find(u) is not None for u in on_device)
+            ):
+                out = self._run_grouped(j, ring, on_device, hidden, top_k_index, top_k_weights, skip)
+            else:
+                device_index = top_k_index.masked_fill(skip[top_k_index.clamp(0, n)], n)
+                out = eager(self._shims[j], hidden, device_index, top_k_weights)
         finally:
             out_host, seconds = pending.result()  # always collected: the worker never outlives the pass
         c.host_computed += len(on_host)
         c.host_s += seconds
-        return out + out_host.to(out.device)
+        return out + staging.to_device(out_host, key="moe_out")
 
     def _host_eager(self, j: int, eager, hidden, top_k_index, top_k_weights):
         if self._host_mode is None:
@@ -423,6 +463,7 @@ class ExpertStreamer:
         "bf16native"), or quantized ones through the chosen host kernel."""
         self._host_max = max_tokens
         self._host_worker = HostWorker(self.device)
+        self._staging = Staging(self.device)  # how host experts' inputs and outputs cross
         weights: dict[int, HostWeight] = {}
         tensors: list[list[torch.Tensor]] = []
         for unit, packed in enumerate(self.store.layers):
