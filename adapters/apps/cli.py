@@ -331,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument(
         "--prefill-slice",
         type=float,
-        default=0.75,
-        help="seconds a scheduler turn (long prompts' prefill chunks, then a decode step) aims at (default 0.75)",
+        default=0.5,
+        help="seconds a scheduler turn (long prompts' prefill chunks, then a decode step) aims at (default 0.5)",
     )
     lim.add_argument(
         "--prefill-chunk",

@@ -8,10 +8,11 @@ Design (the simplest that batches and stays exact):
 - A longer prompt is prefilled in chunks, interleaved with the decode steps of the requests in
   flight: each turn of the loop runs prefill chunks and then one decode step, and aims to take
   `prefill_slice` seconds in all (the prefill gets what the last decode step left, at least a
-  quarter; four slices when nothing is decoding), so a long prompt never freezes the other
-  streams: the gap between two of their tokens is about one slice. Chunks are sized from
-  the time the last chunk of that prompt took per token, or are `prefill_chunk` tokens when set
-  (then boundaries, and so the floating-point rounding of a long prompt, do not depend on load).
+  quarter; four slices when nothing is decoding: `_prefill_budget`), so a long prompt never
+  freezes the other streams: the gap between two of their tokens is about one slice. Chunks are
+  sized from the time the last chunk of that prompt took per token, or are `prefill_chunk` tokens
+  when set (then boundaries, and so the floating-point rounding of a long prompt, do not depend
+  on load).
   A chunk's cost is its tokens times the context they attend to: chunks after the first attend
   through `chunk_attention`, which does not copy the whole cache per layer as transformers' masked
   SDPA path does (that copy made a 16-token chunk cost as much as a 300-token one at 8k tokens).
@@ -91,9 +92,9 @@ class _Seq:
 #: Prompts up to this many tokens are prefilled in one pass (as `generate()` does), whatever else runs.
 ONE_PASS = 128
 #: Seconds one turn of the loop (prefill chunks, then a decode step) aims at while requests decode.
-PREFILL_SLICE_S = 0.75
+PREFILL_SLICE_S = 0.5
 #: The smallest chunk of a prompt prefilled in several (smaller ones cost more in per-pass overhead).
-MIN_CHUNK = 16
+MIN_CHUNK = 8
 
 
 @dataclass
@@ -245,11 +246,7 @@ class Scheduler:
     def _prefill_slice(self) -> None:
         """Prefill for what the turn leaves after a decode step (always at least one chunk):
         shortest remaining prompt first, each chunk sized to the time left."""
-        start = time.perf_counter()
-        if self._active:
-            budget = max(self.prefill_slice - self._decode_s, self.prefill_slice / 4)
-        else:
-            budget = self.prefill_slice * 4
+        start, budget = time.perf_counter(), self._prefill_budget()
         ran = False
         while self._prefilling:
             time_left = budget - (time.perf_counter() - start)
@@ -266,6 +263,15 @@ class Scheduler:
                 self._prefilling.remove(item)
                 self._finish_quietly(item.seq.handle, ERROR, _logged_failure("prefill failed"))
             ran = True
+
+    def _prefill_budget(self) -> float:
+        """Seconds of prefill this turn: what the slice leaves after a decode step (at least a
+        quarter of it); four slices when nothing decodes, or when one decode step alone outlasts
+        the slice (a forward pass costs more than the turn, as with weights streamed to a GPU: the
+        slice cannot be held, and shrinking chunks toward `MIN_CHUNK` would only multiply passes)."""
+        if self._active and self._decode_s < self.prefill_slice:
+            return max(self.prefill_slice - self._decode_s, self.prefill_slice / 4)
+        return self.prefill_slice * 4
 
     def _chunk_size(self, item: _Prefill, time_left: float) -> int:
         """Tokens of `item`'s prompt to prefill now."""

@@ -43,7 +43,7 @@ class ServerSettings:
     docs: bool = False
     max_batch_size: int = 8
     prefill_chunk: int | None = None
-    prefill_slice: float = 0.75
+    prefill_slice: float = 0.5
     max_pending: int = 64
     max_body_bytes: int = 1 << 20
     context_length: int | None = None
