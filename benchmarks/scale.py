@@ -5,22 +5,28 @@ tensor by tensor in a temp folder -- a model is never built in memory to be save
 configuration in a fresh process (so peak RSS is that run's own) and deletes what it built:
 
 - plain: `AutoModelForCausalLM.from_pretrained(dtype="auto")`, no torus-sparse;
-- streamed int8 / int4: `TorusModel.from_pretrained`, copy transport, nothing resident, first with
-  an empty store cache (quantizing and writing the store) and again with it (mapping the store);
+- streamed int8 / int4: the lean loader (`lean_load.load_lean`: the model built without its FFN
+  weights, attach reading each FFN tensor or expert from the checkpoint as it quantizes it) + attach,
+  copy transport, nothing resident, first with an empty store cache (quantizing and writing the
+  store) and again with it (mapping the store);
 - int4 host: the same with every FFN layer (or missed expert) computed on the host at decode.
 
-Per run: load seconds (model load + attach), attach seconds alone, the quantizer's GB/s of bf16
-input (first loads), peak RSS (VmHWM) and RSS after decoding, anonymous and file-backed, each
-÷ the checkpoint's bytes, decode tok/s over a 16-token greedy generate, and how many of the 16
+Per run: load seconds (model load + attach), attach seconds alone, peak RSS (VmHWM) and RSS after
+decoding, anonymous and file-backed, each ÷ the checkpoint's bytes, and peak ÷ (host store bytes
++ non-FFN bytes) -- the issue's bound is 1.1 --, decode tok/s over a 16-token greedy generate, and how many of the 16
 tokens equal the plain model's (random weights make weak text: a reference, not a target; the
 quantized rows' exact check is tests/test_store_file.py and test_quant.py).
 
 Shapes: "3b" (Llama-3.2-3B: 28 layers, hidden 3072, intermediate 8192), "olmoe8" (OLMoE-1B-7B cut
 to 8 layers: 64 experts of 1024, top-8), "olmoe" (all 16 layers), "30b-a3b" (Qwen3-30B-A3B: 48
 layers, 128 experts of 768, top-8; 61 GB). Vocabulary 49152 (the embedded model's tokenizer).
-What is not run yet and why is printed and recorded, not skipped silently: shapes whose plain
-bf16 load (transformers stacks MoE experts into anonymous memory before attach) exceeds
-`--ram-limit` are run for the streamed rows only if those fit too, else refused with the bytes.
+What is not run and why is printed and recorded, not skipped silently: a plain row whose bf16 load
+(transformers stacks MoE experts into anonymous memory) would exceed `--ram-limit`; a cached pass
+(and the store file) when the disk has no room for the store beside the checkpoint.
+
+Weights: N(0, 0.02) drawn once into a 64 MiB pool, each tensor a copy of the pool from its own
+random offset (norms 1): a 61 GB checkpoint is written at disk speed instead of `normal_`'s
+~0.1 GB/s here, and no two tensors (or experts) are equal.
 
 Run:  python benchmarks/scale.py [--shapes 3b,olmoe8] [--rows plain,int8,int4,int4-host] [--record | --out PATH]
 Writes benchmarks/results/scratch/scale.json; with --record benchmarks/results/scale.json.
@@ -45,6 +51,16 @@ from harness.report import fmt_bytes, log, show, table
 
 NEW_TOKENS = 16
 PROMPT = "The history of the river valley begins"
+#: Settings per shape for the streamed rows. On the CPU the copy transport's "device" is host
+#: memory too: an unbounded expert cache would hold every expert dequantized beside its codes, so
+#: MoE shapes get a budget (non-FFN weights + KV + about a GiB of cache).
+SHAPE_OPTIONS = {
+    "olmoe8": {"vram_budget": "2GiB"},
+    "olmoe": {"vram_budget": "2.5GiB"},
+    "30b-a3b": {"vram_budget": "3.5GiB"},
+}
+#: Store bytes per bf16 FFN byte (int8: a byte a weight plus scales; int4: half a byte plus scales).
+STORE_RATIO = {"int8": 0.51, "int4": 0.27}
 ROWS = {
     "plain": None,
     "int8": dict(transport="copy", resident_layers=0, weight_quant="int8"),
@@ -115,6 +131,19 @@ def _hub_tensors(name: str, meta: torch.Tensor):
         yield name, tuple(meta.shape)
 
 
+#: elements of the random pool every weight is copied from (64 MiB of bf16)
+POOL = 32 * 1024 * 1024
+
+
+def _fill_from_pool(t: torch.Tensor, pool: torch.Tensor, start: int) -> None:
+    """`t` <- the pool read from `start`, wrapping around (a memcpy, not a random draw)."""
+    flat, done = t.view(-1), 0
+    while done < flat.numel():
+        n = min(flat.numel() - done, pool.numel() - start)
+        flat[done : done + n] = pool[start : start + n]
+        done, start = done + n, 0
+
+
 def build_checkpoint(cfg, out: Path) -> int:
     """Write a random bf16 checkpoint of `cfg` to `out` one shard per decoder layer, each tensor
     made and written on its own (norms 1, the rest N(0, 0.02)); returns its bytes."""
@@ -132,6 +161,7 @@ def build_checkpoint(cfg, out: Path) -> int:
         key = n.split(".")[2] if n.startswith("model.layers.") else "rest"
         shards.setdefault(key, []).append((n, t))
     gen = torch.Generator().manual_seed(0)
+    pool = torch.empty(POOL, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=gen)
     weight_map, total = {}, 0
     for i, items in enumerate(shards.values()):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -142,7 +172,7 @@ def build_checkpoint(cfg, out: Path) -> int:
                 if "norm" in hub:
                     t.fill_(1.0)
                 else:
-                    t.normal_(0.0, 0.02, generator=gen)
+                    _fill_from_pool(t, pool, int(torch.randint(POOL, (), generator=gen)))
                 tensors[hub] = t
                 weight_map[hub] = fname
                 total += t.numel() * 2
@@ -170,20 +200,23 @@ def memory() -> dict[str, int]:
     return out
 
 
-def measure(path: str, row: str, cache: str) -> dict:
-    """One run, in this (fresh) process: load, decode, memory."""
+def measure(path: str, row: str, cache: str, options: dict) -> dict:
+    """One run, in this (fresh) process: load, decode, memory. `cache` "" = no store file."""
     import transformers as T
 
     import torus_plugins as tp
+    from torus_adapters.transformers_adapter.lean_load import load_lean
 
     tok = T.AutoTokenizer.from_pretrained(path)
     ids = tok(PROMPT, return_tensors="pt").input_ids
     t0 = time.perf_counter()
     attach_s = None
-    model = T.AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-    if ROWS[row] is not None:
+    if ROWS[row] is None:
+        model = T.AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    else:
+        model = load_lean(path)
         t_attach = time.perf_counter()
-        tp.attach(model, tp.TorusConfig(store_cache=cache, **ROWS[row]))
+        tp.attach(model, tp.TorusConfig(store_cache=cache or None, **ROWS[row], **options))
         attach_s = time.perf_counter() - t_attach
     load_s = time.perf_counter() - t0
     after_load = memory()
@@ -201,14 +234,19 @@ def measure(path: str, row: str, cache: str) -> dict:
         "after_decode": memory(),
     }
     if ROWS[row] is not None:
-        stats = tp.get_engine(model).stats()
+        engine = tp.get_engine(model)
+        stats = engine.stats()
         result["ineffective"] = list(stats.ineffective)
         result["host_calls"] = stats.host_calls
+        # The issue's bound: peak RSS <= 1.1 x (host store + non-FFN bytes).
+        result["store_bytes"] = engine.store.nbytes + (engine.experts.store.nbytes if engine.experts else 0)
+        result["non_ffn_bytes"] = engine.non_ffn_bytes
+        result["options"] = options
     return result
 
 
-def run_row(path: Path, row: str, cache: Path, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--_measure", json.dumps([str(path), row, str(cache)])]
+def run_row(path: Path, row: str, cache: Path | None, options: dict, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--_measure", json.dumps([str(path), row, str(cache or ""), options])]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
     t0 = time.perf_counter()
     try:
@@ -230,6 +268,10 @@ def main() -> int:
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated of {', '.join(ROWS)}")
     ap.add_argument("--ram-limit", default="20GiB", help="refuse a run whose estimated peak exceeds this")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run (default 900)")
+    ap.add_argument(
+        "--workdir",
+        help="build (or reuse) checkpoints here and keep them (default: a temporary folder, deleted after)",
+    )
     ap.add_argument("--_measure", help=argparse.SUPPRESS)
     add_output_args(ap, "scale.json")
     args = ap.parse_args()
@@ -241,44 +283,76 @@ def main() -> int:
     ram_limit = parse_bytes(args.ram_limit, "--ram-limit")
     run = begin(args, "scale.json")
     report: dict = {"shapes": {}, "new_tokens": NEW_TOKENS}
-    work = Path(tempfile.mkdtemp(prefix="torus-scale-", dir=os.environ.get("TORUS_SCALE_DIR")))
+    keep = args.workdir is not None
+    work = (
+        Path(args.workdir)
+        if keep
+        else Path(tempfile.mkdtemp(prefix="torus-scale-", dir=os.environ.get("TORUS_SCALE_DIR")))
+    )
+    work.mkdir(parents=True, exist_ok=True)
     try:
         for shape in args.shapes.split(","):
             cfg = shape_config(shape)
             path, cache = work / shape, work / f"{shape}-stores"
             free = shutil.disk_usage(work).free
-            log(f"{shape}: building the checkpoint in {path} ({fmt_bytes(free)} free on that disk)")
+            index = path / "model.safetensors.index.json"
             t0 = time.perf_counter()
-            nbytes = build_checkpoint(cfg, path)
+            if keep and index.is_file():
+                log(f"{shape}: reusing the checkpoint in {path}")
+                nbytes = json.loads(index.read_text())["metadata"]["total_size"]
+            else:
+                log(f"{shape}: building the checkpoint in {path} ({fmt_bytes(free)} free on that disk)")
+                shutil.rmtree(path, ignore_errors=True)
+                nbytes = build_checkpoint(cfg, path)
             entry: dict = {"checkpoint_bytes": nbytes, "build_s": time.perf_counter() - t0, "runs": {}}
             report["shapes"][shape] = entry
             moe = getattr(cfg, "num_experts", None) is not None
+            options = SHAPE_OPTIONS.get(shape, {})
             for row in args.rows.split(","):
-                # Today's load path builds the whole bf16 model before attach: MoE experts land in
-                # anonymous memory, dense weights stay file-mapped (reclaimable).
-                if moe and 1.1 * nbytes > ram_limit:
+                quant = (ROWS[row] or {}).get("weight_quant")
+                if ROWS[row] is None and moe and 1.1 * nbytes > ram_limit:
+                    # transformers stacks the bf16 experts into anonymous memory while loading
                     entry["runs"][row] = {
                         "error": f"not run: loading stacks {fmt_bytes(nbytes)} of bf16 experts in anonymous memory "
-                        f"before attach (over --ram-limit {fmt_bytes(ram_limit)}); needs quantize-on-load"
+                        f"(over --ram-limit {fmt_bytes(ram_limit)})"
                     }
                     continue
-                passes = ["first", "cached"] if ROWS[row] is not None and ROWS[row].get("weight_quant") else [""]
+                passes = ["first", "cached"] if quant else [""]
+                store_fits = not quant or shutil.disk_usage(work).free > 1.2 * STORE_RATIO[quant] * nbytes
                 for p in passes:
                     name = f"{row} ({p})" if p else row
+                    if p == "cached" and not store_fits:
+                        entry["runs"][name] = {
+                            "error": f"not run: no room on the disk for a {quant} store file beside the checkpoint "
+                            f"({fmt_bytes(shutil.disk_usage(work).free)} free)"
+                        }
+                        continue
                     log(f"{shape}: {name}")
                     if p == "first":
                         shutil.rmtree(cache, ignore_errors=True)
-                    entry["runs"][name] = run_row(path, row, cache, args.timeout)
+                    entry["runs"][name] = run_row(path, row, cache if store_fits else None, options, args.timeout)
                     run.save({**environment(), **report})
-            shutil.rmtree(path, ignore_errors=True)
+            if not keep:
+                shutil.rmtree(path, ignore_errors=True)
             shutil.rmtree(cache, ignore_errors=True)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
     out = run.save({**environment(), **report})
 
     t = table(
         "scale: random-init checkpoints, this machine",
-        ["shape", "run", "load s", "attach s", "peak RSS ÷ ckpt", "anon / file after decode", "tok/s", "= plain"],
+        [
+            "shape",
+            "run",
+            "load s",
+            "attach s",
+            "peak RSS ÷ ckpt",
+            "peak ÷ (store + non-FFN)",
+            "anon / file after decode",
+            "tok/s",
+            "= plain",
+        ],
         left=2,
     )
     for shape, entry in report["shapes"].items():
@@ -286,7 +360,7 @@ def main() -> int:
         plain = entry["runs"].get("plain", {}).get("tokens")
         for name, r in entry["runs"].items():
             if "error" in r:
-                t.add_row(shape, name, r["error"][:90], "", "", "", "", "")
+                t.add_row(shape, name, r["error"][:90], "", "", "", "", "", "")
                 continue
             mem = r["after_decode"]
             same = "" if plain is None else f"{sum(a == b for a, b in zip(r['tokens'], plain))}/{NEW_TOKENS}"
@@ -296,6 +370,7 @@ def main() -> int:
                 f"{r['load_s']:.1f}",
                 "" if r["attach_s"] is None else f"{r['attach_s']:.1f}",
                 f"{mem['VmHWM'] / ck:.2f}",
+                f"{mem['VmHWM'] / (r['store_bytes'] + r['non_ffn_bytes']):.2f}" if "store_bytes" in r else "",
                 f"{fmt_bytes(mem['RssAnon'])} / {fmt_bytes(mem['RssFile'])}",
                 f"{r['tok_s']:.2f}",
                 same,

@@ -183,6 +183,11 @@ class TorusConfig:
             activations in the model's dtype), "packed-bf16" (the same kernels with bf16 activations,
             much faster on CPUs without fp32 paths for them) or "dequantize" (dequantize + matmul).
             fp32 and fp16 weights as loaded always use PyTorch's linear.
+        host_budget: host memory the host store may keep resident ("12GiB", or bytes). Below the
+            store's size the store lives in its file (`store_cache`), memory-mapped: units are read
+            ahead (madvise WILLNEED) as they are about to stream and paged out oldest-first beyond
+            the budget, so a model larger than host RAM decodes at disk speed instead of thrashing.
+            Needs a copying transport, `store_cache` and `host_compute="off"`; `None`: no limit.
         options: free-form settings for plugins, read by name.
     """
 
@@ -209,12 +214,15 @@ class TorusConfig:
     host_max_tokens: int | None = None
     host_threads: int | None = None
     host_kernel: str = "auto"
+    host_budget: int | str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.vram_budget is not None:
             # Normalise once so every reader sees bytes.
             object.__setattr__(self, "vram_budget", parse_bytes(self.vram_budget, "vram_budget"))
+        if self.host_budget is not None:
+            object.__setattr__(self, "host_budget", parse_bytes(self.host_budget, "host_budget"))
         if not _is_int(self.lookahead) or self.lookahead < 1:
             raise ConfigError(f"lookahead must be an integer >= 1, got {self.lookahead!r}")
         if self.resident_layers is not None and (not _is_int(self.resident_layers) or self.resident_layers < 0):

@@ -15,13 +15,21 @@ from torch import nn
 
 from .architecture import Architecture, FFNSite
 from .config import TorusConfig
+from .disk_tier import plan_disk_tier
 from .errors import ConfigError, IncompatibleModelError
 from .guards import PassLock, freeze_grads, lock_points, restore_grads
 from .host_compute.placement import HostPlacement, plan_host
 from .host_store import HostStore, materialize
 from .ineffective import ineffective_settings
 from .layer_streamer import LayerStreamer, bind
-from .moe.streamer import ExpertStreamer, check_moe_transport, expert_param_ids, plan_experts, predict_context
+from .moe.streamer import (
+    ExpertStreamer,
+    check_moe_transport,
+    expert_param_ids,
+    plan_experts,
+    predict_context,
+    unit_packing,
+)
 from .os_memory import release_free_heap, release_pages
 from .planning.residency import ResidencyPlan, plan_residency
 from .planning.sizes import measure
@@ -174,10 +182,33 @@ class Engine:
         if self.config.host_compute != "off":
             with step("measuring the host for the host placement"):
                 self.host_plan = plan_host(self)
+        #: host_budget's split (dense store bytes, expert store bytes), None: both stores in memory
+        self.disk_shares = self._plan_disk_tier()
         #: settings that take no effect here, each with why (`EngineStats.ineffective`)
         self.ineffective: list[str] = ineffective_settings(self)
         for why in self.ineffective:
             log.warning("torus-sparse: %s", why)
+
+    def _plan_disk_tier(self) -> tuple[int, int] | None:
+        config = self.config
+        if config.host_budget is None:
+            return None
+        why = None
+        if self.transport.zero_copy:
+            why = "the zero-copy transport computes from the store in place; use transport='copy' or 'cuda'"
+        elif config.host_compute != "off":
+            why = "the host placement computes from the store's memory; use host_compute='off'"
+        elif config.store_cache is None:
+            why = "the store must live in a file; set store_cache ('auto' or a directory)"
+        if why is not None:
+            raise ConfigError(f"host_budget keeps the host store on disk, which does not work here: {why}")
+        streamed = [self.transfer_bytes[i] for i in self.plan.streamed]
+        unit, experts, top_k = 0, 0, 0
+        if self.expert_sites:
+            unit = unit_packing(self.expert_sites, config.weight_quant, config.quant_group_size).transfer.nbytes
+            experts = sum(s.num_experts for s in self.expert_sites)
+            top_k = max(s.top_k for s in self.expert_sites)
+        return plan_disk_tier(config.host_budget, streamed, unit, experts, top_k, config.lookahead)
 
     def build(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Pack FFN weights into the host store, place everything, install hooks, warm the ring.
@@ -198,7 +229,13 @@ class Engine:
         # Quantize on the GPU when there is one: int4's code search takes minutes for a 7B model
         # on a few CPU cores; the results still land in the host store.
         qdev = self.device if self.device.type == "cuda" else None
+        if self.disk_shares is not None:
+            pin = False  # a mapped file's pages come and go: nothing to page-lock (see disk_tier)
         self.store = HostStore(pin, self.config.weight_quant, self.config.quant_group_size, qdev)
+        if self.disk_shares is not None:
+            n = len(self._params)
+            ahead = self.config.lookahead
+            self.store.use_disk_tier(self.disk_shares[0], lambda i: [(i + d) % n for d in range(1, ahead + 1)])
         if self.device.type == "cuda":
             # So `peak_device_bytes` reads "since attach" (reset_stats resets it again).
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -226,7 +263,11 @@ class Engine:
         self._placeholders: list[list[torch.Tensor]] = []
         resident = set(self.plan.resident)
         total = len(self.sites)
-        if self.store.quant is not None and self.config.store_cache is not None and total:
+        if (
+            (self.store.quant is not None or self.store.tier is not None)
+            and self.config.store_cache is not None
+            and total
+        ):
             with step("looking for a stored copy of the quantized FFN layers"):
                 self.store.use_file(
                     store_directory(self.config.store_cache),
@@ -259,8 +300,9 @@ class Engine:
                 dev,
                 self._expert_predictor,
                 self._prefetch_k,
-                self.store.pin_memory,
+                self.store.pin_memory and self.disk_shares is None,
                 self.read,
+                None if self.disk_shares is None else self.disk_shares[1],
             )
             self.experts.build(progress)
         self._install_pass_lock()
@@ -280,7 +322,7 @@ class Engine:
             weights = [self.read(p) for p in ps]
             packed, buf = self.store.add_layer(list(zip(names, weights)))
             if self.host is not None and i in self.host_plan.rows:  # type: ignore[union-attr]
-                self.host.prepare(i, self.sites[i].entry, names, ps, packed, buf, self.host_plan.rows[i])  # type: ignore[union-attr]
+                self.host.prepare(i, self.sites[i].entry, names, ps, packed, buf, self.host_plan.rows[i], weights)  # type: ignore[union-attr]
             for w in weights:  # read into the store (and the host share): the checkpoint's pages can go
                 release_pages(w)
             del weights

@@ -10,17 +10,23 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from . import quant as quantization
 from .config import DEFAULT_QUANT_GROUP_SIZE
+from .disk_tier import DiskTier
+from .errors import TorusError
 from .store_file import StoreFile, store_key
 
 #: Tensors start on this byte boundary inside a buffer, so kernels see the same alignment
 #: (and therefore take the same code paths) as they would for freshly allocated weights.
 ALIGN = 256
+
+
+class StoreWriteError(TorusError, OSError):
+    """The disk tier could not write the host store's file (it holds the only copy of the units)."""
 
 
 @dataclass(frozen=True)
@@ -192,13 +198,29 @@ class HostStore:
         #: the store's file (`use_file`): read from when it matched, else written as units are packed
         self.file: StoreFile | None = None
         self._file_hit = False
+        #: the disk tier (`use_disk_tier`): units live in the store's file, mapped, within a budget
+        self.tier: DiskTier | None = None
+
+    def use_disk_tier(self, budget: int, ahead: Callable[[int], Sequence[int]] | None = None) -> None:
+        """Keep this store in its file (`use_file` must follow, before any unit is added): units
+        written as packed and dropped from memory, mapped back when the file is complete, their
+        resident set bounded by `budget` bytes (`disk_tier`)."""
+        assert not self.layers and not self.pin_memory
+        self.tier = DiskTier(budget, ahead)
+
+    def source(self, i: int) -> torch.Tensor:
+        """Unit i's host buffer, about to be read by a transfer (the disk tier reads ahead and
+        pages out around it)."""
+        if self.tier is not None:
+            self.tier.use(i, self.buffers)
+        return self.buffers[i]  # type: ignore[return-value]
 
     def use_file(self, directory: Path, kind: str, units: Iterable[list[tuple[str, torch.Tensor]]]) -> bool:
         """Back this quantized store by a file in `directory` before any unit is added (`units`:
         every unit's tensors, in the order `add_layer` will get them; read once, for the key):
         map it when one holds exactly these units, else write one as they are packed (`finish`
         publishes it). Whether it matched."""
-        assert not self.layers and self.quant is not None
+        assert not self.layers and (self.quant is not None or self.tier is not None)
         nbytes: list[int] = []
 
         def sized() -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -224,10 +246,26 @@ class HostStore:
 
     def finish(self) -> None:
         """The units `use_file` named are all added: publish the store's file if this attach wrote
-        it. Units added later (the host placement's split shares) are packed as usual, unfiled."""
+        it (with the disk tier: and map every unit back from it). Units added later (the host
+        placement's split shares) are packed as usual, unfiled."""
         if self.file is not None and not self._file_hit:
             self.file.commit()
+            if self.tier is not None:
+                self._check_written()
+                self.file.map_written()
+                for i in range(len(self.buffers)):
+                    self.buffers[i] = self.file.unit(i)
+        if self.file is not None and self.tier is not None:
+            self.tier.region = self.file.mapped
         self.file, self._file_hit = None, False
+
+    def _check_written(self) -> None:
+        if self.file is not None and self.file.failed:
+            raise StoreWriteError(
+                f"host_budget keeps the host store on disk, but writing it to {self.file.directory} failed (see the "
+                f"log line above): free space there, point store_cache elsewhere, or raise host_budget above the "
+                f"store's size"
+            )
 
     @property
     def layouts(self) -> list[LayerLayout]:
@@ -284,7 +322,12 @@ class HostStore:
         if self.file is not None:
             self.file.append(buffer)
         self.layers.append(packed)
-        self.buffers.append(buffer)
+        if self.tier is not None:
+            # On disk only: the caller uses this buffer and drops it; `finish` maps the file back.
+            self._check_written()
+            self.buffers.append(torch.empty(0, dtype=torch.uint8))
+        else:
+            self.buffers.append(buffer)
         return packed, buffer
 
     def _add_from_file(self, tensors: list[tuple[str, torch.Tensor]]) -> tuple[PackedLayer, torch.Tensor]:

@@ -38,4 +38,11 @@ def ineffective_settings(engine: Any) -> list[str]:
             f"host_compute={config.host_compute!r} takes no effect: {why}, so every pass streams; "
             "set host_max_tokens=1 to compute decode steps on the host anyway"
         )
+    if config.host_budget is not None and getattr(engine, "disk_shares", None) is None:
+        from .config import format_bytes
+
+        out.append(
+            f"host_budget={format_bytes(config.host_budget)} takes no effect: the host store fits in it, so it stays "
+            "in memory (the disk tier starts where the store is larger than the budget)"
+        )
     return out

@@ -105,7 +105,7 @@ class LayerStreamer:
         if slot is None:
             slot = ring.victim((), None)
             assert slot is not None, "a ring with no active slot always has a victim"
-            c.bytes_moved += ring.fill(slot, unit, self.store.buffers[unit], self.transport)
+            c.bytes_moved += ring.fill(slot, unit, self.store.source(unit), self.transport)
             c.misses += 1
         else:
             c.hits += 1
@@ -153,7 +153,7 @@ class LayerStreamer:
                 slot = ring.victim(keep, self._active)
                 if slot is None:
                     return
-                self.counters[layer].bytes_moved += ring.fill(slot, unit, self.store.buffers[unit], self.transport)
+                self.counters[layer].bytes_moved += ring.fill(slot, unit, self.store.source(unit), self.transport)
 
     # ------------------------------------------------------------------ stats / teardown
     def _add_stall(self, layer: int, seconds: float) -> None:

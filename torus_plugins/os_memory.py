@@ -39,6 +39,8 @@ def _malloc_trim():
 
 
 _MADV_PAGEOUT = 21  # Linux >= 5.4
+_MADV_WILLNEED = 3
+_MADV_RANDOM = 1
 _PAGE = 4096
 
 
@@ -54,16 +56,75 @@ def _madvise():
     return fn
 
 
-def release_pages(t: torch.Tensor) -> bool:
+def release_pages(t: torch.Tensor, whole: bool = False) -> bool:
     """Ask the kernel to reclaim the whole pages inside `t`'s bytes (a CPU tensor the caller no
-    longer reads); its values stay what they were. Whether the request was made and accepted."""
+    longer reads); its values stay what they were. Whether the request was made and accepted.
+    whole: also the pages `t` only starts or ends in (the caller owns them all, e.g. a mapped
+    store unit that starts on a page and is followed by padding)."""
     madvise = _madvise()
     if madvise is None or t.device.type != "cpu" or t.numel() == 0:
         return False
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()  # a packed FFN weight: dense, so its span
     first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+    if whole:
+        first, last = start // _PAGE * _PAGE, -(-end // _PAGE) * _PAGE
     return last > first and madvise(first, last - first, _MADV_PAGEOUT) == 0
+
+
+def will_need(t: torch.Tensor) -> bool:
+    """Ask the kernel to start reading `t`'s pages now (MADV_WILLNEED: asynchronous read-ahead of
+    a file-backed tensor about to be used); whether the request was made and accepted."""
+    madvise = _madvise()
+    if madvise is None or t.device.type != "cpu" or t.numel() == 0:
+        return False
+    start = t.data_ptr() // _PAGE * _PAGE
+    end = t.data_ptr() + t.numel() * t.element_size()
+    return madvise(start, end - start, _MADV_WILLNEED) == 0
+
+
+def release_range(start: int, end: int) -> bool:
+    """`release_pages` for the whole pages between two addresses of memory the caller owns."""
+    madvise = _madvise()
+    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+    return madvise is not None and last > first and madvise(first, last - first, _MADV_PAGEOUT) == 0
+
+
+def read_randomly(t: torch.Tensor) -> bool:
+    """Tell the kernel `t`'s pages are read in no order it can guess (MADV_RANDOM): no read-ahead
+    around a page fault, the caller issues its own (`will_need`)."""
+    madvise = _madvise()
+    if madvise is None or t.device.type != "cpu" or t.numel() == 0:
+        return False
+    start = t.data_ptr() // _PAGE * _PAGE
+    end = t.data_ptr() + t.numel() * t.element_size()
+    return madvise(start, end - start, _MADV_RANDOM) == 0
+
+
+@functools.cache
+def _mincore():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p], ctypes.c_int
+    return fn
+
+
+def resident_bytes(t: torch.Tensor) -> int | None:
+    """Bytes of `t`'s whole pages in RAM (mincore), or None where that cannot be asked."""
+    mincore = _mincore()
+    if mincore is None or t.device.type != "cpu" or t.numel() == 0:
+        return None
+    start = t.data_ptr() // _PAGE * _PAGE
+    end = t.data_ptr() + t.numel() * t.element_size()
+    pages = -(-(end - start) // _PAGE)
+    vec = (ctypes.c_ubyte * pages)()
+    if mincore(start, end - start, vec) != 0:
+        return None
+    return sum(b & 1 for b in vec) * _PAGE
 
 
 def release_free_heap() -> bool:

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .cache_paths import cache_root
-from .os_memory import release_pages
+from .os_memory import read_randomly, release_pages
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class StoreFile:
         self._writer: Any = None
         self._tmp: Path | None = None
         self._offset = 0
+        self.committed = False  # the written store was published
 
     # ------------------------------------------------------------------ reading
     def open(self, nbytes: Sequence[int]) -> bool:
@@ -127,12 +128,18 @@ class StoreFile:
                     problem = f"unit {i}'s bytes do not match their checksum (corrupt)"
                     break
             else:
+                read_randomly(mapped)  # no read-around: units are read in the model's order, not the file's
                 self._mapped, self._entries = mapped, entries
                 log.info("torus-sparse: %s maps %s (quantized once, not again)", self.what, self.path)
                 return True
             del mapped
         self._discard(problem)
         return False
+
+    @property
+    def mapped(self) -> torch.Tensor | None:
+        """The whole mapped file (None until `open` matched or `map_written`)."""
+        return self._mapped
 
     def unit(self, i: int) -> torch.Tensor:
         """Unit `i`'s bytes in the mapped file (file-backed pages: the OS reads them on first use)."""
@@ -183,11 +190,32 @@ class StoreFile:
             log.info(
                 "torus-sparse: %s written to %s (%d bytes); later attaches map it", self.what, self.path, self._offset
             )
+            self.committed = True
         except OSError as exc:
             self._fail(exc)
             self.manifest_path.with_name(self.manifest_path.name + f".tmp-{os.getpid()}").unlink(missing_ok=True)
             self.path.unlink(missing_ok=True)
         self._writer = False
+
+    @property
+    def failed(self) -> bool:
+        """Writing stopped on an error (logged): the store is not (and will not be) on disk."""
+        return self._writer is False and not self.committed
+
+    def map_written(self) -> None:
+        """Map the store this object just wrote and committed (no checksum pass: its bytes were
+        hashed as they were written), so `unit` reads from the file."""
+        assert self.committed
+        if hasattr(os, "posix_fadvise"):
+            # The pages just written sit in the page cache: hand them back, so the disk tier's budget
+            # (not the write) decides what stays in memory.
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        self._mapped = torch.from_file(str(self.path), shared=False, size=self._offset, dtype=torch.uint8)
+        read_randomly(self._mapped)  # the disk tier reads ahead itself, unit by unit
 
     def _fail(self, exc: OSError) -> None:
         log.error(

@@ -43,6 +43,11 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         help="where a quantized store is kept so it is quantized once (default %(default)s: "
         "$TORUS_SPARSE_CACHE/stores or ~/.cache/torus-sparse/stores; off: quantize at every load)",
     )
+    g.add_argument(
+        "--host-budget",
+        help="host memory the host store may keep resident, e.g. 12GiB; below the store's size it stays in "
+        "its file under --store-cache, memory-mapped and read ahead (a model larger than RAM)",
+    )
     h = p.add_argument_group("host placement (FFN layers and missed experts computed on CPU threads)")
     h.add_argument(
         "--host-compute",
@@ -86,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> TorusConfig:
         device=args.device,
         kv_reserve_tokens=args.kv_reserve_tokens,
         store_cache=None if args.store_cache == "off" else args.store_cache,
+        host_budget=args.host_budget,
         weight_quant=args.weight_quant,
         quant_group_size=args.quant_group_size,
         moe_cache_experts=args.moe_cache_experts,

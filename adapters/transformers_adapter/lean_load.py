@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torus_plugins.os_memory import release_pages
 from torus_plugins.plugins import resolve
 from torus_plugins.weight_source import SOURCE_ATTR
 
@@ -79,14 +80,23 @@ class CheckpointWeights:
     def read(self, name: str, index: int | None = None) -> torch.Tensor:
         dtype = self.dtypes[name]
         if name in self.direct:
-            return self.tensor(self.direct[name], index).to(dtype)
+            return _owned(self.tensor(self.direct[name], index), dtype)
         fused = self.fused[name]
         experts = range(len(fused.keys[0])) if index is None else [index]
         parts = []
         for e in experts:
-            pieces = [self.tensor(keys[e]).to(dtype) for keys in fused.keys]
+            pieces = [_owned(self.tensor(keys[e]), dtype, copy=True) for keys in fused.keys]
             parts.append(torch.cat(pieces, dim=0) if fused.concat else pieces[0])
         return parts[0] if index is not None else torch.stack(parts)
+
+
+def _owned(t: torch.Tensor, dtype: torch.dtype, copy: bool = False) -> torch.Tensor:
+    """`t` in `dtype`; when that (or `copy`) makes a new tensor, the mapped checkpoint pages `t` was
+    read from are handed back at once (the caller releases only what it is given: os_memory)."""
+    out = t.to(dtype, copy=copy)
+    if out.data_ptr() != t.data_ptr():
+        release_pages(t)
+    return out
 
 
 def _shards(directory: Path) -> list[Path]:

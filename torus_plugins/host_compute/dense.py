@@ -112,10 +112,11 @@ class HostLayers:
         packed: Any,
         buffer: torch.Tensor,
         rows: int,
+        values: list[torch.Tensor] | None = None,
     ) -> None:
         """Set layer i up for host compute: a twin of its FFN module bound to the host share of its
-        weights in the host store (`packed` / `buffer`: the layer as just stored; `params` still
-        hold the weights as loaded). Split layers also keep their device share's tensors, packed
+        weights in the host store (`packed` / `buffer`: the layer as just stored; `values`: the
+        weights as loaded, default the `params`' own data -- a lean-loaded model's are empty). Split layers also keep their device share's tensors, packed
         into the store by `add_share_units`."""
         try:
             hidden = hidden_size(module, params)
@@ -165,7 +166,8 @@ class HostLayers:
             weights[id(f)] = hw
         share: list[tuple[str, torch.Tensor]] = []
         if cut is not None:
-            device_part = cut.share([p.data for p in params], 0, start, device_share=True)
+            loaded = values if values is not None else [p.data for p in params]
+            device_part = cut.share(loaded, 0, start, device_share=True)
             share = [(n + ".share", t.detach().to("cpu").clone()) for n, t in zip(names, device_part)]
         mode_ = HostLinearMode(weights) if weights else None
         fused = recognize(twin, mode_, hidden, params[0].dtype)

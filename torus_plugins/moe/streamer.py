@@ -171,8 +171,10 @@ class ExpertStreamer:
         prefetch_k: int,
         pin_memory: bool,
         read: ParamReader | None = None,
+        disk_budget: int | None = None,
     ) -> None:
-        """read: reads an experts parameter's slices (an empty one's from the model's weight source)."""
+        """read: reads an experts parameter's slices (an empty one's from the model's weight source);
+        disk_budget: keep the expert store in its file within this many resident bytes (`disk_tier`)."""
         self.model, self.arch, self.sites, self.plan = model, arch, sites, plan
         self.read = read if read is not None else ParamReader(model, None)
         self.config, self.transport, self.device = config, transport, device
@@ -180,6 +182,8 @@ class ExpertStreamer:
         self.prefetch_k = prefetch_k
         qdev = device if device.type == "cuda" else None  # as the dense engine: quantize on the GPU
         self.store = HostStore(pin_memory, config.weight_quant, config.quant_group_size, qdev)
+        if disk_budget is not None:
+            self.store.use_disk_tier(disk_budget, lambda i: ())  # read ahead as predictions prefetch
         self.base: list[int] = []
         self._unit_layer: list[int] = []
         self._origins: list[list[tuple[nn.Parameter, torch.device]]] = []
@@ -200,7 +204,7 @@ class ExpertStreamer:
         self._host_shims: list[_ModuleShim] = []
         self._host_mode: HostLinearMode | None = None
         self._host_tensors: list[list[torch.Tensor]] = []
-        self._force_host = False  # `verify_host`: every routed expert on the host
+        self._force_host: frozenset[int] = frozenset()  # `verify_host`: these units on the host
         #: the grouped path: all slots in one allocation, their stacks and the unit -> slot table
         self._stack: SlotStack | None = None
         self._grouped_shims: list[_ModuleShim | None] = []
@@ -211,7 +215,7 @@ class ExpertStreamer:
     def build(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Pack every expert into its own host buffer, allocate the cache, route the experts
         modules' forwards here. The caller tears down on failure."""
-        if self.store.quant is not None and self.config.store_cache is not None:
+        if (self.store.quant is not None or self.store.tier is not None) and self.config.store_cache is not None:
             # One pass over every expert for the file's key, before the loop below frees each
             # layer's fused originals (a list of the units would keep them all alive).
             with step("looking for a stored copy of the quantized experts"):
@@ -343,7 +347,7 @@ class ExpertStreamer:
         on_host: list[int] = []
         for u in units:
             cache.routed(u, j)
-            if self._force_host or (host and ring.find(u) is None):
+            if u in self._force_host or (host and ring.find(u) is None):
                 c.misses += 1
                 on_host.append(u)  # computed where it lies instead of copied
             elif ring.find(u) is None:
@@ -514,7 +518,8 @@ class ExpertStreamer:
 
     def verify_host(self, tolerance: float) -> None:
         """Prove host experts on the first MoE layer: a few tokens routed to its first experts,
-        computed on the device and on the host, must agree within `tolerance`."""
+        computed on the device alone and split between the host and the device (every other
+        expert on the host), must agree within `tolerance`."""
         if not self._host_max:
             return
         site = self.sites[0]
@@ -526,23 +531,25 @@ class ExpertStreamer:
         index = torch.stack([torch.arange(k) + t for t in range(tokens)]).remainder(site.num_experts).to(self.device)
         weights = torch.full((tokens, k), 1.0 / k).to(self.device, weight.dtype)
         with torch.no_grad():
+            # No pass-size rule while proving: the reference streams every expert, then every other
+            # expert is forced onto the host and the rest load to the device, so each side sees the
+            # other's pairs as the padding index, as a decode step with some experts cached does.
             saved, self._host_max = self._host_max, 0
             try:
                 ref = site.module(hidden, index, weights)
+                self._force_host = frozenset(self.base[0] + e for e in range(0, site.num_experts, 2))
+                try:
+                    got = site.module(hidden, index, weights)
+                except HostComputeError:
+                    raise
+                except Exception as exc:
+                    raise HostComputeError(
+                        f"MoE layer {site.layer}'s experts ({type(site.module).__name__}) failed on the host: {exc} "
+                        f"(host experts need the eager loop to skip the padding index {site.num_experts})"
+                    ) from exc
             finally:
                 self._host_max = saved
-            self._force_host = True
-            try:
-                got = site.module(hidden, index, weights)
-            except HostComputeError:
-                raise
-            except Exception as exc:
-                raise HostComputeError(
-                    f"MoE layer {site.layer}'s experts ({type(site.module).__name__}) failed on the host: {exc} "
-                    f"(host experts need the eager loop to skip the padding index {site.num_experts})"
-                ) from exc
-            finally:
-                self._force_host = False
+                self._force_host = frozenset()
         scale = ref.abs().max().item() or 1.0
         err = (got.float() - ref.float()).abs().max().item() / scale
         if not err <= tolerance:
@@ -559,7 +566,7 @@ class ExpertStreamer:
         old = slot.layer
         if old is not None and slot.prefetched and not slot.used_since_load:
             self.counters[self._unit_layer[old]].wasted_bytes += self.store.buffers[old].numel()
-        moved = ring.fill(slot, unit, self.store.buffers[unit], self.transport)
+        moved = ring.fill(slot, unit, self.store.source(unit), self.transport)
         slot.prefetched = prefetched
         if self._stack is not None:
             self._stack.assign(unit, slot.buffer)
