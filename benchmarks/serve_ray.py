@@ -16,7 +16,8 @@ non-streamed `POST /v1/completions` one after another (greedy, `max_tokens=--tok
 rotating over a fixed list), all starting together behind a barrier. Per level: throughput =
 completion tokens / wall time from the barrier to the last answer; latency p50 and p99 over every
 request of the level (with C x requests samples, p99 is close to the slowest). Three warm-up
-requests per replica first. One round per level (the run is long; rerun to see the spread).
+requests per replica first. One round per level; the plain server runs first and again last
+(`plain-again`), so the pair shows how far the machine's load moved the numbers during the run.
 
 Run:  python benchmarks/serve_ray.py [--tokens 32] [--requests 2] [--record | --out PATH]
 Writes benchmarks/results/scratch/serve_ray.json and .md (with --record benchmarks/results/).
@@ -131,7 +132,7 @@ def measure(name: str, url: str, args: argparse.Namespace, warm: int) -> list[di
     return rows
 
 
-def plain(args: argparse.Namespace) -> dict[str, Any]:
+def plain(args: argparse.Namespace, name: str = "plain") -> dict[str, Any]:
     """The real `torus-sparse serve` in its own process (as each replica is), torch's default threads."""
     import subprocess
     import sys
@@ -154,12 +155,12 @@ def plain(args: argparse.Namespace) -> dict[str, Any]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("torus-sparse serve did not start")
             time.sleep(0.2)
-        levels = measure("plain", url, args, warm=3)
+        levels = measure(name, url, args, warm=3)
     finally:
         proc.terminate()
         proc.wait(60)
     return {
-        "name": "plain",
+        "name": name,
         "replicas": 1,
         "cpus_per_replica": os.cpu_count(),
         "torch_threads": [os.cpu_count()],
@@ -247,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+    setups.append(plain(args, "plain-again"))  # the plain server once more: how far the machine drifted
     report = {
         "benchmark": "serve_ray",
         **harness.environment(device="cpu"),

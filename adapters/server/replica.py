@@ -1,5 +1,6 @@
-"""One replica of the server behind a router (Ray Serve, `ray_serve.py`): the app `torus-sparse
-serve` builds, plus what a fleet needs from each member. Imports no Ray: it is tested in process.
+"""One replica of the server behind a router (Ray Serve: `torus_adapters.ray_serve`): the app
+`torus-sparse serve` builds, plus what a fleet needs from each member. Imports no Ray: it is
+tested in process.
 
 - Its id on every answer (`X-Torus-Replica`) and on `GET /torus/stats` (its scheduler counters and
   its engine's stats), so a client or a test sees which replica answered and what each has done.
@@ -119,6 +120,7 @@ class Replica:
         self.started = time.time()
         self.reconfigurations = 0
         self._closed = False
+        self._swapping = False
         self._seen = self._progress()
         self._add_stats_route()
         self.asgi = _Gate(self.app, replica_id, self.shutdown)
@@ -169,7 +171,8 @@ class Replica:
         try:
             get_engine(self.tm.model)
         except NotAttachedError:
-            raise EngineFailed("no engine is attached to the model") from None
+            if not self._swapping:  # `reconfigure` detaches it for a moment
+                raise EngineFailed("no engine is attached to the model") from None
         errors, passes = self._progress()
         # two or more failures and not one good pass: the model fails, not one odd request
         failed = errors - self._seen[0]
@@ -187,6 +190,7 @@ class Replica:
             return False
         gate = self.asgi
         gate.opened.clear()
+        self._swapping = True
         try:
             await self._quiesce()
             previous = self.tm.config
@@ -205,6 +209,7 @@ class Replica:
             log.info("replica %s: engine re-attached with %s", self.replica_id, config)
             return True
         finally:
+            self._swapping = False
             gate.opened.set()
 
     async def _quiesce(self) -> None:
