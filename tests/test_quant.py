@@ -489,3 +489,29 @@ def test_compiled_int4_kernel_writes_the_formula_bits():
         dst = torch.empty(shape, dtype=torch.bfloat16)
         quant._compiled_kernel(dst, q, meta)
         assert torch.equal(dst, _int4_formula(q, meta, shape).to(torch.bfloat16)), shape
+
+
+def test_a_compiled_kernel_that_fails_after_its_proof_lands_with_torch_ops(monkeypatch, caplog):
+    """The CUDA kernel is compiled per shape: a later compile that fails must not fail a pass. That
+    matrix and every later one land through the torch ops (same bits), with one log line; a
+    failure during the first matrix's proof is raised to `int4_kernel`, which logs it."""
+    gen = torch.Generator().manual_seed(5)
+    q, meta = quant.quantize(torch.randn(8, 64, generator=gen), "int4", 16)
+    want = _int4_formula(q, meta, (8, 64)).to(torch.bfloat16)
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(quant, "_COMPILED", {"cpu": broken})
+    monkeypatch.setattr(quant, "_KERNEL", {})
+    dst = torch.empty(8, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="no compiler"):
+        quant._compiled_kernel(dst, q, meta)  # during a proof: raised
+    quant._KERNEL[("cpu", torch.bfloat16, True)] = "op"  # proven earlier
+    with caplog.at_level("WARNING", logger="torus_plugins.quant"):
+        quant._compiled_kernel(dst, q, meta)
+    assert torch.equal(dst, want) and quant._COMPILED["cpu"] is False
+    assert "falls back to torch ops" in caplog.text
+    dst.zero_()
+    quant._compiled_kernel(dst, q, meta)
+    assert torch.equal(dst, want)

@@ -302,10 +302,13 @@ _LIB.impl("dequantize_int4_", _cpu_kernel, "CPU")
 
 #: Compiled kernels by device type, built on first use (torch.compile of `_int4_values` written
 #: into dst: inductor fuses the decode, the multiply and the subtraction into one kernel).
-_COMPILED: dict[str, object] = {}
+_COMPILED: dict[str, object] = {}  # False: it failed after its proof (the torch ops from then on)
 
 
 def _compiled_kernel(dst: torch.Tensor, q: torch.Tensor, meta: torch.Tensor) -> None:
+    """The compiled kernel. A compile that fails after the first matrix proved it (a new shape or
+    layout recompiles) lands this matrix and every later one with the torch ops instead: the same
+    bits, more launches, one log line."""
     fn = _COMPILED.get(dst.device.type)
     if fn is None:
 
@@ -313,7 +316,19 @@ def _compiled_kernel(dst: torch.Tensor, q: torch.Tensor, meta: torch.Tensor) -> 
             dst.copy_(_int4_values(q, meta))
 
         fn = _COMPILED[dst.device.type] = torch.compile(write, dynamic=True, fullgraph=True)
-    fn(dst, q, meta)  # type: ignore[operator]
+    if fn is False:
+        _dequantize_int4_ops(dst, q, meta)
+        return
+    try:
+        fn(dst, q, meta)  # type: ignore[operator]
+    except Exception as exc:
+        if (dst.device.type, dst.dtype, dst.is_contiguous()) not in _KERNEL:
+            raise  # the first matrix's proof (`int4_kernel`): it reports the failure itself
+        import logging
+
+        logging.getLogger(__name__).warning("int4 landing on %s falls back to torch ops: %s", dst.device, exc)
+        _COMPILED[dst.device.type] = False
+        _dequantize_int4_ops(dst, q, meta)
 
 
 _LIB.impl("dequantize_int4_", _compiled_kernel, "CUDA")
