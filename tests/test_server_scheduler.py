@@ -131,20 +131,24 @@ def test_a_growing_batch_cache_decodes_as_the_plain_cache_and_appends_in_place(t
 def test_the_prefill_budget_and_chunk_sizes_follow_the_slice():
     """`_prefill_budget` / `_chunk_size` on a scheduler with no thread: what a turn leaves to prefill,
     and the chunk that fits it at the last chunk's time per token."""
+    import collections
+
     import torch
 
     from torus_adapters.server import scheduler as sched
 
     s = sched.Scheduler.__new__(sched.Scheduler)
     s.prefill_slice, s.prefill_chunk, s._rate, s._active = 0.5, None, None, []
-    s._decode_s = 0.1
+    s._decode_times = collections.deque([0.1, 0.1, 0.1], maxlen=8)
     assert s._prefill_budget() == 2.0  # nothing decoding: four slices
     s._active = [object()]
-    assert s._prefill_budget() == pytest.approx(0.4)  # what the decode step leaves
-    s._decode_s = 0.45
+    assert s._prefill_budget() == pytest.approx(0.4)  # what a decode step leaves
+    s._decode_times.append(0.9)
+    assert s._prefill_budget() == pytest.approx(0.4)  # one slow step (a busy CPU) is not the typical one
+    s._decode_times.extend([0.45] * 4)
     assert s._prefill_budget() == 0.125  # at least a quarter of the slice
-    s._decode_s = 0.6
-    assert s._prefill_budget() == 2.0  # a pass outlasts the slice: chunks would only shrink; four slices
+    s._decode_times.extend([0.6] * 8)
+    assert s._prefill_budget() == 2.0  # every pass outlasts the slice: chunks would only shrink; four slices
 
     item = sched._Prefill(seq=None, ids=torch.zeros(1, 8000, dtype=torch.long))  # type: ignore[arg-type]
     assert s._chunk_size(item, 0.4) == 4 * sched.MIN_CHUNK  # no time per token known yet: a small first chunk

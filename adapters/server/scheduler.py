@@ -105,7 +105,8 @@ class _Prefill:
     ids: torch.Tensor  # [1, prompt length]
     done: int = 0
     cache: Any = None
-    rate: float | None = None  # seconds per token of its last chunk
+    rate: float | None = None  # seconds per token to size its next chunk by (the slower of its last two)
+    measured: float | None = None  # seconds per token of its last chunk
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -157,7 +158,7 @@ class Scheduler:
         self._active: list[_Seq] = []
         self._prefilling: list[_Prefill] = []
         self._rate: float | None = None  # seconds per token of the last first chunk of a prompt
-        self._decode_s = 0.0  # wall time of the last decode step
+        self._decode_times: collections.deque[float] = collections.deque(maxlen=8)  # of the last decode steps
         self._batch = BatchCache()
         self._in_flight = 0  # accepted and not ended: waiting, being prefilled, or decoding
         self._cv = threading.Condition()
@@ -223,7 +224,7 @@ class Scheduler:
                 if self._active:
                     began = time.perf_counter()
                     self._decode_step()
-                    self._decode_s = time.perf_counter() - began
+                    self._decode_times.append(time.perf_counter() - began)
             except Exception:  # a model failure ends the requests in flight, not the server
                 self._fail_all(_logged_failure("decode step failed"))
         self._fail_all("the server is shutting down", waiting=True, cause=SHUTTING_DOWN)
@@ -265,13 +266,17 @@ class Scheduler:
             ran = True
 
     def _prefill_budget(self) -> float:
-        """Seconds of prefill this turn: what the slice leaves after a decode step (at least a
-        quarter of it); four slices when nothing decodes, or when one decode step alone outlasts
-        the slice (a forward pass costs more than the turn, as with weights streamed to a GPU: the
-        slice cannot be held, and shrinking chunks toward `MIN_CHUNK` would only multiply passes)."""
-        if self._active and self._decode_s < self.prefill_slice:
-            return max(self.prefill_slice - self._decode_s, self.prefill_slice / 4)
-        return self.prefill_slice * 4
+        """Seconds of prefill this turn: what the slice leaves after a decode step (the median of
+        the last few; at least a quarter of the slice); four slices when nothing decodes, or when
+        even the fastest of the last decode steps outlasts the slice (a forward pass costs more than
+        the turn, as with weights streamed to a GPU: the slice cannot be held, and shrinking chunks
+        toward `MIN_CHUNK` would only multiply passes). One slow step on a busy CPU is not that."""
+        if not self._active:
+            return self.prefill_slice * 4
+        recent = sorted(self._decode_times) or [0.0]
+        if recent[0] >= self.prefill_slice:
+            return self.prefill_slice * 4
+        return max(self.prefill_slice - recent[len(recent) // 2], self.prefill_slice / 4)
 
     def _chunk_size(self, item: _Prefill, time_left: float) -> int:
         """Tokens of `item`'s prompt to prefill now."""
@@ -303,7 +308,8 @@ class Scheduler:
         rate = (time.perf_counter() - began) / n
         if item.done == 0 and n >= MIN_CHUNK:
             self._rate = rate
-        item.rate, item.cache, item.done = rate, out.cache, item.done + n
+        item.rate = rate if item.measured is None else max(rate, item.measured)  # one quick chunk is no promise
+        item.measured, item.cache, item.done = rate, out.cache, item.done + n
         self.counters.prefill_chunks += 1
         if item.left:
             return
