@@ -53,11 +53,11 @@ NEW_TOKENS = 16
 PROMPT = "The history of the river valley begins"
 #: Settings per shape for the streamed rows. On the CPU the copy transport's "device" is host
 #: memory too: an unbounded expert cache would hold every expert dequantized beside its codes, so
-#: MoE shapes get a budget (non-FFN weights + KV + about a GiB of cache).
+#: MoE shapes get a budget (non-FFN weights + KV + a cache of 0.5-1 GiB).
 SHAPE_OPTIONS = {
     "olmoe8": {"vram_budget": "2GiB"},
     "olmoe": {"vram_budget": "2.5GiB"},
-    "30b-a3b": {"vram_budget": "3.5GiB"},
+    "30b-a3b": {"vram_budget": "2.75GiB"},
 }
 #: Store bytes per bf16 FFN byte (int8: a byte a weight plus scales; int4: half a byte plus scales).
 STORE_RATIO = {"int8": 0.51, "int4": 0.27}

@@ -126,3 +126,31 @@ def test_the_recommended_config_is_one_the_engine_accepts(tmp_path):
     model = build_tiny("llama")
     tp.attach(model, eval(snippet, {"TorusConfig": tp.TorusConfig}))
     tp.detach(model)
+
+
+def test_disk_tier_and_lean_load_peak(tmp_path):
+    """With a host_budget below the store, the plan says how many bytes each token reads from disk
+    and, given the disk's speed, the disk-bound ceiling; a safetensors checkpoint's load peak is
+    the lean loader's (non-FFN + store + two layers), a config-only directory's the whole model's."""
+    from conftest import build_tiny
+
+    build_tiny("llama").save_pretrained(tmp_path)
+    config = tp.TorusConfig(transport="copy", resident_layers=0, host_budget="80KiB")
+    plan = plan_model(str(tmp_path), config, bandwidth="10GB/s", device="cpu", host=False, disk_bandwidth="1GB/s")
+    assert plan.host_bytes > 80 * 1024
+    assert plan.disk_bytes_per_token == plan.streamed_bytes_per_token > 0
+    assert plan.disk_tok_s == pytest.approx(1e9 / plan.disk_bytes_per_token)
+    text = plan.render()
+    assert "disk tier        the store" in text and "disk-bound at 1.0 GB/s" in text
+    assert "host_budget=81920" in plan.config_snippet()
+    model = build_tiny("llama")
+    tp.attach(model, eval(plan.config_snippet(), {"TorusConfig": tp.TorusConfig}), store_cache=str(tmp_path / "s"))
+    tp.detach(model)
+    int4 = config.replace(weight_quant="int4", host_budget=None)
+    lean = plan_model(str(tmp_path), int4, bandwidth="10GB/s", device="cpu", host=False)
+    assert lean.host_load_peak_bytes < lean.non_ffn_bytes + lean.ffn_bytes  # less than the bf16 model
+    (tmp_path / "model.safetensors").unlink()  # config only: a from_pretrained load
+    whole = plan_model(str(tmp_path), int4, bandwidth="10GB/s", device="cpu", host=False)
+    assert whole.host_load_peak_bytes > lean.host_load_peak_bytes
+    roomy = plan_model(str(tmp_path), config.replace(host_budget="1GiB"), bandwidth="10GB/s", device="cpu", host=False)
+    assert roomy.disk_bytes_per_token == 0 and "disk tier        off" in roomy.render()

@@ -101,9 +101,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         device=args.device,
         host_compute="auto" if args.host_share is not None else "off",
         host_share=args.host_share,
+        host_budget=args.host_budget,
     )
     plan = plan_model(
-        args.model, config, bandwidth=args.bandwidth, device=args.device, dtype=args.dtype, host=not args.no_host_probe
+        args.model,
+        config,
+        bandwidth=args.bandwidth,
+        device=args.device,
+        dtype=args.dtype,
+        host=not args.no_host_probe,
+        disk_bandwidth=args.disk_bandwidth,
     )
     if args.json:
         print(json.dumps(plan.as_dict(), indent=2))
@@ -227,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", help="model directory, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
     _vram_budget(pl, "vram_budget", "device memory for the model, e.g. 6GB or 6GiB (default: 90%% of free CUDA memory)")
     pl.add_argument("--bandwidth", help="host→device bandwidth, e.g. 25GB/s (default: measured now)")
+    pl.add_argument("--host-budget", help="host memory the host store may keep resident, e.g. 12GiB (the disk tier)")
+    pl.add_argument(
+        "--disk-bandwidth", help="the disk's read speed, e.g. 2GB/s: the disk-bound speed under --host-budget"
+    )
     pl.add_argument(
         "--lookahead",
         type=int,

@@ -205,6 +205,8 @@ def _map_keys(model: nn.Module, shards: list[Path], ffn: set[str]) -> tuple[Chec
                     continue  # an unexpected key: transformers ignores it too (with a warning)
                 (weights.direct if target in ffn else non_ffn)[target] = key
                 continue
+            if target not in meta_sd:
+                continue  # converted into nothing this model has: unexpected, as for transformers
             converter = next(c for c in converters if pattern in c.source_patterns)
             if target not in ffn or not _converter_rule(converter):
                 raise NotLean(f"checkpoint key {key!r} needs transformers' conversion {type(converter).__name__}")

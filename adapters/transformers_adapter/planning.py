@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +41,18 @@ def meta_model(path_or_id: str | os.PathLike[str] | None, dtype: Any = None) -> 
     return model, (str(path_or_id) if path_or_id else "SmolLM2-135M-Instruct (embedded default)")
 
 
+def _loads_lean(path_or_id: str | os.PathLike[str] | None) -> bool:
+    """Whether `TorusModel.from_pretrained` would load this model lean (a safetensors directory;
+    a conversion the lean loader refuses is only found when loading: then the peak is higher)."""
+    from .lean_load import NotLean, _shards
+
+    source, extra = resolve_model_source(path_or_id)
+    try:
+        return not extra and bool(_shards(Path(source)))
+    except (NotLean, OSError):
+        return False
+
+
 def plan_model(
     path_or_id: str | os.PathLike[str] | None,
     config: TorusConfig,
@@ -47,8 +60,10 @@ def plan_model(
     device: str | None = None,
     dtype: Any = None,
     host: bool = True,
+    disk_bandwidth: float | str | None = None,
 ) -> DeploymentPlan:
     """Plan how `config` would run the model. `bandwidth`: bytes/s or "25GB/s"; None probes it.
+    `disk_bandwidth`: the disk's read speed, for the disk-bound speed under a `host_budget`.
     `host`: also probe this machine's host and forecast the host placement (streaming-only,
     host-only and hybrid predictions, the split host_compute="auto" would use)."""
     model, name = meta_model(path_or_id, dtype)
@@ -67,9 +82,11 @@ def plan_model(
     expert_sites = list(arch.expert_sites(model)) if hasattr(arch, "expert_sites") else []
     sizes = measure(model, arch, config.weight_quant, config.quant_group_size, expert_param_ids(expert_sites))
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    plan = make_plan(sizes, config, bps, model=name, device=str(dev), model_bytes=total)
+    lean = _loads_lean(path_or_id)
+    disk = parse_bandwidth(disk_bandwidth) if disk_bandwidth is not None else None
+    plan = make_plan(sizes, config, bps, model=name, device=str(dev), model_bytes=total, lean=lean, disk_bps=disk)
     if expert_sites:
-        plan = with_experts(plan, expert_sites)
+        plan = with_experts(plan, expert_sites, lean)
     plan.extra.update(
         architecture=arch.name, dtype=str(next(model.parameters()).dtype), bandwidth_probed=bandwidth is None
     )

@@ -60,7 +60,11 @@ class DeploymentPlan:
         (compute time is not modelled: the real speed is at most this, and at most the speed of
         the same model fully resident).
     host_bytes: host memory the engine holds while generating (streamed layers' store).
-    host_load_peak_bytes: host memory while loading (the whole model once, plus one layer).
+    host_load_peak_bytes: host memory while loading: with the lean loader (a safetensors
+        checkpoint) the non-FFN weights, the store and two FFN layers in flight; else the whole
+        model once, plus one layer.
+    disk_bps: the disk's read bandwidth, when known: with a `host_budget` below the store, the
+        decode speed the disk allows (`disk_tok_s`).
     """
 
     model: str
@@ -86,6 +90,24 @@ class DeploymentPlan:
     host: HostForecast | None = None
     #: MoE models: the routed experts' store and device cache
     experts: ExpertPlan | None = None
+    disk_bps: float | None = None
+
+    @property
+    def disk_bytes_per_token(self) -> int:
+        """Bytes read from disk per decoded token when `host_budget` is below the store (0: in RAM).
+        A cyclic pass over a store larger than its budget misses every time (the oldest unit is
+        always the next one needed): every streamed layer, and every routed expert that misses."""
+        budget = self.config.host_budget
+        if budget is None or self.host_bytes <= budget:  # type: ignore[operator]
+            return 0
+        misses = self.experts.miss_bytes_per_token if self.experts is not None else 0
+        return self.streamed_bytes_per_token + misses
+
+    @property
+    def disk_tok_s(self) -> float | None:
+        """The disk-bound decode ceiling (None: no disk tier, or the disk's speed is unknown)."""
+        per_token = self.disk_bytes_per_token
+        return self.disk_bps / per_token if per_token and self.disk_bps else None
 
     @property
     def predicted_tok_s(self) -> float:
@@ -106,6 +128,8 @@ class DeploymentPlan:
             parts.append(f'weight_quant="{c.weight_quant}"')
         if c.resident_layers is not None:
             parts.append(f"resident_layers={c.resident_layers}")
+        if c.host_budget is not None:
+            parts.append(f"host_budget={_size_literal(c.host_budget)}")  # type: ignore[arg-type]
         return f"TorusConfig({', '.join(parts)})"
 
     def as_dict(self) -> dict[str, Any]:
@@ -131,6 +155,10 @@ class DeploymentPlan:
             "streamed_bytes_per_token": self.streamed_bytes_per_token,
             "host_bytes": self.host_bytes,
             "host_load_peak_bytes": self.host_load_peak_bytes,
+            "host_budget": self.config.host_budget,
+            "disk_bytes_per_token": self.disk_bytes_per_token,
+            "disk_bps": self.disk_bps,
+            "disk_tok_s": self.disk_tok_s,
             "predicted_tok_s": self.predicted_tok_s,
             "config": self.config_snippet(),
             "host": self.host.as_dict() if self.host is not None else None,
@@ -163,6 +191,7 @@ class DeploymentPlan:
             f"slot ring        {r.n_slots} × {format_bytes(r.slot_bytes)} = {format_bytes(self.ring_bytes)}",
             f"device memory    {format_bytes(self.device_bytes)} planned (+ KV reserve)",
             f"host memory      {format_bytes(self.host_bytes)} while generating, {format_bytes(self.host_load_peak_bytes)} peak while loading",
+            *self._disk_lines(),
             "decode ceiling   "
             + (
                 "set by the expert cache's hit rate (see expert misses above)"
@@ -178,6 +207,22 @@ class DeploymentPlan:
             lines += self.host.render()
             lines.append(f'use (hybrid)     {self.config_snippet()[:-1]}, host_compute="auto")')
         return "\n".join(lines)
+
+    def _disk_lines(self) -> list[str]:
+        budget = self.config.host_budget
+        if budget is None:
+            return []
+        if not self.disk_bytes_per_token:
+            return [f"disk tier        off: the host store fits in host_budget {format_bytes(budget)}"]
+        rate = (
+            f"{self.disk_tok_s:.1f} tok/s disk-bound at {self.disk_bps / 1e9:.1f} GB/s"
+            if self.disk_tok_s
+            else "pass --disk-bandwidth for the disk-bound speed"
+        )
+        return [
+            f"disk tier        the store ({format_bytes(self.host_bytes)}) pages from its file within host_budget "
+            f"{format_bytes(budget)}: {format_bytes(self.disk_bytes_per_token)} read from disk per token; {rate}"
+        ]
 
 
 def _size_literal(n: int) -> str:
@@ -210,11 +255,17 @@ def make_plan(
     model: str,
     device: str,
     model_bytes: int | None = None,
+    lean: bool = False,
+    disk_bps: float | None = None,
 ) -> DeploymentPlan:
-    """Plan placement for `sizes` under `config` (its budget, lookahead, quantization)."""
+    """Plan placement for `sizes` under `config` (its budget, lookahead, quantization). lean: the
+    checkpoint loads lean (FFN weights read one tensor at a time at attach)."""
     kv = sizes.kv_bytes_per_token * config.kv_reserve_tokens
     n = len(sizes.layer_bytes)
-    load_peak = (model_bytes or sizes.non_ffn_bytes + sizes.ffn_bytes) + max(sizes.transfer_bytes, default=0)
+    if lean:
+        load_peak = sizes.non_ffn_bytes + sum(sizes.transfer_bytes) + 2 * max(sizes.layer_bytes, default=0)
+    else:
+        load_peak = (model_bytes or sizes.non_ffn_bytes + sizes.ffn_bytes) + max(sizes.transfer_bytes, default=0)
     common = dict(
         model=model,
         device=device,
@@ -225,6 +276,7 @@ def make_plan(
         ffn_bytes=sizes.ffn_bytes,
         kv_reserve_bytes=kv,
         host_load_peak_bytes=load_peak,
+        disk_bps=disk_bps,
     )
     try:
         r = plan_residency(
@@ -263,9 +315,10 @@ def make_plan(
     )
 
 
-def with_experts(plan: DeploymentPlan, sites: list[Any]) -> DeploymentPlan:
+def with_experts(plan: DeploymentPlan, sites: list[Any], lean: bool = False) -> DeploymentPlan:
     """`plan` with a MoE model's routed experts (`sites`, `ExpertSite`s) placed as the engine would:
-    the cache gets what the budget leaves after the dense placement and the KV reserve."""
+    the cache gets what the budget leaves after the dense placement and the KV reserve. lean: as
+    `make_plan`'s (the expert store then adds to the load peak; else the whole model counted it)."""
     from ..moe.streamer import plan_experts
 
     if plan.residency is None:
@@ -295,4 +348,5 @@ def with_experts(plan: DeploymentPlan, sites: list[Any]) -> DeploymentPlan:
         experts=experts,
         device_bytes=plan.device_bytes + cache.nbytes,
         host_bytes=plan.host_bytes + experts.store_bytes,
+        host_load_peak_bytes=plan.host_load_peak_bytes + (experts.store_bytes if lean else 0),
     )
