@@ -128,6 +128,39 @@ def test_a_growing_batch_cache_decodes_as_the_plain_cache_and_appends_in_place(t
 
 
 # ---------------------------------------------------------------------- chunked prefill
+def test_a_turn_starts_another_chunk_only_when_it_is_expected_to_fit(monkeypatch):
+    """`_prefill_slice` on a fake clock: after the first chunk, a further one runs only while the
+    time left holds a chunk at the prompt's time per token (`MIN_CHUNK` tokens can outlast it)."""
+    import collections
+    import types
+
+    import torch
+
+    from torus_adapters.server import scheduler as sched
+
+    clock = [0.0]
+    monkeypatch.setattr(sched.time, "perf_counter", lambda: clock[0])
+    s = sched.Scheduler.__new__(sched.Scheduler)
+    s.prefill_slice, s.prefill_chunk, s._rate = 0.5, None, None
+    s._active, s._decode_times = [object()], collections.deque([0.1], maxlen=8)  # budget 0.4 s
+    seq = types.SimpleNamespace(handle=types.SimpleNamespace(cancelled=False))
+    item = sched._Prefill(seq=seq, ids=torch.zeros(1, 8000, dtype=torch.long), done=64, rate=0.03)  # type: ignore[arg-type]
+    s._prefilling, ran = [item], []
+
+    def chunk(it, n: int) -> None:  # each token takes 30 ms, but the first chunk is quick
+        clock[0] += 0.2 if not ran else n * 0.03
+        ran.append(n)
+        it.done += n
+
+    s._prefill_chunk = chunk
+    s._prefill_slice()
+    assert ran == [12]  # 0.4 s / (30 ms * 1.1) tokens; then 0.2 s left: 8 tokens would take 0.24 s
+    clock[0], ran[:] = 0.0, []
+    s._decode_times.extend([0.05] * 8)  # budget 0.45 s: 13 tokens, then 0.25 s left, which holds 8 (0.24 s)
+    s._prefill_slice()
+    assert ran == [13, 8]
+
+
 def test_the_prefill_budget_and_chunk_sizes_follow_the_slice():
     """`_prefill_budget` / `_chunk_size` on a scheduler with no thread: what a turn leaves to prefill,
     and the chunk that fits it at the last chunk's time per token."""

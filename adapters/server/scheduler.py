@@ -246,7 +246,8 @@ class Scheduler:
 
     def _prefill_slice(self) -> None:
         """Prefill for what the turn leaves after a decode step (always at least one chunk):
-        shortest remaining prompt first, each chunk sized to the time left."""
+        shortest remaining prompt first, each chunk sized to the time left; a further chunk only
+        when it is expected to fit (the smallest chunk can take longer than what is left)."""
         start, budget = time.perf_counter(), self._prefill_budget()
         ran = False
         while self._prefilling:
@@ -258,8 +259,11 @@ class Scheduler:
                 self._prefilling.remove(item)
                 self._finish_quietly(item.seq.handle, CANCELLED)
                 continue
+            n, rate = self._chunk_size(item, time_left), item.rate or self._rate
+            if ran and rate is not None and n * rate > time_left:  # even this chunk would overrun the turn
+                return
             try:
-                self._prefill_chunk(item, self._chunk_size(item, time_left))
+                self._prefill_chunk(item, n)
             except Exception:  # this request fails; the batch in flight is untouched
                 self._prefilling.remove(item)
                 self._finish_quietly(item.seq.handle, ERROR, _logged_failure("prefill failed"))
