@@ -98,6 +98,15 @@ class SchedulerTrace:
         chunks = [c for c in self.chunks if t0 <= c[0] <= t1]
         decodes = [d for d in self.decodes if t0 <= d[1] <= t1]
         ends = [t0, *(d[1] for d in decodes)]
+        worst = max(zip(ends, ends[1:]), key=lambda ab: ab[1] - ab[0], default=None)
+        inside = (
+            {
+                "chunks": [{"tokens": n, "seconds": b - a} for a, b, n, _ in chunks if worst[0] <= a < worst[1]],
+                "decode_s": [b - a for a, b, _ in decodes if worst[0] < b <= worst[1]],
+            }
+            if worst
+            else None
+        )
         secs = sorted(c[1] - c[0] for c in chunks)
         slowest = sorted(chunks, key=lambda c: c[0] - c[1])[:5]
         return {
@@ -110,6 +119,7 @@ class SchedulerTrace:
             "decode_s_median": sorted(d[1] - d[0] for d in decodes)[len(decodes) // 2] if decodes else None,
             "decode_s_max": max((d[1] - d[0] for d in decodes), default=None),
             "largest_turn_s": max((b - a for a, b in zip(ends, ends[1:])), default=None),
+            "largest_turn": inside,  # what ran in it
         }
 
 
@@ -263,7 +273,10 @@ def render_table(report: dict[str, Any]) -> str:
             f"{sc['chunk_tokens_median']} tokens, {sc['chunk_s_median']:.2f} s; slowest {slow['seconds']:.2f} s, "
             f"{slow['tokens']} tokens from token {slow['at_token']}), {sc['decode_steps']} decode steps (median "
             f"{sc['decode_s_median']:.3f} s, slowest {sc['decode_s_max']:.3f} s); the longest time between the ends "
-            f"of two decode steps was {sc['largest_turn_s']:.2f} s (a stream's gap adds the delivery to its client).",
+            f"of two decode steps was {sc['largest_turn_s']:.2f} s ("
+            + ", ".join(f"a {c['tokens']}-token chunk {c['seconds']:.2f} s" for c in sc["largest_turn"]["chunks"])
+            + "".join(f", a decode step {d:.2f} s" for d in sc["largest_turn"]["decode_s"])
+            + "; a stream's gap adds the delivery to its client).",
         ]
     return "\n".join(lines)
 
