@@ -85,7 +85,7 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install --quiet --upgrade pip uv
 	$(LATEST_VENV)/bin/pip install --quiet $(TORCH_LATEST)
-	$(LATEST_VENV)/bin/pip install --quiet --upgrade $$($(PYTHON) -c 'import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(" ".join(re.split("[<>=!~ ;\\[]", d)[0] for d in p["dependencies"] + p["optional-dependencies"]["test"] if not d.startswith("torch")))')
+	$(LATEST_VENV)/bin/pip install --quiet --upgrade $$($(PYTHON) -c 'import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(" ".join(re.split("[<>=!~ ;]", d)[0] for d in p["dependencies"] + p["optional-dependencies"]["test"] if not d.startswith("torch")))')
 	$(LATEST_VENV)/bin/pip install --quiet --upgrade --no-deps text-generation -e .
 	$(LATEST_VENV)/bin/pip list --format=freeze | grep -i -E '^(torch|transformers|gradio|fastapi|llguidance|pluggy)=='
 	$(LATEST_VENV)/bin/torus-sparse fetch-model --no-convert

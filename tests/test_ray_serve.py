@@ -271,6 +271,18 @@ def test_wrong_ray_flags_are_one_line_and_exit_2(argv, message, capsys):
     assert capsys.readouterr().err == f"torus-sparse: error: {message}\n"
 
 
+def test_an_address_nothing_answers_is_one_line_not_minutes(capsys):
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["serve", "--ray", "--ray-address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"torus-sparse: error: --ray-address 127.0.0.1:{port}: nothing answers there (")
+    assert err.endswith("or leave --ray-address out to start a local one\n")
+
+
 # ---------------------------------------------------------------------- the proxy's stream guard, in process
 def _guarded(path: str, app) -> list[dict]:
     from torus_adapters.ray_serve.proxy import StreamEndGuard

@@ -98,6 +98,23 @@ def check_ray_args(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A `--ray-address` of host:port (or ray://host:port) that nothing answers is one line now:
+    `ray.init` would retry it for minutes before failing. "auto" and other forms go to Ray as is."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"--ray-address {address}: nothing answers there ({exc.strerror or exc}); start the cluster first "
+            f"(ray start --head) or leave --ray-address out to start a local one"
+        ) from None
+
+
 def serve_on_ray(args: argparse.Namespace, settings: "ServerSettings", config: TorusConfig, console: Any) -> int:
     """Start (or join) a cluster, run the replicas behind Ray's proxy, serve until SIGTERM/Ctrl+C."""
     options = check_ray_args(args)
@@ -112,6 +129,8 @@ def serve_on_ray(args: argparse.Namespace, settings: "ServerSettings", config: T
     from ..server.run import bind_socket
     from ..transformers_adapter.model_source import open_model
 
+    if args.ray_address is not None:
+        check_reachable(args.ray_address)
     port = args.port
     if args.ray_address is None:  # a local cluster's proxy binds here: a taken port is one line now
         sock = bind_socket(args.host, args.port)
