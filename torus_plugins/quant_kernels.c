@@ -211,7 +211,7 @@ int torus_quantize_int4(const void* w, int dtype, long rows, int cols, int g, in
     {
         /* per thread: a row as fp32, its groups' codes, the transposed block of the code search */
         float* row = (float*)malloc(sizeof(float) * ((size_t)cols + 2 * (size_t)groups + (size_t)g * LANES));
-        if (row == NULL) bad = 1;
+        if (row == NULL) bad = 2;  /* 2: out of memory, not a shape the format refuses (1) */
 #pragma omp for schedule(dynamic, 4)
         for (long r = 0; r < rows; r++) {
             if (row == NULL) continue;
@@ -263,7 +263,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) static void dq4_row
 
 /* dst[r * dst_rs + c * dst_cs] (elements of `dtype`: 0 fp32, 1 bf16, 2 fp16) for every row r and
    column c of an int4 matrix (codes: rows of cols / 2 bytes, q_rs apart; metadata: rows of
-   meta_rs bytes). Returns 1 for a shape the format cannot hold or a failed allocation. */
+   meta_rs bytes). Returns 1 for a shape the format cannot hold, 2 for a failed allocation. */
 int torus_dequantize_int4(const uint8_t* q, long q_rs, const uint8_t* meta, long meta_rs, long rows, int cols,
                           int groups, void* dst, int dtype, long dst_rs, long dst_cs, int threads) {
     if (groups <= 0 || cols <= 0 || cols % groups || (cols / groups) % 2 || rows < 0 || dtype < 0 || dtype > 2)
@@ -273,7 +273,7 @@ int torus_dequantize_int4(const uint8_t* q, long q_rs, const uint8_t* meta, long
     {
         float* row = (dtype == 0 && dst_cs == 1) ? NULL : (float*)malloc(sizeof(float) * (size_t)cols);
         int direct = dtype == 0 && dst_cs == 1;
-        if (!direct && row == NULL) bad = 1;
+        if (!direct && row == NULL) bad = 2;
 #pragma omp for schedule(static)
         for (long r = 0; r < rows; r++) {
             if (!direct && row == NULL) continue;

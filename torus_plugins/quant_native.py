@@ -89,6 +89,8 @@ def quantize_int4(
     rc = lib.torus_quantize_int4(
         src.data_ptr(), dtype, rows, cols, group, int(refine), packed.data_ptr(), meta.data_ptr(), meta_bytes, threads
     )
+    if rc == 2:
+        raise MemoryError(f"the native int4 quantizer could not allocate a row's work space ({cols} columns)")
     if rc:
         raise ValueError(f"the native int4 quantizer refused group {group} for {cols} columns")
     return packed, meta
@@ -110,5 +112,7 @@ def dequantize_int4(dst: torch.Tensor, q: torch.Tensor, meta: torch.Tensor, thre
         q.data_ptr(), q.stride(0), meta.data_ptr(), meta.stride(0), rows, 2 * half, groups,
         dst.data_ptr(), _DTYPES[dst.dtype], dst.stride(0), dst.stride(1), threads,
     )  # fmt: skip
+    if rc == 2:
+        raise MemoryError(f"the native int4 dequantizer could not allocate a row of {2 * half} floats")
     if rc:
         raise ValueError(f"the native int4 dequantizer refused {groups} groups for {2 * half} columns")
