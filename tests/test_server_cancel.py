@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 
 import openai
@@ -46,7 +47,7 @@ def test_closing_a_stream_cancels_its_generation(server, route):  # noqa: F811
     _still_serves(server)
 
 
-def test_a_client_that_stops_waiting_cancels_a_plain_request(server):  # noqa: F811
+def test_a_client_that_stops_waiting_cancels_a_plain_request(server, caplog):  # noqa: F811
     cancelled = metric(server, "torus_requests_finished_total", reason="cancelled")
     with pytest.raises(requests.Timeout):
         requests.post(
@@ -54,6 +55,8 @@ def test_a_client_that_stops_waiting_cancels_a_plain_request(server):  # noqa: F
         )
     _wait_for_cancel(server, cancelled)
     _still_serves(server)
+    gc.collect()  # a cancelled wait left behind unretrieved would be logged, with a traceback, now
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
 
 
 def _still_serves(server: str) -> None:  # noqa: F811

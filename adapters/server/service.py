@@ -328,6 +328,9 @@ class ModelService:
             gone.cancel()
             if not collect.done():
                 collect.cancel()
+                # A cancelled gather ends holding a CancelledError that asyncio logs, with a
+                # traceback, as "never retrieved" once the future is collected: retrieve it.
+                collect.add_done_callback(lambda f: f.cancelled() or f.exception())
             for handle in handles:
                 handle.cancel()
 
