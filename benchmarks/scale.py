@@ -9,7 +9,11 @@ configuration in a fresh process (so peak RSS is that run's own) and deletes wha
   weights, attach reading each FFN tensor or expert from the checkpoint as it quantizes it) + attach,
   copy transport, nothing resident, first with an empty store cache (quantizing and writing the
   store) and again with it (mapping the store);
-- int4 host: the same with every FFN layer (or missed expert) computed on the host at decode.
+- int4 host: the same with every FFN layer (or missed expert) computed on the host at decode;
+- llama.cpp Q8_0 / Q4_K (rows `llama.cpp-q8_0`, `llama.cpp-q4_k`, with `--peer-python` and
+  `--llama-cpp-src`): the same checkpoint converted by llama.cpp's own converter, loaded and decoded
+  by llama-cpp-python in its own environment (`harness/llama_cpp.py`), the same prompt and token
+  count, greedy, from a clean KV cache.
 
 Per run: load seconds (model load + attach), attach seconds alone, peak RSS (VmHWM) and RSS after
 decoding, anonymous and file-backed, each ÷ the checkpoint's bytes, and peak ÷ (host store bytes
@@ -59,6 +63,9 @@ SHAPE_OPTIONS = {
     "olmoe": {"vram_budget": "2.5GiB"},
     "30b-a3b": {"vram_budget": "2.75GiB"},
 }
+#: Rows a shape runs, when not all (the 30B-A3B: one quantized load, ~15 minutes each here; its
+#: int8 store, 27 GiB, is over this machine's RAM and the disk has no room for it beside the checkpoint).
+SHAPE_ROWS = {"30b-a3b": ("plain", "int4")}
 #: Store bytes per bf16 FFN byte (int8: a byte a weight plus scales; int4: half a byte plus scales).
 STORE_RATIO = {"int8": 0.51, "int4": 0.27}
 ROWS = {
@@ -67,6 +74,10 @@ ROWS = {
     "int4": dict(transport="copy", resident_layers=0, weight_quant="int4"),
     "int4-host": dict(transport="copy", resident_layers=0, weight_quant="int4", host_compute="all", host_max_tokens=1),
 }
+
+
+#: The peer's rows: llama.cpp on the same weights in its own format class.
+PEER_ROWS = {"llama.cpp-q8_0": "q8_0", "llama.cpp-q4_k": "q4_k"}
 
 
 def shape_config(name: str):
@@ -209,6 +220,7 @@ def measure(path: str, row: str, cache: str, options: dict) -> dict:
 
     tok = T.AutoTokenizer.from_pretrained(path)
     ids = tok(PROMPT, return_tensors="pt").input_ids
+    before_load = memory()  # the interpreter, torch and transformers: what no model size changes
     t0 = time.perf_counter()
     attach_s = None
     if ROWS[row] is None:
@@ -230,6 +242,7 @@ def measure(path: str, row: str, cache: str, options: dict) -> dict:
         "attach_s": attach_s,
         "tok_s": NEW_TOKENS / decode_s,
         "tokens": out[0, ids.shape[1] :].tolist(),
+        "before_load": before_load,
         "after_load": after_load,
         "after_decode": memory(),
     }
@@ -241,6 +254,8 @@ def measure(path: str, row: str, cache: str, options: dict) -> dict:
         # The bound: peak RSS <= 1.1 x (host store + non-FFN bytes).
         result["store_bytes"] = engine.store.nbytes + (engine.experts.store.nbytes if engine.experts else 0)
         result["non_ffn_bytes"] = engine.non_ffn_bytes
+        # On the CPU the "device" is host memory too: the ring's slots and the expert cache.
+        result["device_buffer_bytes"] = engine.plan.ring_bytes + (engine.expert_plan.nbytes if engine.experts else 0)
         result["options"] = options
     return result
 
@@ -265,12 +280,17 @@ def main() -> int:
     ap.add_argument(
         "--shapes", default="3b,olmoe8", help="comma-separated: 3b, olmoe8, olmoe, 30b-a3b (tiny: a smoke test)"
     )
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated of {', '.join(ROWS)}")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated of {', '.join([*ROWS, *PEER_ROWS])}")
+    ap.add_argument("--peer-python", help="the Python of a llama-cpp-python environment (llama.cpp rows)")
+    ap.add_argument(
+        "--llama-cpp-src", type=Path, help="llama.cpp sources with convert_hf_to_gguf.py and gguf-py (llama.cpp rows)"
+    )
     ap.add_argument("--ram-limit", default="20GiB", help="refuse a run whose estimated peak exceeds this")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run (default 900)")
     ap.add_argument(
         "--workdir",
-        help="build (or reuse) checkpoints here and keep them (default: a temporary folder, deleted after)",
+        help="reuse checkpoints found here and keep them; others are built here and deleted after each shape "
+        "(default: a temporary folder, deleted after)",
     )
     ap.add_argument("--_measure", help=argparse.SUPPRESS)
     add_output_args(ap, "scale.json")
@@ -297,7 +317,8 @@ def main() -> int:
             free = shutil.disk_usage(work).free
             index = path / "model.safetensors.index.json"
             t0 = time.perf_counter()
-            if keep and index.is_file():
+            built = not (keep and index.is_file())
+            if not built:
                 log(f"{shape}: reusing the checkpoint in {path}")
                 nbytes = json.loads(index.read_text())["metadata"]["total_size"]
             else:
@@ -308,7 +329,37 @@ def main() -> int:
             report["shapes"][shape] = entry
             moe = getattr(cfg, "num_experts", None) is not None
             options = SHAPE_OPTIONS.get(shape, {})
-            for row in args.rows.split(","):
+            ggufs: dict | None = None
+            rows = args.rows.split(",")
+            for row in rows:
+                if row in PEER_ROWS:
+                    if shape in SHAPE_ROWS:
+                        continue
+                    if not (args.peer_python and args.llama_cpp_src):
+                        entry["runs"][row] = {"error": "not run: needs --peer-python and --llama-cpp-src"}
+                        continue
+                    if ggufs is None:
+                        log(f"{shape}: converting to GGUF with llama.cpp's converter")
+                        from harness import llama_cpp
+
+                        (work / f"{shape}-gguf").mkdir(exist_ok=True)
+                        t_conv = time.perf_counter()
+                        ggufs = llama_cpp.convert(
+                            path, args.llama_cpp_src, args.peer_python, work / f"{shape}-gguf", list(PEER_ROWS.values())
+                        )
+                        entry["gguf_convert_s"] = time.perf_counter() - t_conv
+                    log(f"{shape}: {row}")
+                    from harness import llama_cpp
+
+                    entry["runs"][row] = llama_cpp.measure(
+                        args.peer_python, ggufs[PEER_ROWS[row]], PROMPT, NEW_TOKENS, args.timeout
+                    )
+                    run.save({**environment(), **report})
+                    if not any(r in PEER_ROWS for r in rows[rows.index(row) + 1 :]):
+                        shutil.rmtree(work / f"{shape}-gguf", ignore_errors=True)  # disk for the next rows
+                    continue
+                if row not in SHAPE_ROWS.get(shape, ROWS):
+                    continue
                 quant = (ROWS[row] or {}).get("weight_quant")
                 if ROWS[row] is None and moe and 1.1 * nbytes > ram_limit:
                     # transformers stacks the bf16 experts into anonymous memory while loading
@@ -332,9 +383,10 @@ def main() -> int:
                         shutil.rmtree(cache, ignore_errors=True)
                     entry["runs"][name] = run_row(path, row, cache if store_fits else None, options, args.timeout)
                     run.save({**environment(), **report})
-            if not keep:
+            if built:  # what this run built goes (disk space); a reused checkpoint stays
                 shutil.rmtree(path, ignore_errors=True)
             shutil.rmtree(cache, ignore_errors=True)
+            shutil.rmtree(work / f"{shape}-gguf", ignore_errors=True)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -349,6 +401,7 @@ def main() -> int:
             "attach s",
             "peak RSS ÷ ckpt",
             "peak ÷ (store + non-FFN)",
+            "(peak − base) ÷ (+ ring/cache)",
             "anon / file after decode",
             "tok/s",
             "= plain",
@@ -360,17 +413,24 @@ def main() -> int:
         plain = entry["runs"].get("plain", {}).get("tokens")
         for name, r in entry["runs"].items():
             if "error" in r:
-                t.add_row(shape, name, r["error"][:90], "", "", "", "", "", "")
+                t.add_row(shape, name, r["error"][:90], "", "", "", "", "", "", "")
                 continue
             mem = r["after_decode"]
-            same = "" if plain is None else f"{sum(a == b for a, b in zip(r['tokens'], plain))}/{NEW_TOKENS}"
+            same = (
+                ""
+                if plain is None or "tokens" not in r
+                else f"{sum(a == b for a, b in zip(r['tokens'], plain))}/{NEW_TOKENS}"
+            )
             t.add_row(
                 shape,
                 name,
                 f"{r['load_s']:.1f}",
-                "" if r["attach_s"] is None else f"{r['attach_s']:.1f}",
+                "" if r.get("attach_s") is None else f"{r['attach_s']:.1f}",
                 f"{mem['VmHWM'] / ck:.2f}",
                 f"{mem['VmHWM'] / (r['store_bytes'] + r['non_ffn_bytes']):.2f}" if "store_bytes" in r else "",
+                f"{(mem['VmHWM'] - r['before_load']['VmHWM']) / (r['store_bytes'] + r['non_ffn_bytes'] + r['device_buffer_bytes']):.2f}"
+                if "device_buffer_bytes" in r
+                else "",
                 f"{fmt_bytes(mem['RssAnon'])} / {fmt_bytes(mem['RssFile'])}",
                 f"{r['tok_s']:.2f}",
                 same,
