@@ -18,6 +18,7 @@ from . import quant as quantization
 from .config import DEFAULT_QUANT_GROUP_SIZE
 from .disk_tier import DiskTier
 from .errors import TorusError
+from .os_memory import map_large_allocations
 from .store_file import StoreFile, store_key
 
 #: Tensors start on this byte boundary inside a buffer, so kernels see the same alignment
@@ -187,6 +188,7 @@ class HostStore:
         """quantize_device: where `quant`'s arithmetic runs (the results always live here, on
         the host); the engine names its CUDA device, since the int4 code search is slow on a few
         CPU cores."""
+        map_large_allocations()  # units and packing temporaries must not fragment the heap (os_memory)
         self.pin_memory = pin_memory
         self.quant = quant
         self.group_size = group_size

@@ -127,6 +127,37 @@ def resident_bytes(t: torch.Tensor) -> int | None:
     return sum(b & 1 for b in vec) * _PAGE
 
 
+_M_MMAP_THRESHOLD = -3
+#: Allocations at least this large get their own mapping, returned to the OS when freed.
+MMAP_THRESHOLD = 1 << 20
+
+
+@functools.cache
+def _mallopt():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt  # glibc
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+@functools.cache
+def map_large_allocations() -> bool:
+    """Pin glibc's mmap threshold at `MMAP_THRESHOLD` (once per process); whether it took.
+
+    glibc raises its threshold each time a mapped block is freed (up to 32 MiB), after which blocks
+    below it come from the heap. Packing a store then interleaves long-lived units with short-lived
+    temporaries (a checkpoint tensor cast, quantizing's work space) in the heap, and the holes the
+    temporaries leave are never returned: loading the 30B-A3B shape in int4 grew the heap to 23.6 GB
+    for a 15 GB store and was killed. With a fixed threshold every unit and temporary of a MiB or
+    more is its own mapping, handed back the moment it is freed."""
+    fn = _mallopt()
+    return fn is not None and fn(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+
+
 def release_free_heap() -> bool:
     """Give free heap pages back to the OS where the C library can (glibc); whether it did."""
     trim = _malloc_trim()

@@ -2,9 +2,9 @@
 
 llama.cpp lives in its own virtual environment (`--peer-python`), never a project dependency:
 build it as ../shared/notes/llama-cpp-peer.md says (llama-cpp-python 0.3.36 without AMX). Its
-converter, `convert_hf_to_gguf.py`, and the `gguf-py` package beside it come from the llama.cpp
-sources (`--llama-cpp-src`: e.g. `vendor/llama.cpp` of the llama-cpp-python sdist) and run with
-this environment's Python (they need torch, numpy and transformers, which it has).
+converter, `convert_hf_to_gguf.py`, with the `conversion/` and `gguf-py/` packages beside it, comes
+from the llama.cpp sources (`--llama-cpp-src`: e.g. `vendor/llama.cpp` of the llama-cpp-python
+sdist) and runs with this environment's Python (it needs torch, numpy and transformers).
 
 Formats: Q8_0 straight from the converter (`--outtype q8_0`); Q4_K_M quantized from that Q8_0
 with `llama_model_quantize` (`allow_requantize`: the disk here has no room for a bf16 GGUF beside
@@ -41,7 +41,8 @@ llm.reset()
 t1 = time.perf_counter()
 tokens = []
 for chunk in llm.create_completion(prompt, max_tokens=n, temperature=0.0, top_k=1, stream=True):
-    tokens.append(chunk["choices"][0]["text"])
+    if chunk["choices"][0]["finish_reason"] is None:  # the last chunk only says why it stopped
+        tokens.append(chunk["choices"][0]["text"])
 decode_s = time.perf_counter() - t1
 print(json.dumps({"load_s": load_s, "tok_s": len(tokens) / decode_s, "n_tokens": len(tokens),
                   "after_load": after_load, "after_decode": memory(), "threads": threads}))
