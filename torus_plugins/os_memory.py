@@ -26,16 +26,24 @@ import torch
 
 
 @functools.cache
-def _malloc_trim():
+def _libc(name: str, argtypes: tuple, restype: type = ctypes.c_int):  # noqa: ANN202
+    """libc's function `name` on Linux (None elsewhere, or where this C library lacks it)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim  # glibc only: musl has none
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+    fn.argtypes, fn.restype = list(argtypes), restype
+    return fn
+
+
+def _malloc_trim():  # noqa: ANN202
+    return _libc("malloc_trim", (ctypes.c_size_t,))  # glibc only: musl has none
+
+
+def _madvise():  # noqa: ANN202
+    return _libc("madvise", (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int))
 
 
 _MADV_PAGEOUT = 21  # Linux >= 5.4
@@ -44,16 +52,22 @@ _MADV_RANDOM = 1
 _PAGE = 4096
 
 
-@functools.cache
-def _madvise():
-    if not sys.platform.startswith("linux"):
+def _advise(start: int, end: int, advice: int, inner: bool) -> bool:
+    """madvise the pages of [start, end): only those wholly inside (`inner`), else every page it
+    touches. Whether the request was made and accepted."""
+    madvise = _madvise()
+    if inner:
+        first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+    else:
+        first, last = start // _PAGE * _PAGE, -(-end // _PAGE) * _PAGE
+    return madvise is not None and last > first and madvise(first, last - first, advice) == 0
+
+
+def _span(t: torch.Tensor) -> tuple[int, int] | None:
+    """[start, end) of a dense CPU tensor's bytes, None for another device or an empty one."""
+    if t.device.type != "cpu" or t.numel() == 0:
         return None
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
+    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
 
 
 def release_pages(t: torch.Tensor, whole: bool = False) -> bool:
@@ -61,87 +75,32 @@ def release_pages(t: torch.Tensor, whole: bool = False) -> bool:
     longer reads); its values stay what they were. Whether the request was made and accepted.
     whole: also the pages `t` only starts or ends in (the caller owns them all, e.g. a mapped
     store unit that starts on a page and is followed by padding)."""
-    madvise = _madvise()
-    if madvise is None or t.device.type != "cpu" or t.numel() == 0:
-        return False
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()  # a packed FFN weight: dense, so its span
-    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
-    if whole:
-        first, last = start // _PAGE * _PAGE, -(-end // _PAGE) * _PAGE
-    return last > first and madvise(first, last - first, _MADV_PAGEOUT) == 0
+    span = _span(t)
+    return span is not None and _advise(*span, _MADV_PAGEOUT, inner=not whole)
+
+
+def release_range(start: int, end: int) -> bool:
+    """`release_pages` for the whole pages between two addresses of memory the caller owns."""
+    return _advise(start, end, _MADV_PAGEOUT, inner=True)
 
 
 def will_need(t: torch.Tensor) -> bool:
     """Ask the kernel to start reading `t`'s pages now (MADV_WILLNEED: asynchronous read-ahead of
     a file-backed tensor about to be used); whether the request was made and accepted."""
-    madvise = _madvise()
-    if madvise is None or t.device.type != "cpu" or t.numel() == 0:
-        return False
-    start = t.data_ptr() // _PAGE * _PAGE
-    end = t.data_ptr() + t.numel() * t.element_size()
-    return madvise(start, end - start, _MADV_WILLNEED) == 0
-
-
-def release_range(start: int, end: int) -> bool:
-    """`release_pages` for the whole pages between two addresses of memory the caller owns."""
-    madvise = _madvise()
-    first, last = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
-    return madvise is not None and last > first and madvise(first, last - first, _MADV_PAGEOUT) == 0
+    span = _span(t)
+    return span is not None and _advise(*span, _MADV_WILLNEED, inner=False)
 
 
 def read_randomly(t: torch.Tensor) -> bool:
     """Tell the kernel `t`'s pages are read in no order it can guess (MADV_RANDOM): no read-ahead
     around a page fault, the caller issues its own (`will_need`)."""
-    madvise = _madvise()
-    if madvise is None or t.device.type != "cpu" or t.numel() == 0:
-        return False
-    start = t.data_ptr() // _PAGE * _PAGE
-    end = t.data_ptr() + t.numel() * t.element_size()
-    return madvise(start, end - start, _MADV_RANDOM) == 0
-
-
-@functools.cache
-def _mincore():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).mincore
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p], ctypes.c_int
-    return fn
-
-
-def resident_bytes(t: torch.Tensor) -> int | None:
-    """Bytes of `t`'s whole pages in RAM (mincore), or None where that cannot be asked."""
-    mincore = _mincore()
-    if mincore is None or t.device.type != "cpu" or t.numel() == 0:
-        return None
-    start = t.data_ptr() // _PAGE * _PAGE
-    end = t.data_ptr() + t.numel() * t.element_size()
-    pages = -(-(end - start) // _PAGE)
-    vec = (ctypes.c_ubyte * pages)()
-    if mincore(start, end - start, vec) != 0:
-        return None
-    return sum(b & 1 for b in vec) * _PAGE
+    span = _span(t)
+    return span is not None and _advise(*span, _MADV_RANDOM, inner=False)
 
 
 _M_MMAP_THRESHOLD = -3
 #: Allocations at least this large get their own mapping, returned to the OS when freed.
 MMAP_THRESHOLD = 1 << 20
-
-
-@functools.cache
-def _mallopt():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt  # glibc
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return fn
 
 
 @functools.cache
@@ -154,7 +113,7 @@ def map_large_allocations() -> bool:
     temporaries leave are never returned: loading the 30B-A3B shape in int4 grew the heap to 23.6 GB
     for a 15 GB store and was killed. With a fixed threshold every unit and temporary of a MiB or
     more is its own mapping, handed back the moment it is freed."""
-    fn = _mallopt()
+    fn = _libc("mallopt", (ctypes.c_int, ctypes.c_int))  # glibc
     return fn is not None and fn(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
 
 

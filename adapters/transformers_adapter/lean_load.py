@@ -164,7 +164,7 @@ def _ffn_names(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if id(p) in ids and counts[id(p)] == 1}
 
 
-def _skeleton(directory: Path, dtype: Any, hf_kwargs: dict[str, Any]) -> tuple[nn.Module, torch.dtype]:
+def _skeleton(directory: Path, dtype: Any, hf_kwargs: dict[str, Any]) -> nn.Module:
     """The model with every parameter on `meta` and its buffers computed on the CPU."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -177,7 +177,7 @@ def _skeleton(directory: Path, dtype: Any, hf_kwargs: dict[str, Any]) -> tuple[n
     extra = {"attn_implementation": hf_kwargs["attn_implementation"]} if "attn_implementation" in hf_kwargs else {}
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=resolved, **extra)
-    return model, resolved
+    return model
 
 
 def _map_keys(model: nn.Module, shards: list[Path], ffn: set[str]) -> tuple[CheckpointWeights, dict[str, str]]:
@@ -237,7 +237,7 @@ def load_lean(directory: str | Path, dtype: Any = "auto", **hf_kwargs: Any) -> n
     if unknown:
         raise NotLean(f"from_pretrained options {', '.join(unknown)} are left to transformers")
     shards = _shards(directory)
-    model, _ = _skeleton(directory, dtype, hf_kwargs)
+    model = _skeleton(directory, dtype, hf_kwargs)
     ffn = _ffn_names(model)
     weights, non_ffn = _map_keys(model, shards, ffn)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
